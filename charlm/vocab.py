@@ -1,0 +1,167 @@
+"""The character vocabulary: characters <-> integer ids.
+
+Id 0 is ``<unk>``; then come the characters by descending frequency, ties broken by first
+occurrence, which is the order of d2l's ``Vocab`` (so a ``--d2l`` run numbers characters as the
+book does).
+
+The vocabulary is saved as a HuggingFace ``tokenizer.json`` that ``tokenizers.Tokenizer.from_file``
+reads and that gives the same ids: a ``WordLevel`` model with the explicit vocabulary, a
+``Split("", "isolated")`` pre-tokenizer (one token per character; a ``Regex(".")`` would not match
+``\\n``) and a ``Fuse`` decoder (without it, ``decode`` puts spaces between characters).
+This is the only module that imports ``tokenizers``.
+
+Encoding does not go through ``tokenizers`` (1-3 M chars/s): the text's UTF-32 code points index a
+numpy lookup table, which runs at hundreds of M chars/s. The tests check both give the same ids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+UNK = "<unk>"
+ERRORS = ("strict", "replace")
+
+
+def _code_points(text: str) -> np.ndarray:
+    """The code points of ``text`` as a uint32 array (no Python loop over characters)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _describe(chars: Iterable[str], limit: int = 5) -> str:
+    chars = list(chars)
+    shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:limit])
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return shown + more
+
+
+class Vocab:
+    """An ordered character vocabulary with ``<unk>`` at id 0."""
+
+    def __init__(self, chars: Iterable[str]):
+        chars = list(chars)
+        for c in chars:
+            if not isinstance(c, str) or len(c) != 1:
+                raise ValueError(f"a vocabulary entry must be one character, got {c!r}")
+        if len(set(chars)) != len(chars):
+            raise ValueError("the vocabulary lists a character twice")
+        self.itos: list[str] = [UNK, *chars]
+        self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
+        self.dtype = np.dtype(np.uint8 if len(self.itos) <= 256 else np.uint16 if len(self.itos) <= 65536 else np.int32)
+        cps = np.array([ord(c) for c in chars], dtype=np.int64)
+        # Dense table over the code points: table[cp] = id, -1 for characters outside the vocabulary.
+        self._table = np.full(int(cps.max(initial=0)) + 1, -1, dtype=np.int32)
+        self._table[cps] = np.arange(1, len(chars) + 1, dtype=np.int32)
+        self._chars = np.array(self.itos, dtype=object)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        """Characters of ``text`` by descending count, ties by first occurrence."""
+        cps = _code_points(text)
+        counts = np.bincount(cps)  # O(n), unlike np.unique's sort
+        present = np.flatnonzero(counts)
+        first = np.full(len(counts), len(cps), dtype=np.int64)
+        np.minimum.at(first, cps, np.arange(len(cps)))  # first position of every code point
+        order = np.lexsort((first[present], -counts[present]))  # by -count, then first position
+        return cls(chr(int(cp)) for cp in present[order])
+
+    # -- basics ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocab) and self.itos == other.itos
+
+    def __contains__(self, char: str) -> bool:
+        return char in self.stoi
+
+    def __repr__(self) -> str:
+        return f"Vocab(size={len(self)}, chars={''.join(self.itos[1:21])!r}{'…' if len(self) > 21 else ''})"
+
+    # -- encoding -------------------------------------------------------------------------
+    def unknown_chars(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` outside the vocabulary, in order of appearance."""
+        ids = self._lookup(_code_points(text))
+        bad = np.flatnonzero(ids < 0)
+        return list(dict.fromkeys(text[i] for i in bad))
+
+    def _lookup(self, cps: np.ndarray) -> np.ndarray:
+        ids = np.full(cps.shape, -1, dtype=np.int32)
+        inside = cps < len(self._table)
+        ids[inside] = self._table[cps[inside]]
+        return ids
+
+    def encode(self, text: str, errors: str = "strict") -> np.ndarray:
+        """Ids of the characters of ``text`` as a compact integer array.
+
+        ``errors="strict"`` raises ``ValueError`` naming the unknown characters; ``"replace"``
+        maps each of them to ``<unk>`` (id 0), one id per character.
+        """
+        if errors not in ERRORS:
+            raise ValueError(f"errors must be one of {', '.join(ERRORS)}, got {errors!r}")
+        ids = self._lookup(_code_points(text))
+        unknown = ids < 0
+        if unknown.any():
+            if errors == "strict":
+                raise ValueError(
+                    f"{int(unknown.sum())} character(s) not in the vocabulary: "
+                    + _describe(self.unknown_chars(text))
+                )
+            ids[unknown] = 0
+        return ids.astype(self.dtype)
+
+    def decode(self, ids) -> str:
+        """The text of ``ids`` (any iterable of ints, numpy array or tensor); id 0 is ``<unk>``."""
+        if hasattr(ids, "detach"):
+            ids = ids.detach().cpu().numpy()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise ValueError(f"ids must lie in [0, {len(self) - 1}]")
+        return "".join(self._chars[ids])
+
+    # -- persistence ----------------------------------------------------------------------
+    def to_tokenizer(self):
+        """This vocabulary as a ``tokenizers.Tokenizer`` (character level)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.WordLevel(vocab=dict(self.stoi), unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        tok.decoder = decoders.Fuse()
+        return tok
+
+    def to_json(self) -> str:
+        return self.to_tokenizer().to_str(pretty=True)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` (``path`` may be a file or a directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocab":
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises its own Exception subclass
+            raise ValueError(f"not a valid tokenizer.json ({exc})") from None
+        vocab = tok.get_vocab(with_added_tokens=False)
+        itos = sorted(vocab, key=vocab.get)
+        if [vocab[t] for t in itos] != list(range(len(itos))) or not itos or itos[0] != UNK:
+            raise ValueError("tokenizer.json is not a charlm vocabulary (ids must be 0..V-1, <unk> first)")
+        return cls(itos[1:])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocab":
+        """Read a ``tokenizer.json`` written by :meth:`save` (``path``: file or directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        return cls.from_json(path.read_text(encoding="utf-8"))

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_DEFAULT_MIRROR = REPO.parent / "shared" / "corpora"
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The offline corpus mirror (CHARLM_CORPUS_MIRROR, else ../shared/corpora beside the repo)."""
+    path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR)
+    if not (path / "timemachine.txt").is_file():
+        pytest.skip("no corpus mirror: set CHARLM_CORPUS_MIRROR to a folder holding timemachine.txt")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline_mirror(monkeypatch, request):
+    """Every test reads known corpora from the mirror, never from the network."""
+    path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR)
+    monkeypatch.setenv("CHARLM_CORPUS_MIRROR", str(path) if path.is_dir() else str(REPO / "no-mirror"))
