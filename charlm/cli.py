@@ -6,10 +6,23 @@ corrupt checkpoint, ...); 2 bad usage or a bad option value; 130 interrupted (Ct
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
 import click
 
 import charlm
 from charlm import corpus as corpus_mod
+from charlm.config import CELLS, D2L_PRESET, IMPLS, OPTIMIZERS, SAMPLINGS, TrainConfig
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
+
+
+def _d(name):
+    """A TrainConfig default, for click (defaults are defined once, in charlm.config)."""
+    return _DEFAULTS[name]
 
 
 def _corpus_notice(known, path) -> None:
@@ -58,6 +71,159 @@ def stats(corpus: str, preprocess: str) -> None:
     sample = "".join(c.vocab.itos[1:41])
     click.echo(f"{path}: {len(c):,} characters, {len(c.vocab)} symbols (with <unk>), preprocess={preprocess}")
     click.echo(f"most frequent: {sample!r}")
+
+
+@main.command()
+@click.argument("corpus", type=click.Path(dir_okay=True))
+@click.option("--preprocess", type=click.Choice(corpus_mod.PREPROCESS_MODES), default=_d("preprocess"),
+              help="raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case).")
+@click.option("--cell", type=click.Choice(CELLS), default=_d("cell"), help="Recurrent cell.")
+@click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
+              help="torch: PyTorch's kernels (cuDNN on GPUs); scratch: charlm's own cells (same weights).")
+@click.option("--hidden-size", type=click.IntRange(min=1), default=_d("hidden_size"), help="Units per recurrent layer.")
+@click.option("--num-layers", type=click.IntRange(min=1), default=_d("num_layers"), help="Stacked recurrent layers.")
+@click.option("--embedding-dim", type=click.IntRange(min=0), default=_d("embedding_dim"),
+              help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              show_default="0.3 for corpora under 500k characters, else 0.1",
+              help="Dropout between layers and before the output layer.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_d("batch_size"), help="Sequences per batch (B).")
+@click.option("--num-steps", type=click.IntRange(min=1), default=_d("num_steps"),
+              help="Characters per sequence (T): the truncated-BPTT length.")
+@click.option("--sampling", type=click.Choice(SAMPLINGS), default=_d("sampling"),
+              help="random: shuffled windows, fresh state each batch; sequential: state carried across batches.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_d("optimizer"), help="SGD (d2l) or Adam.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
+@click.option("--clip", type=click.FloatRange(min=0), default=_d("clip"),
+              help="Clip the global gradient L2 norm to this; 0 = no clipping.")
+@click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
+@click.option("--time-limit", type=click.FloatRange(min=0), default=_d("time_limit"),
+              help="Stop after this many seconds of training; 0 = no limit.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=_d("val_fraction"),
+              help="Fraction of the text, from its end, held out for evaluation.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=_d("eval_every"),
+              help="Steps between held-out evaluations (each saves last/, and best/ when better).")
+@click.option("--patience", type=click.IntRange(min=0), default=_d("patience"),
+              help="Stop after this many evaluations without improvement; 0 = never.")
+@click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
+@click.option("--device", default=_d("device"), help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
+              help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
+@click.option("--overwrite", is_flag=True, help="Delete the run in --out and start over.")
+@click.option("--d2l", is_flag=True,
+              help="The d2l book's recipe: letters, first 10,000 chars, one-hot GRU 256, batch 32 x 35, "
+                   "SGD lr 1, clip 1, 500 epochs. Explicit options override it.")
+@click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")
+@click.pass_context
+def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
+    """Train a character-level language model on CORPUS, a UTF-8 text file.
+
+    A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded
+    first. The run directory gets last/ and best/ checkpoints, metrics.csv and curve.png.
+    """
+    from charlm import train as train_mod
+
+    # What the user typed wins over the preset, which wins over a resumed run's settings.
+    explicit = {k: v for k, v in options.items()
+                if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
+    values = dict(_DEFAULTS)
+    out = options["out"] or str(train_mod.default_out(corpus))
+    if resume:
+        values.update(_saved_train_config(out))
+    if d2l:
+        values.update(D2L_PRESET)
+    values.update(explicit)
+    values.update(corpus=corpus, out=out)
+    if values.get("time_limit") == 0:
+        values["time_limit"] = None
+    if values.get("patience") == 0:
+        values["patience"] = None
+    try:
+        cfg = TrainConfig(**values)
+        corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
+    except (ValueError, corpus_mod.CorpusError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    progress = _TrainProgress(quiet)
+    try:
+        result = train_mod.train(cfg, resume=resume, overwrite=overwrite, callback=progress)
+    except train_mod.TrainingInterrupted as exc:
+        progress.close()
+        r = exc.result
+        click.echo(f"Interrupted ({exc}); saved {r.out / 'last'}. Resume with: "
+                   f"charlm train {corpus} --out {r.out} --resume", err=True)
+        sys.exit(130)
+    except (train_mod.TrainError, corpus_mod.CorpusError, ValueError) as exc:
+        progress.close()
+        raise click.ClickException(str(exc)) from None
+    progress.close()
+    click.echo(_summary(result, cfg))
+
+
+def _saved_train_config(out: str) -> dict:
+    import json
+
+    from charlm.checkpoint import recover
+
+    last = Path(out) / "last"
+    recover(last)
+    try:
+        saved = json.loads((last / "config.json").read_text(encoding="utf-8"))["train"]
+    except (OSError, ValueError, KeyError):
+        return {}  # train() reports the missing or broken checkpoint in one line
+    saved.pop("corpus", None)
+    return {k: v for k, v in saved.items() if k in _DEFAULTS}
+
+
+def _summary(result, cfg) -> str:
+    best = result.best
+    parts = [f"{result.steps:,} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s:.0f}s, {result.stop_reason}"]
+    if best is not None:
+        parts.append(f"best held-out {best.bits_per_char:.3f} bits/char, perplexity {best.perplexity:.2f}")
+    if cfg.d2l and result.train_loss is not None:
+        parts.append(f"training perplexity {math.exp(result.train_loss):.2f}")
+    parts.append(f"checkpoint: {result.out / 'best'}")
+    return "; ".join(parts)
+
+
+class _TrainProgress:
+    """A tqdm bar fed by the training callback."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.val_bpc = quiet, None, None
+
+    def __call__(self, event, info):
+        if self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        if event == "start":
+            cfg_total = None
+            self.bar = tqdm(total=cfg_total, initial=info["step"], unit="step", dynamic_ncols=True,
+                            desc=f"{info['model_config'].cell} {info['model_config'].hidden_size}")
+            tqdm.write(f"{'resuming' if info['resumed'] else 'training'} {info['model'].num_parameters():,}-parameter "
+                       f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
+                       f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), device {info['device']}, "
+                       f"into {info['out']}", file=sys.stderr)
+        elif event == "step" and self.bar is not None:
+            self.bar.update(info["step"] - self.bar.n)
+            if info["interval_steps"]:
+                loss = info["loss_sum"].item() / info["interval_steps"]
+                post = {"loss": f"{loss:.3f}", "tok/s": f"{info['tokens'] / max(info['elapsed'], 1e-9):,.0f}"}
+                if self.val_bpc is not None:
+                    post["val_bpc"] = f"{self.val_bpc:.3f}"
+                self.bar.set_postfix(post, refresh=False)
+        elif event == "eval" and self.bar is not None:
+            self.val_bpc = info["val_bpc"]
+            self.bar.update(info["step"] - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -58,3 +58,94 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return _from_dict(cls, data)
+
+
+OPTIMIZERS = ("sgd", "adam")
+SAMPLINGS = ("random", "sequential")
+DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``charlm train`` does. ``None`` means "chosen from the corpus" (see ``resolve``)."""
+
+    corpus: str  # path of the UTF-8 text file
+    out: str | None = None  # run directory; None: checkpoints/<corpus stem>
+    preprocess: str = "raw"  # raw | lower | letters (d2l's rule)
+    max_chars: int | None = None  # keep only the first characters (d2l trains on 10,000)
+    # model
+    cell: str = "lstm"  # on CPU torch's LSTM runs fused (oneDNN): ~2.5x the GRU's tokens/s
+    impl: str = "torch"
+    hidden_size: int = 512
+    num_layers: int = 1
+    embedding_dim: int = 64  # a learned embedding beats one-hot at equal time
+    dropout: float | None = None  # None: 0.3 for corpora under 500k characters, else 0.1
+    # data
+    batch_size: int = 32
+    num_steps: int = 64  # truncated BPTT length
+    sampling: str = "sequential"  # carry the state across batches: longer context for free
+    val_fraction: float = 0.1  # the contiguous tail held out
+    # optimisation
+    optimizer: str = "adam"
+    lr: float | None = None  # None: 1.0 for SGD (d2l), 3e-3 for Adam
+    clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    # stopping
+    epochs: int = 50
+    max_steps: int | None = None
+    time_limit: float | None = 600.0  # seconds of training
+    eval_every: int = 200  # steps between held-out evaluations (and checkpoints)
+    patience: int | None = 5  # evaluations without improvement before stopping; None: never
+    seed: int = 0
+    device: str = "auto"
+    d2l: bool = False  # report training perplexity beside held-out perplexity (set by --d2l)
+
+    def __post_init__(self):
+        checks = [
+            (self.preprocess in ("raw", "lower", "letters"), f"unknown preprocessing {self.preprocess!r}"),
+            (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.num_steps >= 1, f"num steps must be >= 1, got {self.num_steps}"),
+            (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.clip >= 0, f"clip must be >= 0 (0 = off), got {self.clip}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, got {self.max_steps}"),
+            (self.time_limit is None or self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}"),
+            (0.0 < self.val_fraction < 1.0, f"val fraction must lie in (0, 1), got {self.val_fraction}"),
+            (self.eval_every >= 1, f"eval every must be >= 1 step, got {self.eval_every}"),
+            (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (self.max_chars is None or self.max_chars >= 1, f"max chars must be >= 1, got {self.max_chars}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
+
+    def resolved_dropout(self, num_chars: int) -> float:
+        if self.dropout is not None:
+            return self.dropout
+        return 0.3 if num_chars < 500_000 else 0.1
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.optimizer == "sgd" else 3e-3
+
+    def model_config(self, vocab_size: int, num_chars: int = 0) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size,
+                           num_layers=self.num_layers, embedding_dim=self.embedding_dim,
+                           dropout=self.resolved_dropout(num_chars), impl=self.impl)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return _from_dict(cls, data)
+
+
+# --d2l: the book's chapter (d2l.ai, "Recurrent Neural Networks" / "Gated Recurrent Units").
+D2L_PRESET = dict(preprocess="letters", max_chars=10_000, cell="gru", impl="torch", hidden_size=256,
+                  num_layers=1, embedding_dim=0, dropout=0.0, batch_size=32, num_steps=35,
+                  sampling="sequential", optimizer="sgd", lr=1.0, clip=1.0, epochs=500,
+                  time_limit=None, patience=None, eval_every=100, d2l=True)

@@ -1,0 +1,166 @@
+"""Checkpoints: atomic save, safe load, a format version, a manifest of checksums.
+
+A checkpoint is a directory::
+
+    model.pt        the model's state_dict (tensors only)
+    trainer.pt      optimizer state, RNG states, carried hidden state (tensors and plain values)
+    config.json     format version, model config (to rebuild it), training config, progress
+    tokenizer.json  the vocabulary (HuggingFace tokenizers format)
+    manifest.json   sha256 of each file above
+
+Loading never unpickles code (``torch.load(weights_only=True)``, no fallback), maps tensors to the
+chosen device (a GPU checkpoint loads on a CPU-only machine) and checks every file against the
+manifest, so a tampered or truncated checkpoint is refused with one line.
+
+Saving writes a sibling temporary directory and renames it into place. Replacing an existing
+checkpoint takes two renames (old -> ``NAME.old``, new -> ``NAME``); a kill between them leaves
+``NAME.old``, which :func:`load_checkpoint` and the next save fall back to. So at any instant one
+complete checkpoint can be loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from charlm.config import ModelConfig
+from charlm.models import RNNLM
+from charlm.vocab import Vocab
+
+FORMAT_VERSION = 1
+FILES = ("model.pt", "trainer.pt", "config.json", "tokenizer.json")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt or of another format; the message is one line."""
+
+
+@dataclass
+class Checkpoint:
+    model: RNNLM
+    vocab: Vocab
+    config: ModelConfig
+    meta: dict  # everything else config.json holds: train config, corpus, progress, versions
+    trainer_state: dict | None = field(default=None, repr=False)
+    path: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Finish a replacement that a kill interrupted: put ``NAME.old`` back if ``NAME`` is missing."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.is_dir():
+        if not path.exists():
+            os.replace(old, path)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: dict | None = None,
+                    trainer_state: dict | None = None) -> Path:
+    """Write a complete checkpoint to ``path`` atomically (see the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state_dict, tmp / "model.pt")
+        torch.save(trainer_state or {}, tmp / "trainer.pt")
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model": model.config.to_dict(),
+            "torch_version": torch.__version__,
+            **(meta or {}),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        vocab.save(tmp / "tokenizer.json")
+        manifest = {name: _sha256(tmp / name) for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        for name in (*FILES, "manifest.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory (meaning its ``best/``, else its ``last/``)."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "last"):
+        recover(candidate)
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    raise CheckpointError(f"{path} holds no checkpoint (no manifest.json here, nor in best/ or last/)")
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    with_trainer_state: bool = False) -> Checkpoint:
+    """Load and verify a checkpoint; ``path`` may be a run directory (its ``best/`` is used)."""
+    path = resolve_checkpoint_dir(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest.json ({exc})") from None
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing; the checkpoint is incomplete")
+        if manifest.get(name) != _sha256(file):
+            raise CheckpointError(f"{path}: {name} does not match its checksum; the checkpoint is corrupt or was modified")
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r}, "
+                                  f"this charlm reads format {FORMAT_VERSION}")
+        config = ModelConfig.from_dict(meta.pop("model"))
+        vocab = Vocab.load(path / "tokenizer.json")
+        state_dict = torch.load(path / "model.pt", map_location=device, weights_only=True)
+        model = RNNLM.from_config(config).to(device)
+        model.load_state_dict(state_dict)
+        trainer_state = (torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+                         if with_trainer_state else None)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # unpickling refused, shapes that do not fit, bad JSON, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load checkpoint ({first})") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer.json has {len(vocab)} symbols, the model {config.vocab_size}")
+    model.eval()
+    return Checkpoint(model=model, vocab=vocab, config=config, meta=meta,
+                      trainer_state=trainer_state, path=path)

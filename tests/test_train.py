@@ -1,0 +1,239 @@
+import csv
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charlm import checkpoint as ck
+from charlm.cli import main
+from charlm.config import TrainConfig
+from charlm.train import METRICS_COLUMNS, TrainError, TrainingInterrupted, train
+
+TEXT = ("the time traveller for so it will be convenient to speak of him was expounding a recondite "
+        "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated\n")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(TEXT * 12)  # ~2.4 KB
+    return path
+
+
+def tiny(corpus, out, **kw):
+    base = dict(corpus=str(corpus), out=str(out), cell="gru", hidden_size=16, embedding_dim=8, dropout=0.2,
+                batch_size=4, num_steps=10, eval_every=6, time_limit=None, patience=None, epochs=100,
+                val_fraction=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(out, name="last"):
+    return ck.load_checkpoint(Path(out) / name).model.state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_tiny_end_to_end_cli(corpus, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(out), "--hidden-size", "16",
+                                  "--batch-size", "4", "--num-steps", "10", "--max-steps", "20",
+                                  "--eval-every", "5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "20 steps" in r.output and "best held-out" in r.output and str(out / "best") in r.output
+    assert {p.name for p in out.iterdir()} >= {"last", "best", "metrics.csv", "curve.png"}
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == METRICS_COLUMNS
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    for r in rows:
+        assert abs(float(r["val_bpc"]) * 0.6931471805599453 - float(r["val_loss"])) < 1e-9
+    c = ck.load_checkpoint(out)
+    assert c.path == out / "best" and c.config.hidden_size == 16
+    assert c.meta["corpus"]["preprocess"] == "raw" and c.meta["progress"]["step"] in (5, 10, 15, 20)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_exact_resume_across_epoch_boundary(corpus, tmp_path, sampling):
+    # ~2.1k training chars / (4 x 10) -> about 50 steps per epoch... make epochs short instead:
+    kw = dict(sampling=sampling, batch_size=8, num_steps=20)  # ~12 steps per epoch
+    once = train(tiny(corpus, tmp_path / "once", max_steps=30, **kw))
+    first = train(tiny(corpus, tmp_path / "twice", max_steps=16, **kw))
+    assert first.steps == 16 and once.epochs_done > 1.0 and first.epochs_done > 1.0
+    second = train(tiny(corpus, tmp_path / "twice", max_steps=30, **kw), resume=True)
+    assert second.steps == 30
+    assert_same_weights(weights(tmp_path / "once"), weights(tmp_path / "twice"))
+
+
+def test_interrupt_saves_last_and_resumes_exactly(corpus, tmp_path):
+    def kill_at_step_10(event, info):
+        if event == "step" and info["step"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as err:
+        train(tiny(corpus, tmp_path / "a", max_steps=24), callback=kill_at_step_10)
+    assert err.value.result.steps == 10
+    assert ck.load_checkpoint(tmp_path / "a" / "last", with_trainer_state=True).trainer_state["step"] == 10
+    train(tiny(corpus, tmp_path / "a", max_steps=24), resume=True)
+    train(tiny(corpus, tmp_path / "b", max_steps=24))
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [6, 10, 12, 18, 24]
+
+
+def test_kill_between_renames_leaves_a_loadable_checkpoint(corpus, tmp_path, monkeypatch):
+    train(tiny(corpus, tmp_path / "r", max_steps=6))
+    before = weights(tmp_path / "r")
+    real_replace = os.replace
+    calls = []
+
+    def dying_replace(src, dst):
+        calls.append((src, dst))
+        real_replace(src, dst)
+        if len(calls) == 1:  # the old checkpoint has moved aside, the new one is not in place yet
+            raise KeyboardInterrupt
+
+    model = ck.load_checkpoint(tmp_path / "r" / "last").model
+    monkeypatch.setattr(ck.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path / "r" / "last", model, ck.load_checkpoint(tmp_path / "r" / "last").vocab)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    assert not (tmp_path / "r" / "last").exists() or True
+    assert_same_weights(weights(tmp_path / "r"), before)  # load falls back to last.old
+    assert (tmp_path / "r" / "last" / "manifest.json").is_file()
+    assert not any(p.name.startswith(".last.tmp") for p in (tmp_path / "r").iterdir())
+
+
+def test_kill_while_writing_keeps_old_checkpoint(corpus, tmp_path, monkeypatch):
+    train(tiny(corpus, tmp_path / "r", max_steps=6))
+    digest = tree_digest(tmp_path / "r" / "last")
+    c = ck.load_checkpoint(tmp_path / "r" / "last")
+
+    def dying_save(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.Vocab, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path / "r" / "last", c.model, c.vocab)
+    assert tree_digest(tmp_path / "r" / "last") == digest
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best", "curve.png", "last", "metrics.csv"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "pickle"])
+def test_tampered_or_truncated_checkpoint_refused(corpus, tmp_path, damage):
+    train(tiny(corpus, tmp_path / "r", max_steps=6))
+    model_pt = tmp_path / "r" / "best" / "model.pt"
+    data = bytearray(model_pt.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        model_pt.write_bytes(bytes(data))
+        match = "does not match its checksum"
+    elif damage == "truncate":
+        model_pt.write_bytes(bytes(data[:100]))
+        match = "does not match its checksum"
+    else:  # a pickle that runs code, with the manifest forged to match: weights_only refuses it
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+        torch.save({"x": Evil()}, model_pt)
+        import json
+        manifest = json.loads((tmp_path / "r" / "best" / "manifest.json").read_text())
+        manifest["model.pt"] = hashlib.sha256(model_pt.read_bytes()).hexdigest()
+        (tmp_path / "r" / "best" / "manifest.json").write_text(json.dumps(manifest))
+        match = "cannot load checkpoint"
+    with pytest.raises(ck.CheckpointError, match=match) as err:
+        ck.load_checkpoint(tmp_path / "r")
+    assert "\n" not in str(err.value)
+
+
+def test_nonfinite_loss_saves_and_stops(corpus, tmp_path, monkeypatch):
+    import types
+
+    import charlm.train as tm
+
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def spiking(logits, target, **kw):  # the loss spikes to NaN from the 8th training step on
+        calls["n"] += 1
+        loss = real(logits, target, **kw)
+        return loss * float("nan") if calls["n"] >= 8 else loss
+
+    monkeypatch.setattr(tm, "F", types.SimpleNamespace(cross_entropy=spiking))
+    with pytest.raises(TrainError, match="not finite for 5 steps in a row at step 12") as err:
+        train(tiny(corpus, tmp_path / "r", max_steps=50, eval_every=100))
+    assert "saved" in str(err.value)
+    c = ck.load_checkpoint(tmp_path / "r" / "last")
+    assert all(torch.isfinite(v).all() for v in c.model.state_dict().values())
+
+
+# ---- refusals through the CLI: one line, non-zero exit, nothing written or changed -----------
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def test_existing_run_refused_and_untouched(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "r", max_steps=6))
+    digest = tree_digest(tmp_path / "r")
+    r = invoke(corpus, "--out", tmp_path / "r", "--max-steps", 3)
+    assert r.exit_code == 1
+    assert "--resume" in r.output and "--overwrite" in r.output and r.output.count("\n") == 1
+    assert tree_digest(tmp_path / "r") == digest
+
+
+def test_resume_with_other_model_options_names_them(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "r", max_steps=6))
+    digest = tree_digest(tmp_path / "r")
+    r = invoke(corpus, "--out", tmp_path / "r", "--resume", "--hidden-size", 32, "--cell", "lstm")
+    assert r.exit_code == 1, r.output
+    assert "hidden-size: 16 -> 32" in r.output and "cell: 'gru' -> 'lstm'" in r.output
+    assert tree_digest(tmp_path / "r") == digest
+    # options not given again come from the saved run
+    r = invoke(corpus, "--out", tmp_path / "r", "--resume", "--max-steps", 12, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "12 steps" in r.output
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--hidden-size", "0"], 2, "--hidden-size"),
+    (["--num-layers", "0"], 2, "--num-layers"),
+    (["--batch-size", "0"], 2, "--batch-size"),
+    (["--lr", "-1"], 2, "--lr"),
+    (["--val-fraction", "1.5"], 2, "--val-fraction"),
+    (["--val-fraction", "0"], 2, "--val-fraction"),
+    (["--dropout", "1"], 2, "--dropout"),
+    (["--cell", "transformer"], 2, "--cell"),
+    (["--device", "cuda:7"], 1, "not available"),
+    (["--device", "tpu"], 1, "unknown device"),
+    (["--batch-size", "64", "--num-steps", "64"], 1, "needs at least"),
+    (["--resume"], 1, "nothing to resume"),
+])
+def test_bad_options_one_line_nothing_written(corpus, tmp_path, args, code, message):
+    out = tmp_path / "never"
+    r = invoke(corpus, "--out", out, *args)
+    assert r.exit_code == code, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert not out.exists()
+    if code == 1:
+        assert r.output.count("\n") == 1
+
+
+def test_missing_corpus_one_line(tmp_path):
+    r = invoke(tmp_path / "nope.txt", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "no such file" in r.output and r.output.count("\n") == 1
