@@ -85,7 +85,7 @@ def stats(corpus: str, preprocess: str) -> None:
 @click.option("--embedding-dim", type=click.IntRange(min=0), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              show_default="0.3 for corpora under 500k characters, else 0.1",
+              show_default="0.5 for corpora under 500k characters, else 0.2",
               help="Dropout between layers and before the output layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_d("batch_size"), help="Sequences per batch (B).")
 @click.option("--num-steps", type=click.IntRange(min=1), default=_d("num_steps"),
@@ -97,6 +97,8 @@ def stats(corpus: str, preprocess: str) -> None:
               show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
 @click.option("--clip", type=click.FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=_d("lr_decay"),
+              help="Multiply the learning rate by this after each evaluation without improvement; 1 = constant.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--time-limit", type=click.FloatRange(min=0), default=_d("time_limit"),
@@ -224,6 +226,177 @@ class _TrainProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _load(checkpoint: str | None, device: str = "cpu"):
+    """Load --checkpoint (run or checkpoint directory; default: the newest run under ./checkpoints)."""
+    from charlm.checkpoint import CheckpointError, load_checkpoint
+    from charlm.train import resolve_device
+
+    if checkpoint is None:
+        checkpoint = _newest_run(Path("checkpoints"))
+    try:
+        return load_checkpoint(checkpoint, device=resolve_device(device))
+    except (CheckpointError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _newest_run(root: Path) -> Path:
+    manifests = [m for pattern in ("*/best/manifest.json", "*/last/manifest.json", "*/manifest.json")
+                 for m in root.glob(pattern)] if root.is_dir() else []
+    if not manifests:
+        raise click.ClickException(
+            f"no checkpoint found under {root}/; train one first (charlm train corpora/timemachine.txt) "
+            f"or pass --checkpoint")
+    newest = max(manifests, key=lambda m: m.stat().st_mtime).parent
+    return newest.parent if newest.name in ("best", "last") else newest
+
+
+def _prefix_error(exc: ValueError, prefix: str, ckpt) -> click.ClickException:
+    """An unknown-character error, saying when the checkpoint's preprocessing would map them."""
+    preprocess = ckpt.meta.get("corpus", {}).get("preprocess", "raw")
+    message = f"the prefix has {exc}"
+    if preprocess != "raw" and not ckpt.vocab.unknown_chars(corpus_mod.normalize(prefix, preprocess)):
+        message += (f"; this model was trained with --preprocess {preprocess}, which maps them: "
+                    f"pass --normalize to apply it to the prefix")
+    return click.ClickException(message)
+
+
+@main.command()
+@click.argument("prefix", default="")
+@click.option("--checkpoint", type=click.Path(), default=None, show_default="the newest run under ./checkpoints",
+              help="A run directory (its best/) or a checkpoint directory.")
+@click.option("--length", type=int, default=200, help="Characters to add to the prefix.")
+@click.option("--temperature", type=float, default=0.0, help="0 = greedy (argmax); higher = more random.")
+@click.option("--top-k", type=int, default=None, help="Sample only among the k most probable characters.")
+@click.option("--top-p", type=float, default=None, help="Sample only from the smallest set with this much probability.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed gives the same text.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, help="Samples, generated as one batch.")
+@click.option("--normalize", is_flag=True, help="Apply the checkpoint's preprocessing to the prefix first.")
+@click.option("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps.")
+def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_samples, normalize, device):
+    """Continue PREFIX with a trained model, streaming the text as it comes."""
+    from charlm.sample import check_sampling, iter_generate
+
+    try:
+        check_sampling(temperature, top_k, top_p, length)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    ckpt = _load(checkpoint, device)
+    if normalize:
+        prefix = corpus_mod.normalize(prefix, ckpt.meta.get("corpus", {}).get("preprocess", "raw"))
+    unknown = ckpt.vocab.unknown_chars(prefix)
+    if unknown:
+        try:
+            ckpt.vocab.encode(prefix)
+        except ValueError as exc:
+            raise _prefix_error(exc, prefix, ckpt) from None
+    stream = iter_generate(ckpt.model, ckpt.vocab, prefix, length, temperature, top_k, top_p, seed, num_samples)
+    out = sys.stdout
+    if num_samples == 1:
+        out.write(prefix)
+        for i, (char,) in enumerate(stream):
+            out.write(char)
+            if i % 16 == 0:
+                out.flush()
+        out.write("\n")
+    else:  # samples are generated together; each is printed whole, a blank line between them
+        parts = [[prefix] for _ in range(num_samples)]
+        for chars in stream:
+            for p, c in zip(parts, chars):
+                p.append(c)
+        out.write("\n\n".join("".join(p) for p in parts) + "\n")
+    out.flush()
+
+
+@main.command(name="eval")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("files", nargs=-1, type=click.Path())
+@click.option("--errors", type=click.Choice(["strict", "skip"]), default="strict",
+              help="strict: characters outside the vocabulary are an error; skip: drop them and say how many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file, a line each.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Rows evaluated in parallel.")
+@click.option("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps.")
+def eval_(checkpoint, files, errors, as_json, batch_size, device):
+    """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
+
+    With no FILES, the run's own held-out split, re-read from the corpus its config names. Files
+    are read with the checkpoint's preprocessing.
+    """
+    import json
+
+    from charlm.data import split
+    from charlm.evaluate import evaluate
+
+    ckpt = _load(checkpoint, device)
+    info = ckpt.meta.get("corpus", {})
+    preprocess = info.get("preprocess", "raw")
+    jobs = []
+    try:
+        if not files:
+            if not info.get("path"):
+                raise click.ClickException(f"{ckpt.path} names no corpus; pass FILES to evaluate on")
+            path = Path(info["path"])
+            if not path.exists():
+                raise click.ClickException(f"the run's corpus {path} is gone; pass FILES to evaluate on")
+            text = corpus_mod.normalize(corpus_mod.read_text(path), preprocess)
+            ids = ckpt.vocab.encode(text, errors="replace")
+            jobs.append((f"{path} (held-out {info.get('val_fraction', 0.1):.0%})", split(ids, info.get("val_fraction", 0.1))[1], 0))
+        for f in files:
+            text = corpus_mod.normalize(corpus_mod.read_text(f), preprocess)
+            unknown = ckpt.vocab.unknown_chars(text)
+            skipped = 0
+            if unknown and errors == "strict":
+                try:
+                    ckpt.vocab.encode(text)
+                except ValueError as exc:
+                    raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
+            ids = ckpt.vocab.encode(text, errors="replace")
+            if unknown:
+                keep = ids != 0
+                skipped = int((~keep).sum())
+                ids = ids[keep]
+            jobs.append((f, ids, skipped))
+    except corpus_mod.CorpusError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, ids, skipped in jobs:
+        try:
+            r = evaluate(ckpt.model, ids, batch_size=batch_size)
+        except ValueError as exc:
+            raise click.ClickException(f"{name}: {exc}") from None
+        if as_json:
+            click.echo(json.dumps({"file": str(name), **r.to_dict(), **({"skipped": skipped} if skipped else {})}))
+        else:
+            note = f" ({skipped:,} unknown characters skipped)" if skipped else ""
+            click.echo(f"{name}: {r.tokens:,} chars, loss {r.loss:.4f} nats/char, "
+                       f"{r.bits_per_char:.4f} bits/char, perplexity {r.perplexity:.3f}{note}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+def info(checkpoint):
+    """Architecture, vocabulary, corpus and progress of CHECKPOINT."""
+    import math
+
+    ckpt = _load(checkpoint)
+    cfg, meta = ckpt.config, ckpt.meta
+    corpus = meta.get("corpus", {})
+    progress = meta.get("progress", {})
+    best = progress.get("best_val_loss")
+    inputs = "one-hot" if cfg.embedding_dim == 0 else f"embedding {cfg.embedding_dim}"
+    sample = "".join(ckpt.vocab.itos[1:41])
+    lines = [
+        f"checkpoint:   {ckpt.path}",
+        f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, impl {cfg.impl}",
+        f"parameters:   {ckpt.model.num_parameters():,}",
+        f"vocabulary:   {len(ckpt.vocab)} symbols (with <unk>), most frequent: {sample!r}",
+        f"corpus:       {corpus.get('path', '?')} (preprocess {corpus.get('preprocess', '?')}, "
+        f"{corpus.get('val_fraction', 0):.0%} held out)",
+        f"trained:      {progress.get('step', '?')} steps",
+        f"best val:     " + (f"{best / math.log(2):.4f} bits/char, perplexity {math.exp(best):.3f}" if best else "n/a"),
+        f"saved with:   torch {meta.get('torch_version', '?')}",
+    ]
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -204,6 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
         model.load_state_dict(saved.model.state_dict())
         ts = saved.trainer_state
         optimizer.load_state_dict(ts["optimizer"])
+        lr = optimizer.param_groups[0]["lr"]
         step, epoch, batch_in_epoch = ts["step"], ts["epoch"], ts["batch_in_epoch"]
         best_loss, evals_since_best = ts["best_loss"], ts["evals_since_best"]
         torch.set_rng_state(ts["torch_rng"])
@@ -254,7 +255,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     max_norm = cfg.clip if cfg.clip > 0 else math.inf
 
     def run_eval():
-        nonlocal best_loss, evals_since_best, last_val, best_val, interval_steps, interval_tokens, t_interval
+        nonlocal lr, best_loss, evals_since_best, last_val, best_val, interval_steps, interval_tokens, t_interval
         now = time.perf_counter()
         val = evaluate(model, val_ids, device=device)
         train_loss = (loss_sum / interval_steps).item() if interval_steps else None
@@ -272,6 +273,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
             save("best", val)
         else:
             evals_since_best += 1
+            if cfg.lr_decay < 1.0:  # a plateau: smaller steps (depends on held-out loss only, so resumable)
+                lr *= cfg.lr_decay
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
         save("last", val)
         emit("eval", {**row, "improved": improved, "best_val_bpc": best_loss / math.log(2)})
         loss_sum.zero_(), norm_sum.zero_()

@@ -1,0 +1,168 @@
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charlm import RNNLM, Vocab
+from charlm.checkpoint import save_checkpoint
+from charlm.cli import main
+from charlm.evaluate import evaluate
+from charlm.sample import filter_logits, generate
+
+TEXT = "the time traveller smiled and the machine was gone\n" * 4
+
+
+@pytest.fixture(scope="module")
+def model_vocab():
+    vocab = Vocab.from_text(TEXT)
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), cell="gru", hidden_size=24, num_layers=2, embedding_dim=6).eval()
+    return model, vocab
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path, model_vocab):
+    model, vocab = model_vocab
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    meta = {"corpus": {"path": str(tmp_path / "corpus.txt"), "preprocess": "lower", "val_fraction": 0.25},
+            "progress": {"step": 7, "best_val_loss": 2.0}}
+    return save_checkpoint(tmp_path / "run" / "best", model, vocab, meta)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("emb", [0, 5])
+def test_fast_path_equals_plain_forward(model_vocab, cell, impl, emb):
+    _, vocab = model_vocab
+    torch.manual_seed(1)
+    m = RNNLM(len(vocab), cell=cell, hidden_size=16, num_layers=2, embedding_dim=emb, impl=impl)
+    for prefix in ("the ", ""):
+        assert generate(m, vocab, prefix, 60) == generate(m, vocab, prefix, 60, fast=False)
+        a = generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=3)
+        assert a == generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=3, fast=False)
+
+
+def test_greedy_deterministic_and_seeds(model_vocab):
+    m, v = model_vocab
+    g = generate(m, v, "the", 50)
+    assert g == generate(m, v, "the", 50) and g.startswith("the") and len(g) == 53
+    s1 = generate(m, v, "the", 50, temperature=1.0, seed=1)
+    assert s1 == generate(m, v, "the", 50, temperature=1.0, seed=1)
+    assert s1 != generate(m, v, "the", 50, temperature=1.0, seed=2)
+    assert generate(m, v, "the", 50, temperature=1.3, top_k=1, seed=5) == g
+
+
+def test_batched_samples_equal_one_by_one(model_vocab):
+    m, v = model_vocab
+    batch = generate(m, v, "the ", 40, temperature=1.0, top_p=0.9, seed=11, num_samples=4)
+    assert len(set(batch)) > 1
+    assert batch[0] == generate(m, v, "the ", 40, temperature=1.0, top_p=0.9, seed=11)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.2, 0.25]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(filter_logits(logits, top_p=p))[0].tolist()
+    assert kept(0.5) == [False, True, False, False]   # 0.5 alone reaches 0.5
+    assert kept(0.6) == [False, True, False, True]    # 0.5 + 0.25
+    assert kept(0.75) == [False, True, False, True]   # exactly reached
+    assert kept(0.76) == [False, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+    assert torch.isfinite(filter_logits(logits, top_k=2))[0].tolist() == [False, True, False, True]
+
+
+def test_unknown_prefix_and_bad_values(model_vocab):
+    m, v = model_vocab
+    with pytest.raises(ValueError, match="'Z' \\(U\\+005A\\)"):
+        generate(m, v, "Zap", 5)
+    for kw in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(length=-1)):
+        with pytest.raises(ValueError):
+            generate(m, v, "the", **{"length": 5, **kw})
+
+
+def test_eval_equals_hand_computation(model_vocab):
+    m, v = model_vocab
+    ids = v.encode(TEXT[:61])  # 60 predictions
+    r = evaluate(m, ids, batch_size=3, num_steps=7)
+    # by hand: 3 rows of 20, each read whole from a zero state
+    x = torch.as_tensor(ids[:60].astype("int64")).view(3, 20)
+    y = torch.as_tensor(ids[1:61].astype("int64")).view(3, 20)
+    with torch.no_grad():
+        logits, _ = m(x)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, len(v)), y.reshape(-1))
+    assert r.tokens == 60
+    assert r.loss == pytest.approx(nll.item(), rel=1e-5)
+    assert r.bits_per_char == pytest.approx(r.loss / math.log(2))
+    assert r.perplexity == pytest.approx(math.exp(r.loss))
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def test_cli_generate_and_errors(ckpt_dir):
+    r = run("generate", "the ", "--checkpoint", ckpt_dir.parent, "--length", 20)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("the ") and len(r.output.rstrip("\n")) == 24
+    r = run("generate", "the", "--checkpoint", ckpt_dir, "--length", 10, "--num-samples", 3, "--temperature", 1, "--seed", 2)
+    assert r.exit_code == 0 and r.output.count("\n\n") == 2
+    r = run("generate", "THE", "--checkpoint", ckpt_dir)
+    assert r.exit_code == 1 and "'T' (U+0054)" in r.output and "--normalize" in r.output
+    assert r.output.count("\n") == 1
+    r = run("generate", "THE", "--checkpoint", ckpt_dir, "--normalize", "--length", 5)
+    assert r.exit_code == 0 and r.output.startswith("the")
+    for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"], ["--length", "-2"]):
+        r = run("generate", "the", "--checkpoint", ckpt_dir, *bad)
+        assert r.exit_code == 2 and "Traceback" not in r.output, bad
+
+
+def test_cli_generate_without_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run("generate", "the")
+    assert r.exit_code == 1 and "charlm train" in r.output and r.output.count("\n") == 1
+
+
+def test_cli_corrupt_checkpoint(ckpt_dir):
+    (ckpt_dir / "model.pt").write_bytes(b"garbage")
+    for args in (["generate", "the", "--checkpoint", ckpt_dir], ["eval", ckpt_dir], ["info", ckpt_dir]):
+        r = run(*args)
+        assert r.exit_code == 1 and "checksum" in r.output and r.output.count("\n") == 1
+
+
+def test_cli_eval(ckpt_dir, tmp_path, model_vocab):
+    m, v = model_vocab
+    (tmp_path / "a.txt").write_text(TEXT)
+    r = run("eval", ckpt_dir, tmp_path / "a.txt", "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)
+    assert set(row) == {"file", "tokens", "loss", "bits_per_char", "perplexity"}
+    assert row["loss"] == pytest.approx(evaluate(m, v.encode(TEXT), batch_size=64).loss, rel=1e-6)
+    r = run("eval", ckpt_dir)  # the run's own held-out split
+    assert r.exit_code == 0 and "held-out 25%" in r.output
+    (tmp_path / "b.txt").write_text("the QUIZ")  # lower-cased: 'q', 'u', 'z' unknown
+    r = run("eval", ckpt_dir, tmp_path / "b.txt")
+    assert r.exit_code == 1 and "'q'" in r.output and "--errors skip" in r.output
+    r = run("eval", ckpt_dir, tmp_path / "b.txt", "--errors", "skip")
+    assert r.exit_code == 0 and "3 unknown characters skipped" in r.output
+    for bad, msg in ((tmp_path / "missing.txt", "no such file"), (tmp_path, "is a directory")):
+        r = run("eval", ckpt_dir, bad)
+        assert r.exit_code == 1 and msg in r.output
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert "is empty" in run("eval", ckpt_dir, tmp_path / "empty.txt").output
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
+    assert "not UTF-8" in run("eval", ckpt_dir, tmp_path / "bin.txt").output
+    (tmp_path / "corpus.txt").unlink()
+    r = run("eval", ckpt_dir)
+    assert r.exit_code == 1 and "is gone" in r.output
+
+
+def test_cli_info(ckpt_dir):
+    r = run("info", ckpt_dir.parent)
+    assert r.exit_code == 0, r.output
+    for part in ("2 x GRU 24", "embedding 6", "parameters:", "symbols", "preprocess lower", "7 steps",
+                 f"torch {torch.__version__}", "2.8854 bits/char"):
+        assert part in r.output, part
