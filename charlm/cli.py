@@ -126,13 +126,14 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded
     first. The run directory gets last/ and best/ checkpoints, metrics.csv and curve.png.
     """
-    from charlm import train as train_mod
+    from charlm.train import TrainError, TrainingInterrupted, default_out
+    from charlm.train import train as run_training
 
     # What the user typed wins over the preset, which wins over a resumed run's settings.
     explicit = {k: v for k, v in options.items()
                 if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
     values = dict(_DEFAULTS)
-    out = options["out"] or str(train_mod.default_out(corpus))
+    out = options["out"] or str(default_out(corpus))
     if resume:
         values.update(_saved_train_config(out))
     if d2l:
@@ -151,14 +152,14 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
 
     progress = _TrainProgress(quiet)
     try:
-        result = train_mod.train(cfg, resume=resume, overwrite=overwrite, callback=progress)
-    except train_mod.TrainingInterrupted as exc:
+        result = run_training(cfg, resume=resume, overwrite=overwrite, callback=progress)
+    except TrainingInterrupted as exc:
         progress.close()
         r = exc.result
         click.echo(f"Interrupted ({exc}); saved {r.out / 'last'}. Resume with: "
                    f"charlm train {corpus} --out {r.out} --resume", err=True)
         sys.exit(130)
-    except (train_mod.TrainError, corpus_mod.CorpusError, ValueError) as exc:
+    except (TrainError, corpus_mod.CorpusError, ValueError) as exc:
         progress.close()
         raise click.ClickException(str(exc)) from None
     progress.close()
