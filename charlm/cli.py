@@ -204,8 +204,7 @@ class _TrainProgress:
         from tqdm.auto import tqdm
 
         if event == "start":
-            cfg_total = None
-            self.bar = tqdm(total=cfg_total, initial=info["step"], unit="step", dynamic_ncols=True,
+            self.bar = tqdm(total=info["total_steps"], initial=info["step"], unit="step", dynamic_ncols=True,
                             desc=f"{info['model_config'].cell} {info['model_config'].hidden_size}")
             tqdm.write(f"{'resuming' if info['resumed'] else 'training'} {info['model'].num_parameters():,}-parameter "
                        f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
@@ -296,10 +295,9 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
     out = sys.stdout
     if num_samples == 1:
         out.write(prefix)
-        for i, (char,) in enumerate(stream):
-            out.write(char)
-            if i % 16 == 0:
-                out.flush()
+        for (text,) in stream:
+            out.write(text)
+            out.flush()
         out.write("\n")
     else:  # samples are generated together; each is printed whole, a blank line between them
         parts = [[prefix] for _ in range(num_samples)]

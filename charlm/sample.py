@@ -134,8 +134,8 @@ class _Stepper:
 
 def iter_generate(model, vocab, prefix: str, length: int, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None, num_samples: int = 1,
-                  fast: bool = True) -> Iterator[list[str]]:
-    """Yield, step by step, the next character of each of the ``num_samples`` continuations."""
+                  fast: bool = True, chunk: int = 32) -> Iterator[list[str]]:
+    """Yield, every ``chunk`` steps, the next characters of each of the ``num_samples`` continuations."""
     check_sampling(temperature, top_k, top_p, length)
     if num_samples < 1:
         raise ValueError(f"num-samples must be >= 1, got {num_samples}")
@@ -164,9 +164,14 @@ def iter_generate(model, vocab, prefix: str, length: int, temperature: float = 0
                     h = state[0] if isinstance(state, tuple) else state
                     logits = _no_unk(model.head(h[-1]))
             itos = vocab.itos
+            pending = []  # ids of the last few steps: decoded in one go, not one .tolist() per step
             for t in range(length):
                 ids = _draw(logits, temperature, top_k, top_p, uniforms)  # (N,)
-                yield [itos[i] for i in ids.tolist()]
+                pending.append(ids)
+                if len(pending) == chunk or t + 1 == length:
+                    block = torch.stack(pending, 1).tolist()  # (N, steps)
+                    pending = []
+                    yield ["".join(itos[i] for i in row) for row in block]
                 if t + 1 == length:
                     break
                 if fast:

@@ -224,8 +224,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     tokens_per_step = cfg.batch_size * cfg.num_steps
     emit("start", {"out": out, "device": device, "model": model, "model_config": model_cfg,
                    "train_chars": len(train_ids), "val_chars": len(val_ids), "vocab": corpus.vocab,
-                   "step": step, "steps_per_epoch": len(make_batches(cfg.sampling, train_ids, cfg.batch_size,
-                                                                     cfg.num_steps, seed=cfg.seed, epoch=epoch)),
+                   "step": step, "total_steps": _total_steps(cfg, train_ids),
                    "resumed": saved is not None})
 
     def trainer_state():
@@ -359,6 +358,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
             raise TrainingInterrupted(f"{stop_flag['signal']}: stopped at step {step}", result)
     emit("end", {"result": result})
     return result
+
+
+def _total_steps(cfg: TrainConfig, train_ids) -> int:
+    """Steps in ``cfg.epochs`` epochs (an estimate: each epoch's random offset may drop a batch)."""
+    per_epoch = len(make_batches(cfg.sampling, train_ids, cfg.batch_size, cfg.num_steps, seed=cfg.seed))
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def _best_from_saved(best_loss: float, last: EvalResult | None) -> EvalResult | None:

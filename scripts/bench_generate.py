@@ -1,0 +1,109 @@
+"""Generation speed: charlm's sampler against the d2l-style loop, and against the matmul peak.
+
+For each cell (one-hot input, hidden 256, vocabulary 28, random weights: speed does not depend
+on what the model learnt) it prints characters per second for
+
+- the d2l way (``predict_ch8``: one ``model.forward`` call per character, batch of one, ``.item()``);
+- charlm greedy, charlm temperature sampling (0.8), one sample;
+- charlm batched sampling (``--num-samples``, temperature 0.8), characters of all samples per second;
+
+and, for the batched case, the arithmetic limit: the fp32 matmul peak measured in the same run
+divided by the FLOPs one character costs. With ``--process`` it also times a whole
+``charlm generate --length 200000`` process (start-up included) on a saved checkpoint.
+
+    python scripts/bench_generate.py
+    python scripts/bench_generate.py --cells gru --process
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from charlm import RNNLM, Vocab, generate, save_checkpoint
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def d2l_predict(model, vocab, prefix, num_preds):
+    """The d2l book's predict_ch8: one forward call of the whole model per character."""
+    state = model.init_state(1)
+    outputs = [vocab.stoi[prefix[0]]]
+    get_input = lambda: torch.tensor([outputs[-1]]).reshape(1, 1)  # noqa: E731
+    with torch.no_grad():
+        for y in prefix[1:]:
+            _, state = model(get_input(), state)
+            outputs.append(vocab.stoi[y])
+        for _ in range(num_preds):
+            y, state = model(get_input(), state)
+            outputs.append(int(y.argmax(dim=2).reshape(1)))
+    return vocab.decode(outputs)
+
+
+def rate(fn, chars):
+    t0 = time.perf_counter()
+    fn()
+    return chars / (time.perf_counter() - t0)
+
+
+def matmul_peak(n=1024, repeats=20):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default="rnn,gru,lstm")
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--length", type=int, default=20_000, help="characters per single-sample measurement")
+    ap.add_argument("--num-samples", type=int, default=256)
+    ap.add_argument("--batched-length", type=int, default=500)
+    ap.add_argument("--process", action="store_true", help="also time whole `charlm generate` processes")
+    args = ap.parse_args()
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # 28 symbols with <unk>, as d2l's letters
+    V, H, prefix = len(vocab), args.hidden_size, "time traveller "
+    peak = matmul_peak()
+    print(f"hidden {H}, vocabulary {V}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s\n")
+    print("| cell | d2l loop | greedy | sampling T=0.8 | greedy / d2l | batched x{} | arithmetic limit | batched / limit |"
+          .format(args.num_samples))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cell in args.cells.split(","):
+        torch.manual_seed(0)
+        model = RNNLM(V, cell=cell, hidden_size=H, embedding_dim=0).eval()
+        n_d2l = max(2000, args.length // 10)
+        d2l = rate(lambda: d2l_predict(model, vocab, prefix, n_d2l), n_d2l)
+        greedy = rate(lambda: generate(model, vocab, prefix, args.length), args.length)
+        assert generate(model, vocab, prefix, 300) == d2l_predict(model, vocab, prefix, 300)
+        sampled = rate(lambda: generate(model, vocab, prefix, args.length, temperature=0.8, seed=0), args.length)
+        N, L = args.num_samples, args.batched_length
+        batched = rate(lambda: generate(model, vocab, prefix, L, temperature=0.8, seed=0, num_samples=N), N * L)
+        G = GATES[cell]
+        flop_per_char = 2 * (G * H * H + G * H * V + H * V)  # recurrent + input + output matmuls
+        limit = peak / flop_per_char
+        print(f"| {cell} | {d2l:,.0f} | {greedy:,.0f} | {sampled:,.0f} | {greedy / d2l:.1f}x | {batched:,.0f} | "
+              f"{limit:,.0f} | {batched / limit:.2f} |")
+        if args.process:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp) / "ck", model, vocab, {})
+                cmd = [sys.executable, "-m", "charlm.cli", "generate", "time traveller", "--checkpoint",
+                       str(Path(tmp) / "ck"), "--length", "200000"]
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                wall = time.perf_counter() - t0
+            print(f"|   | whole `charlm generate --length 200000` process: {wall:.1f} s = {200_000 / wall:,.0f} chars/s "
+                  f"({200_000 / wall / d2l:.1f}x the d2l loop) | | | | | | |")
+
+
+if __name__ == "__main__":
+    main()
