@@ -10,7 +10,7 @@ _DEFAULT_MIRROR = REPO.parent / "shared" / "corpora"
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     """The offline corpus mirror (CHARLM_CORPUS_MIRROR, else ../shared/corpora beside the repo)."""
-    path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR)
+    path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR).resolve()  # tests chdir
     if not (path / "timemachine.txt").is_file():
         pytest.skip("no corpus mirror: set CHARLM_CORPUS_MIRROR to a folder holding timemachine.txt")
     return path
@@ -19,5 +19,5 @@ def mirror() -> Path:
 @pytest.fixture(autouse=True)
 def _offline_mirror(monkeypatch, request):
     """Every test reads known corpora from the mirror, never from the network."""
-    path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR)
+    path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR).resolve()
     monkeypatch.setenv("CHARLM_CORPUS_MIRROR", str(path) if path.is_dir() else str(REPO / "no-mirror"))
