@@ -285,12 +285,10 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
     ckpt = _load(checkpoint, device)
     if normalize:
         prefix = corpus_mod.normalize(prefix, ckpt.meta.get("corpus", {}).get("preprocess", "raw"))
-    unknown = ckpt.vocab.unknown_chars(prefix)
-    if unknown:
-        try:
-            ckpt.vocab.encode(prefix)
-        except ValueError as exc:
-            raise _prefix_error(exc, prefix, ckpt) from None
+    try:
+        ckpt.vocab.encode(prefix)
+    except ValueError as exc:
+        raise _prefix_error(exc, prefix, ckpt) from None
     stream = iter_generate(ckpt.model, ckpt.vocab, prefix, length, temperature, top_k, top_p, seed, num_samples)
     out = sys.stdout
     if num_samples == 1:
@@ -343,19 +341,13 @@ def eval_(checkpoint, files, errors, as_json, batch_size, device):
             jobs.append((f"{path} (held-out {info.get('val_fraction', 0.1):.0%})", split(ids, info.get("val_fraction", 0.1))[1], 0))
         for f in files:
             text = corpus_mod.normalize(corpus_mod.read_text(f), preprocess)
-            unknown = ckpt.vocab.unknown_chars(text)
-            skipped = 0
-            if unknown and errors == "strict":
-                try:
-                    ckpt.vocab.encode(text)
-                except ValueError as exc:
-                    raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
-            ids = ckpt.vocab.encode(text, errors="replace")
-            if unknown:
-                keep = ids != 0
-                skipped = int((~keep).sum())
-                ids = ids[keep]
-            jobs.append((f, ids, skipped))
+            try:
+                ids = ckpt.vocab.encode(text, errors="strict" if errors == "strict" else "replace")
+            except ValueError as exc:
+                raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
+            keep = ids != 0  # <unk>: the characters outside the vocabulary (only with --errors skip)
+            skipped = len(ids) - int(keep.sum())
+            jobs.append((f, ids[keep] if skipped else ids, skipped))
     except corpus_mod.CorpusError as exc:
         raise click.ClickException(str(exc)) from None
     for name, ids, skipped in jobs:

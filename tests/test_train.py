@@ -112,7 +112,6 @@ def test_kill_between_renames_leaves_a_loadable_checkpoint(corpus, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path / "r" / "last", model, ck.load_checkpoint(tmp_path / "r" / "last").vocab)
     monkeypatch.setattr(ck.os, "replace", real_replace)
-    assert not (tmp_path / "r" / "last").exists() or True
     assert_same_weights(weights(tmp_path / "r"), before)  # load falls back to last.old
     assert (tmp_path / "r" / "last" / "manifest.json").is_file()
     assert not any(p.name.startswith(".last.tmp") for p in (tmp_path / "r").iterdir())
