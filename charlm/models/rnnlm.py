@@ -28,6 +28,24 @@ def detach_state(state):
     return tuple(s.detach() for s in state)
 
 
+def recurrent_layer(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                    dropout: float = 0.0, impl: str = "torch") -> nn.Module:
+    """A batch-first recurrent core: torch's ``nn.RNN``/``GRU``/``LSTM`` or charlm's own cells.
+
+    Both take ``(B, T, input_size)`` and a state ``(L, B, H)`` (``(h, c)`` for the LSTM) and return
+    ``(output (B, T, H), state)``; their ``state_dict``s are interchangeable. ``dropout`` acts between
+    layers only, as in torch. This is what ``RNNLM`` uses, and what a model of real-valued sequences
+    (see ``examples/``) builds on.
+    """
+    if cell not in _TORCH_CORES:
+        raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(_TORCH_CORES)}")
+    if impl == "torch":
+        return _TORCH_CORES[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+    if impl == "scratch":
+        return ScratchRecurrent(cell, input_size, hidden_size, num_layers, dropout)
+    raise ValueError(f"unknown impl {impl!r}; choose torch or scratch")
+
+
 class RNNLM(nn.Module):
     """A character-level recurrent language model.
 
@@ -45,11 +63,7 @@ class RNNLM(nn.Module):
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         # torch applies `dropout` only between layers (and warns when there is one layer).
         inter_layer_dropout = dropout if num_layers > 1 else 0.0
-        if impl == "torch":
-            self.rnn = _TORCH_CORES[cell](cfg.input_size, hidden_size, num_layers,
-                                          batch_first=True, dropout=inter_layer_dropout)
-        else:
-            self.rnn = ScratchRecurrent(cell, cfg.input_size, hidden_size, num_layers, inter_layer_dropout)
+        self.rnn = recurrent_layer(cell, cfg.input_size, hidden_size, num_layers, inter_layer_dropout, impl)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, vocab_size)
 
