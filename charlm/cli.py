@@ -183,7 +183,8 @@ def _saved_train_config(out: str) -> dict:
 
 def _summary(result, cfg) -> str:
     best = result.best
-    parts = [f"{result.steps:,} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s:.0f}s, {result.stop_reason}"]
+    parts = [f"{result.steps:,} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s:.0f}s (held-out "
+             f"evaluation {result.eval_s:.1f}s, saving {result.save_s:.1f}s), {result.stop_reason}"]
     if best is not None:
         parts.append(f"best held-out {best.bits_per_char:.3f} bits/char, perplexity {best.perplexity:.2f}")
     if cfg.d2l and result.train_loss is not None:

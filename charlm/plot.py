@@ -12,15 +12,14 @@ def plot_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
 
     Raises ``ImportError`` when matplotlib is missing (``pip install "charlm-rnn[plot]"``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API without pyplot: no global state, no GUI backend, and half the import time.
+    from matplotlib.figure import Figure
 
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     tokens = [int(r["tokens"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     train = [(t, float(r["train_loss"]) / math.log(2)) for t, r in zip(tokens, rows) if r["train_loss"]]
     if train:
         ax.plot(*zip(*train), label="training (mean since last evaluation)")
@@ -32,5 +31,4 @@ def plot_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png)
-    plt.close(fig)
     return Path(out_png)

@@ -67,6 +67,8 @@ class TrainResult:
     best: EvalResult | None
     last: EvalResult | None
     train_loss: float | None  # mean training loss over the last evaluation interval
+    eval_s: float = 0.0  # of elapsed_s: seconds spent in held-out evaluations
+    save_s: float = 0.0  # of elapsed_s: seconds spent writing checkpoints and drawing curve.png
 
 
 def default_out(corpus: str | os.PathLike) -> Path:
@@ -235,11 +237,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "state": None if st is None else tuple(s.detach().cpu() for s in st)}
 
+    overhead = {"eval_s": 0.0, "save_s": 0.0}
+
     def save(name, val: EvalResult | None):
+        t0 = time.perf_counter()
         meta = {**meta_base, "progress": {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                           "best_val_loss": None if math.isinf(best_loss) else best_loss,
                                           "val_loss": val.loss if val else None}}
         ckpt_mod.save_checkpoint(out / name, model, corpus.vocab, meta, trainer_state())
+        overhead["save_s"] += time.perf_counter() - t0
 
     # ---- the loop ------------------------------------------------------------------------
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
@@ -257,6 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
         nonlocal lr, best_loss, evals_since_best, last_val, best_val, interval_steps, interval_tokens, t_interval
         now = time.perf_counter()
         val = evaluate(model, val_ids, device=device)
+        overhead["eval_s"] += time.perf_counter() - now
         train_loss = (loss_sum / interval_steps).item() if interval_steps else None
         row = {"step": step, "epoch": round(epoch + batch_in_epoch / max(1, steps_per_epoch), 4),
                "tokens": step * tokens_per_step, "elapsed_s": round(now - t_start, 3),
@@ -344,16 +351,18 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
 
         if last_row is None or last_row["step"] != step:
             run_eval()  # the final evaluation and checkpoint
-        result = TrainResult(out=out, steps=step, epochs_done=epoch + batch_in_epoch / max(1, steps_per_epoch),
-                             tokens=step * tokens_per_step, elapsed_s=time.perf_counter() - t_start,
-                             stop_reason=stop_reason, best=best_val or _best_from_saved(best_loss, last_val),
-                             last=last_val, train_loss=_last_train_loss(out / "metrics.csv"))
+        t0 = time.perf_counter()
         try:
             from charlm.plot import plot_curve
 
             plot_curve(out / "metrics.csv", out / "curve.png")
         except ImportError:
             pass
+        overhead["save_s"] += time.perf_counter() - t0
+        result = TrainResult(out=out, steps=step, epochs_done=epoch + batch_in_epoch / max(1, steps_per_epoch),
+                             tokens=step * tokens_per_step, elapsed_s=time.perf_counter() - t_start,
+                             stop_reason=stop_reason, best=best_val or _best_from_saved(best_loss, last_val),
+                             last=last_val, train_loss=_last_train_loss(out / "metrics.csv"), **overhead)
         if stop_flag["signal"]:
             raise TrainingInterrupted(f"{stop_flag['signal']}: stopped at step {step}", result)
     emit("end", {"result": result})

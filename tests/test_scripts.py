@@ -1,6 +1,8 @@
 import importlib.util
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -23,3 +25,34 @@ def test_compare_cells_quick(mirror, tmp_path, monkeypatch, capsys):
         assert 1 < ppl < 28 and bpc > 0 and speed > 0 and params > 0  # better than uniform over 28 symbols
     out = capsys.readouterr().out
     assert out.count("\n| ") == 13  # header + 12 rows
+
+
+def test_markov_entropy_rate_matches_a_hand_computation():
+    markov = load("markov_corpus")
+    # Two symbols, order 1: from 0 stay with 0.9; from 1 go either way with 0.5.
+    P = np.array([[0.9, 0.1], [0.5, 0.5]])
+    pi = markov.stationary(P)
+    assert pi == pytest.approx([5 / 6, 1 / 6])
+    h = lambda p: -(p * math.log2(p) + (1 - p) * math.log2(1 - p))  # noqa: E731
+    assert markov.entropy_rate(P) == pytest.approx(5 / 6 * h(0.9) + 1 / 6 * 1.0)
+
+
+def test_markov_sample_scores_near_the_rate(tmp_path):
+    markov = load("markov_corpus")
+    info = markov.main([str(tmp_path / "m.txt"), "--chars", "200000", "--symbols", "8", "--alpha", "0.3"])
+    text = (tmp_path / "m.txt").read_text()
+    assert len(text) == 200_000 and len(set(text)) <= 8
+    # 20,000 held-out characters of the true model: within a few hundredths of a bit of the rate.
+    assert info["true_model_held_out_bits"] == pytest.approx(info["entropy_rate_bits"], abs=0.05)
+    assert info["entropy_rate_bits"] < info["uniform_bits"] == 3.0
+    assert info["counting_model_held_out_bits"] > info["true_model_held_out_bits"] - 0.01
+
+
+@pytest.mark.slow
+def test_bench_train_quick_runs_both_configurations(mirror, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = load("bench_train").main([str(mirror / "timemachine.txt"), "--quick"])
+    assert [name for name, _ in rows] == ["d2l", "expert"]
+    for _, m in rows:
+        assert m["reference"] > 0 and m["charlm"] > 0 and m["eval"] >= 0 and m["save"] > 0
+    assert capsys.readouterr().out.count("\n| ") == 3  # header + 2 rows
