@@ -140,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="held out (unused), as charlm train splits")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="tail held out (not trained on), as charlm train splits")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     # The book's configuration and the expert one, unless overridden.

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,3 +22,17 @@ def _offline_mirror(monkeypatch, request):
     """Every test reads known corpora from the mirror, never from the network."""
     path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR).resolve()
     monkeypatch.setenv("CHARLM_CORPUS_MIRROR", str(path) if path.is_dir() else str(REPO / "no-mirror"))
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a script that is not part of the package by its path in the repo, e.g. ``scripts/x.py``."""
+
+    def load(relative_path: str):
+        path = REPO / relative_path
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

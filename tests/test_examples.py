@@ -1,6 +1,5 @@
 """Every example in --quick mode, checking what it claims."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,16 +8,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_hello_ohlol_every_variant_learns_the_mapping(tmp_path, capsys):
-    module = load("hello_ohlol")
+def test_hello_ohlol_every_variant_learns_the_mapping(tmp_path, capsys, load_script):
+    module = load_script("examples/hello_ohlol.py")
     result = module.main(["--quick", "--out", str(tmp_path)])
     assert len(result["seeds"]) == 3
     names = set(result["epochs"])
@@ -34,8 +26,8 @@ def test_hello_ohlol_every_variant_learns_the_mapping(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["torch", "scratch"])
-def test_sine_wave_one_step_beats_free_running_and_the_naive_forecast(tmp_path, impl):
-    result = load("sine_wave").main(["--quick", "--impl", impl, "--out", str(tmp_path)])
+def test_sine_wave_one_step_beats_free_running_and_the_naive_forecast(tmp_path, impl, load_script):
+    result = load_script("examples/sine_wave.py").main(["--quick", "--impl", impl, "--out", str(tmp_path)])
     mse = result["mse"]
     assert mse["one_step"] < mse["free_running"]
     assert mse["one_step"] < mse["last_value"]
@@ -45,8 +37,8 @@ def test_sine_wave_one_step_beats_free_running_and_the_naive_forecast(tmp_path, 
 
 
 @pytest.mark.slow
-def test_airline_passengers_reports_all_three_methods(tmp_path, capsys):
-    result = load("airline_passengers").main(["--quick", "--out", str(tmp_path)])
+def test_airline_passengers_reports_all_three_methods(tmp_path, capsys, load_script):
+    result = load_script("examples/airline_passengers.py").main(["--quick", "--out", str(tmp_path)])
     errors = result["mape_percent"]
     assert len(errors) == 3 and all(0 < e < 100 for e in errors.values())
     assert result["winner"] == min(errors, key=errors.get)

@@ -1,24 +1,13 @@
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
-def test_compare_cells_quick(mirror, tmp_path, monkeypatch, capsys):
+def test_compare_cells_quick(mirror, tmp_path, monkeypatch, capsys, load_script):
     monkeypatch.chdir(tmp_path)
-    rows = load("compare_cells").main(["--quick"])
+    rows = load_script("scripts/compare_cells.py").main(["--quick"])
     assert len(rows) == 12
     assert {(r[0], r[1]) for r in rows} == {(c, i) for c in ("rnn", "gru", "lstm") for i in ("torch", "scratch")}
     for cell, impl, label, ppl, bpc, speed, params in rows:
@@ -27,8 +16,8 @@ def test_compare_cells_quick(mirror, tmp_path, monkeypatch, capsys):
     assert out.count("\n| ") == 13  # header + 12 rows
 
 
-def test_markov_entropy_rate_matches_a_hand_computation():
-    markov = load("markov_corpus")
+def test_markov_entropy_rate_matches_a_hand_computation(load_script):
+    markov = load_script("scripts/markov_corpus.py")
     # Two symbols, order 1: from 0 stay with 0.9; from 1 go either way with 0.5.
     P = np.array([[0.9, 0.1], [0.5, 0.5]])
     pi = markov.stationary(P)
@@ -37,8 +26,8 @@ def test_markov_entropy_rate_matches_a_hand_computation():
     assert markov.entropy_rate(P) == pytest.approx(5 / 6 * h(0.9) + 1 / 6 * 1.0)
 
 
-def test_markov_sample_scores_near_the_rate(tmp_path):
-    markov = load("markov_corpus")
+def test_markov_sample_scores_near_the_rate(tmp_path, load_script):
+    markov = load_script("scripts/markov_corpus.py")
     info = markov.main([str(tmp_path / "m.txt"), "--chars", "200000", "--symbols", "8", "--alpha", "0.3"])
     text = (tmp_path / "m.txt").read_text()
     assert len(text) == 200_000 and len(set(text)) <= 8
@@ -49,9 +38,9 @@ def test_markov_sample_scores_near_the_rate(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_train_quick_runs_both_configurations(mirror, tmp_path, monkeypatch, capsys):
+def test_bench_train_quick_runs_both_configurations(mirror, tmp_path, monkeypatch, capsys, load_script):
     monkeypatch.chdir(tmp_path)
-    rows = load("bench_train").main([str(mirror / "timemachine.txt"), "--quick"])
+    rows = load_script("scripts/bench_train.py").main([str(mirror / "timemachine.txt"), "--quick"])
     assert [name for name, _ in rows] == ["d2l", "expert"]
     for _, m in rows:
         assert m["reference"] > 0 and m["charlm"] > 0 and m["eval"] >= 0 and m["save"] > 0
