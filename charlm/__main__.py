@@ -1,6 +1,6 @@
 """``python -m charlm`` is the ``charlm`` command."""
 
-from charlm.cli import main
+from charlm.cli import run
 
 if __name__ == "__main__":
-    main(prog_name="charlm")
+    run()

@@ -6,7 +6,9 @@ corrupt checkpoint, ...); 2 bad usage or a bad option value; 130 interrupted (Ct
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import math
 import sys
 from pathlib import Path
@@ -33,6 +35,18 @@ def _corpus_notice(known, path) -> None:
 @click.version_option(charlm.__version__, "--version", prog_name="charlm")
 def main() -> None:
     """Train character-level RNN/GRU/LSTM language models, generate text and measure perplexity."""
+
+
+def run() -> None:
+    """The ``charlm`` program (``main`` run as a process, as the console script and ``python -m charlm``).
+
+    At exit, Python's last garbage collection walks every object the imports made, torch's
+    included: ~0.3 s of every command on a 2-core CPU, for memory the OS frees anyway. Freezing
+    them from an atexit handler skips that walk; other atexit handlers and the flushing of stdout
+    and stderr still run.
+    """
+    atexit.register(gc.freeze)
+    main(prog_name="charlm")
 
 
 @main.command()
@@ -392,4 +406,4 @@ def info(checkpoint):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

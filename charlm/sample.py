@@ -9,9 +9,11 @@ Reproducibility: every sample has its own uniform stream, from a ``torch.Generat
 ``N`` is the sample that a batch of one with the same stream gives: batching changes the speed,
 not the text (up to float rounding of logits at a tie).
 
-Speed: after the prefix (one ``model.forward`` call, cuDNN on GPUs), each step calls the fused
-ATen cell ops (``torch.gru_cell`` etc., the ones ``nn.GRUCell`` uses) on the model's own weights
-under ``inference_mode``: no autograd, no module dispatch, the state in place.
+Speed: after the prefix (one ``model.forward`` call, cuDNN on GPUs), each step runs ``_Stepper``
+on the model's own weights under ``inference_mode``: a table lookup for the first layer's input,
+one matmul per layer and the cell's pointwise ops in place, with no autograd and no module
+dispatch. One greedy sequence on a CPU reads each argmax as a Python int and indexes the table with
+it; other cases keep the ids on the device.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_CELL_OPS = {"rnn": torch.rnn_tanh_cell, "gru": torch.gru_cell, "lstm": torch.lstm_cell}
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _BLOCK = 1024  # uniforms drawn per sample at a time
 _SINGLE_THREAD_MAX_N = 8  # decode this many samples or fewer on one CPU thread
 
@@ -98,39 +100,123 @@ def _draw(logits: torch.Tensor, temperature, top_k, top_p, uniforms: _Uniforms |
 
 
 class _Stepper:
-    """One character step for N sequences with the fused cell ops and the model's weights."""
+    """One character step for N sequences: one matmul per layer, every result in a buffer made once.
 
-    def __init__(self, model):
+    - Layer 0's input gates, ``W_ih x + b_ih``, depend only on the character: a table of V rows,
+      computed once (a one-hot row picks a column of ``W_ih``; an embedding row is a constant).
+    - The new state of layer k is multiplied once, by ``[W_ih of layer k+1 | W_hh of layer k]``
+      (``[W_head | W_hh]`` at the top): this step's input gates of the layer above (or the logits)
+      and the next step's hidden gates of layer k come out of one ``addmm``.
+    - The pointwise part is the cells' formulas (those of ``torch.gru_cell`` etc.) on views made
+      once, written in place; the GRU's last update is one ``lerp``, and the LSTM's gate rows are
+      reordered to (i, f, o, g) so that one sigmoid covers three gates. The text equals the plain
+      ``model.forward`` path's (tested); the floats may differ from it in the last bit.
+    """
+
+    def __init__(self, model, num_samples: int):
         cfg = model.config
-        self.cell, self.L, self.V = cfg.cell, cfg.num_layers, cfg.vocab_size
-        core = model.rnn
-        self.layers = [tuple(getattr(core, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                       for k in range(self.L)]
-        # Layer 0 reads a one-hot row or an embedding row, looked up in a (V, I) table.
-        self.inputs = (model.embedding.weight if model.embedding is not None
-                       else torch.eye(self.V, device=model.head.weight.device, dtype=model.head.weight.dtype))
-        self.head_w_t = model.head.weight.t()
-        self.head_b = _no_unk(model.head.bias)  # <unk> gets -inf: it is never generated
-        self.op = _CELL_OPS[self.cell]
+        self.cell, L, V, H = cfg.cell, cfg.num_layers, cfg.vocab_size, cfg.hidden_size
+        N, GH = num_samples, _GATES[cfg.cell] * cfg.hidden_size
+        head = model.head.weight
+        new = lambda *shape: torch.zeros(*shape, device=head.device, dtype=head.dtype)  # noqa: E731
+        order = None
+        if self.cell == "lstm":  # rows (i, f, g, o) -> (i, f, o, g)
+            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+            order = order.to(head.device)
 
-    def step(self, ids: torch.Tensor, state):
-        """ids (N,) -> logits (N, V); ``state`` is a list per layer of h, or of (h, c), updated."""
-        x = self.inputs[ids]  # (N, I)
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.layers):
-            if self.cell == "lstm":
-                h, c = self.op(x, state[k], w_ih, w_hh, b_ih, b_hh)
-                state[k] = (h, c)
+        def param(name, k):
+            p = getattr(model.rnn, f"{name}_l{k}").detach()
+            return p if order is None else p[order]
+
+        inputs = (model.embedding.weight.detach() if model.embedding is not None
+                  else torch.eye(V, device=head.device, dtype=head.dtype))
+        self.table = torch.addmm(param("bias_ih", 0), inputs, param("weight_ih", 0).t())  # (V, GH)
+        self.h = [new(N, H) for _ in range(L)]
+        self.c = [new(N, H) for _ in range(L)] if self.cell == "lstm" else None
+        self.w, self.b, self.out, above = [], [], [], []
+        for k in range(L):
+            if k + 1 < L:
+                w, b = param("weight_ih", k + 1), param("bias_ih", k + 1)
             else:
-                h = self.op(x, state[k], w_ih, w_hh, b_ih, b_hh)
-                state[k] = h
-            x = h
-        return torch.addmm(self.head_b, x, self.head_w_t)  # (N, V)
+                w, b = head.detach(), _no_unk(model.head.bias.detach())  # <unk> is never generated
+            above.append(w.shape[0])
+            self.w.append(torch.cat([w, param("weight_hh", k)]).t().contiguous())  # (H, A + GH)
+            self.b.append(torch.cat([b, param("bias_hh", k)]))
+            self.out.append(new(N, w.shape[0] + GH))
+        self.logits = self.out[-1][:, :V]  # (N, V): after start() or step(), the next prediction
+        self.gi0 = new(N, GH)  # layer 0's input gates for a batch, gathered from the table
+        # Per layer, the views its cell step reads and writes: split once here, so a step slices nothing.
+        if self.cell == "gru":  # (r, z) and n
+            self.gi_views = lambda gi: (gi[:, :2 * H], gi[:, 2 * H:])  # noqa: E731
+        else:
+            self.gi_views = lambda gi: (gi,)  # noqa: E731
+        self.layers = []
+        for k in range(L):
+            gi = self.gi0 if k == 0 else self.out[k - 1][:, :GH]
+            self.layers.append(self.gi_views(gi) + self._state_views(self.out[k][:, above[k]:], k))
+        # One sequence reads layer 0's input gates from the table's rows as they are: no gather.
+        n_gi = len(self.gi_views(self.gi0))
+        self.rows = [self.gi_views(self.table[v: v + 1]) + self.layers[0][n_gi:] for v in range(V)] if N == 1 else None
+        self.mm = list(zip(self.b, self.h, self.w, self.out))  # per layer: the addmm after its cell step
+        self.upper = list(zip(self.layers[1:], self.mm[1:]))
+        self.cell_step = {"rnn": self._rnn, "gru": self._gru, "lstm": self._lstm}[self.cell]
 
-    def split_state(self, state):
-        """Model state (L, N, H) or ((L, N, H), (L, N, H)) -> list per layer."""
-        if self.cell == "lstm":
-            return [(state[0][k], state[1][k]) for k in range(self.L)]
-        return [state[k] for k in range(self.L)]
+    def _state_views(self, gh, k):
+        h = self.h[k]
+        N, H = h.shape
+        if self.cell == "rnn":
+            return gh, h
+        if self.cell == "gru":
+            rz = h.new_empty((N, 2 * H))
+            return gh[:, :2 * H], gh[:, 2 * H:], rz, rz[:, :H], rz[:, H:], torch.empty_like(h), h
+        g = h.new_empty((N, 4 * H))  # pre-activations, then activations, in place
+        return (gh, g, g[:, :3 * H], g[:, 3 * H:], g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H],
+                torch.empty_like(h), self.c[k], h)
+
+    @staticmethod
+    def _rnn(views):
+        gi, gh, h = views
+        torch.add(gi, gh, out=h).tanh_()
+
+    @staticmethod
+    def _gru(views):
+        gi_rz, gi_n, gh_rz, gh_n, rz, r, z, n, h = views
+        torch.add(gi_rz, gh_rz, out=rz).sigmoid_()
+        torch.addcmul(gi_n, r, gh_n, out=n).tanh_()  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        torch.lerp(n, h, z, out=h)  # h' = n + z * (h - n) = (1 - z) * n + z * h, one op instead of three
+
+    @staticmethod
+    def _lstm(views):
+        gi, gh, g, ifo, cand, i, f, o, tmp, c, h = views
+        torch.add(gi, gh, out=g)
+        ifo.sigmoid_()
+        cand.tanh_()
+        c.mul_(f).addcmul_(i, cand)  # c' = f * c + i * g
+        torch.mul(o, torch.tanh(c, out=tmp), out=h)  # h' = o * tanh(c')
+
+    def start(self, state) -> None:
+        """Take the state the prefix left, shaped as the model's: (L, N, H), or (h, c) for the LSTM."""
+        h, c = state if self.cell == "lstm" else (state, None)
+        for k in range(len(self.h)):
+            self.h[k].copy_(h[k])
+            if c is not None:
+                self.c[k].copy_(c[k])
+            torch.addmm(self.b[k], self.h[k], self.w[k], out=self.out[k])
+
+    def step(self, ids) -> None:
+        """Advance every sequence by one character: ``ids`` is a (N,) tensor, or an int when N is 1."""
+        if isinstance(ids, int):
+            first = self.rows[ids]
+        else:
+            torch.index_select(self.table, 0, ids, out=self.gi0)
+            first = self.layers[0]
+        cell_step, addmm = self.cell_step, torch.addmm
+        cell_step(first)
+        b, h, w, out = self.mm[0]
+        addmm(b, h, w, out=out)
+        for views, (b, h, w, out) in self.upper:
+            cell_step(views)
+            addmm(b, h, w, out=out)
 
 
 def iter_generate(model, vocab, prefix: str, length: int, temperature: float = 0.0, top_k: int | None = None,
@@ -156,20 +242,23 @@ def iter_generate(model, vocab, prefix: str, length: int, temperature: float = 0
             else:  # an empty prefix: zero state, and the first character predicted from it
                 state = model.init_state(N, device=device)
                 logits = None
-            stepper = _Stepper(model) if fast else None
-            layer_state = stepper.split_state(state) if fast else None
-            if logits is None:
-                if fast:
-                    h_top = layer_state[-1][0] if model.config.cell == "lstm" else layer_state[-1]
-                    logits = torch.addmm(stepper.head_b, h_top, stepper.head_w_t)
-                else:
-                    h = state[0] if isinstance(state, tuple) else state
-                    logits = _no_unk(model.head(h[-1]))
+            if fast:
+                stepper = _Stepper(model, N)
+                stepper.start(state)
+                if logits is not None:
+                    stepper.logits.copy_(logits)  # the prefix's own prediction, as the plain path has it
+                logits = stepper.logits  # a view the steps write into
+            elif logits is None:
+                h = state[0] if isinstance(state, tuple) else state
+                logits = _no_unk(model.head(h[-1]))
             itos = vocab.itos
             # A step on a few sequences is a handful of vector-sized ops: splitting each across
             # threads costs more than it saves (1 thread: ~10% more characters/s at N=1, hidden 256).
             if N <= _SINGLE_THREAD_MAX_N and device.type == "cpu":
                 torch.set_num_threads(1)
+            if fast and N == 1 and temperature == 0 and device.type == "cpu":
+                yield from _greedy_one(stepper, itos, length, chunk)
+                return
             pending = []  # ids of the last few steps: decoded in one go, not one .tolist() per step
             for t in range(length):
                 ids = _draw(logits, temperature, top_k, top_p, uniforms)  # (N,)
@@ -181,13 +270,26 @@ def iter_generate(model, vocab, prefix: str, length: int, temperature: float = 0
                 if t + 1 == length:
                     break
                 if fast:
-                    logits = stepper.step(ids, layer_state)
+                    stepper.step(ids)
                 else:  # the plain path: one model.forward call per character (d2l's predict_ch8)
                     out, state = model(ids.unsqueeze(1), state)
                     logits = _no_unk(out[:, -1])
     finally:
         model.train(was_training)
         torch.set_num_threads(threads)  # (between yields, the caller too runs on the one thread)
+
+
+def _greedy_one(stepper: _Stepper, itos, length: int, chunk: int) -> Iterator[list[str]]:
+    """Greedy decoding of one sequence on the CPU: the argmax read as a Python int picks the table row."""
+    logits, step = stepper.logits, stepper.step
+    for start in range(0, length, chunk):
+        ids = []
+        for t in range(start, min(start + chunk, length)):
+            i = int(logits.argmax())
+            ids.append(i)
+            if t + 1 < length:
+                step(i)
+        yield ["".join(itos[i] for i in ids)]
 
 
 def generate(model, vocab, prefix: str, length: int = 100, temperature: float = 0.0, top_k: int | None = None,

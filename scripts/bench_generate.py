@@ -3,7 +3,10 @@
 For each cell (one-hot input, hidden 256, vocabulary 28, random weights: speed does not depend
 on what the model learnt) it prints characters per second for
 
-- the d2l way (``predict_ch8``: one ``model.forward`` call per character, batch of one, ``.item()``);
+- the d2l way (``predict_ch8``: one ``model.forward`` call per character, batch of one, ``.item()``),
+  twice: as the book writes it, with autograd recording (each step's graph hangs on the state, so
+  it slows as the text grows; measured over ``--length`` characters), and under ``torch.no_grad``,
+  the stronger baseline the ratios are taken against;
 - charlm greedy, charlm temperature sampling (0.8), one sample;
 - charlm batched sampling (``--num-samples``, temperature 0.8), characters of all samples per second;
 
@@ -18,6 +21,7 @@ divided by the FLOPs one character costs. With ``--process`` it also times a who
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,12 +35,12 @@ from charlm import RNNLM, Vocab, generate, save_checkpoint
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
-def d2l_predict(model, vocab, prefix, num_preds):
+def d2l_predict(model, vocab, prefix, num_preds, grad=False):
     """The d2l book's predict_ch8: one forward call of the whole model per character."""
     state = model.init_state(1)
     outputs = [vocab.stoi[prefix[0]]]
     get_input = lambda: torch.tensor([outputs[-1]]).reshape(1, 1)  # noqa: E731
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for y in prefix[1:]:
             _, state = model(get_input(), state)
             outputs.append(vocab.stoi[y])
@@ -61,7 +65,7 @@ def matmul_peak(n=1024, repeats=20):
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default="rnn,gru,lstm")
     ap.add_argument("--hidden-size", type=int, default=256)
@@ -69,40 +73,54 @@ def main():
     ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--batched-length", type=int, default=500)
     ap.add_argument("--process", action="store_true", help="also time whole `charlm generate` processes")
-    args = ap.parse_args()
+    ap.add_argument("--repeats", type=int, default=3, help="whole processes timed per cell (the median is shown)")
+    ap.add_argument("--process-length", type=int, default=200_000, help="characters each whole process generates")
+    args = ap.parse_args(argv)
+    rows = []
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # 28 symbols with <unk>, as d2l's letters
     V, H, prefix = len(vocab), args.hidden_size, "time traveller "
     peak = matmul_peak()
     print(f"hidden {H}, vocabulary {V}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"fp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s\n")
-    print("| cell | d2l loop | greedy | sampling T=0.8 | greedy / d2l | batched x{} | arithmetic limit | batched / limit |"
-          .format(args.num_samples))
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| cell | d2l as written | d2l, no_grad | greedy | sampling T=0.8 | greedy / d2l no_grad | batched x{} "
+          "| arithmetic limit | batched / limit |".format(args.num_samples))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cell in args.cells.split(","):
         torch.manual_seed(0)
         model = RNNLM(V, cell=cell, hidden_size=H, embedding_dim=0).eval()
         n_d2l = max(2000, args.length // 10)
         d2l = rate(lambda: d2l_predict(model, vocab, prefix, n_d2l), n_d2l)
+        written = rate(lambda: d2l_predict(model, vocab, prefix, args.length, grad=True), args.length)
         greedy = rate(lambda: generate(model, vocab, prefix, args.length), args.length)
-        assert generate(model, vocab, prefix, 300) == d2l_predict(model, vocab, prefix, 300)
+        if generate(model, vocab, prefix, 300) != d2l_predict(model, vocab, prefix, 300):
+            raise SystemExit(f"{cell}: charlm's greedy text differs from the d2l loop's")
         sampled = rate(lambda: generate(model, vocab, prefix, args.length, temperature=0.8, seed=0), args.length)
         N, L = args.num_samples, args.batched_length
         batched = rate(lambda: generate(model, vocab, prefix, L, temperature=0.8, seed=0, num_samples=N), N * L)
         G = GATES[cell]
         flop_per_char = 2 * (G * H * H + G * H * V + H * V)  # recurrent + input + output matmuls
         limit = peak / flop_per_char
-        print(f"| {cell} | {d2l:,.0f} | {greedy:,.0f} | {sampled:,.0f} | {greedy / d2l:.1f}x | {batched:,.0f} | "
+        print(f"| {cell} | {written:,.0f} | {d2l:,.0f} | {greedy:,.0f} | {sampled:,.0f} | {greedy / d2l:.1f}x | {batched:,.0f} | "
               f"{limit:,.0f} | {batched / limit:.2f} |")
+        row = {"cell": cell, "d2l_as_written": written, "d2l_no_grad": d2l, "greedy": greedy, "sampling": sampled,
+               "batched": batched, "limit": limit}
+        rows.append(row)
         if args.process:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp) / "ck", model, vocab, {})
-                cmd = [sys.executable, "-m", "charlm.cli", "generate", "time traveller", "--checkpoint",
-                       str(Path(tmp) / "ck"), "--length", "200000"]
-                t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                wall = time.perf_counter() - t0
-            print(f"|   | whole `charlm generate --length 200000` process: {wall:.1f} s = {200_000 / wall:,.0f} chars/s "
-                  f"({200_000 / wall / d2l:.1f}x the d2l loop) | | | | | | |")
+                cmd = [sys.executable, "-m", "charlm", "generate", "time traveller", "--checkpoint",
+                       str(Path(tmp) / "ck"), "--length", str(args.process_length)]
+                walls = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                    walls.append(time.perf_counter() - t0)
+            row["process_s"] = wall = statistics.median(walls)
+            n = args.process_length
+            print(f"|   | whole `charlm generate --length {n}` process, median of {args.repeats}: {wall:.2f} s = "
+                  f"{n / wall:,.0f} chars/s = {n / wall / d2l:.1f}x the d2l loop under no_grad, "
+                  f"{n / wall / written:.1f}x as written | | | | | | | |")
+    return rows
 
 
 if __name__ == "__main__":

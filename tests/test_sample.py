@@ -1,5 +1,7 @@
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,14 +36,19 @@ def ckpt_dir(tmp_path, model_vocab):
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("impl", ["torch", "scratch"])
 @pytest.mark.parametrize("emb", [0, 5])
-def test_fast_path_equals_plain_forward(model_vocab, cell, impl, emb):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fast_path_equals_plain_forward(model_vocab, cell, impl, emb, layers):
     _, vocab = model_vocab
     torch.manual_seed(1)
-    m = RNNLM(len(vocab), cell=cell, hidden_size=16, num_layers=2, embedding_dim=emb, impl=impl)
+    m = RNNLM(len(vocab), cell=cell, hidden_size=16, num_layers=layers, embedding_dim=emb, impl=impl)
     for prefix in ("the ", ""):
+        # one greedy sequence (ids as Python ints), a greedy batch and sampling (ids as tensors)
         assert generate(m, vocab, prefix, 60) == generate(m, vocab, prefix, 60, fast=False)
-        a = generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=3)
-        assert a == generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=3, fast=False)
+        assert (generate(m, vocab, prefix, 60, num_samples=2)
+                == generate(m, vocab, prefix, 60, num_samples=2, fast=False))
+        for n in (1, 3):
+            a = generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=n)
+            assert a == generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=n, fast=False)
 
 
 def test_greedy_deterministic_and_seeds(model_vocab):
@@ -118,6 +125,17 @@ def test_cli_generate_and_errors(ckpt_dir):
     for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"], ["--length", "-2"]):
         r = run("generate", "the", "--checkpoint", ckpt_dir, *bad)
         assert r.exit_code == 2 and "Traceback" not in r.output, bad
+
+
+def test_python_m_charlm_is_the_command(ckpt_dir, model_vocab):
+    """The program as a process (``charlm.cli.run``): its output, and a one-line error with exit 1."""
+    cmd = [sys.executable, "-m", "charlm", "generate", "the ", "--checkpoint", str(ckpt_dir), "--length", "30"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.rstrip("\n") == generate(*model_vocab, "the ", 30)
+    p = subprocess.run(cmd[:-4] + ["--checkpoint", str(ckpt_dir.parent / "nowhere")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
 
 
 def test_cli_generate_without_checkpoint(tmp_path, monkeypatch):

@@ -45,3 +45,14 @@ def test_bench_train_quick_runs_both_configurations(mirror, tmp_path, monkeypatc
     for _, m in rows:
         assert m["reference"] > 0 and m["charlm"] > 0 and m["eval"] >= 0 and m["save"] > 0
     assert capsys.readouterr().out.count("\n| ") == 3  # header + 2 rows
+
+
+def test_bench_generate_small_runs_every_column(capsys, load_script):
+    rows = load_script("scripts/bench_generate.py").main(
+        ["--hidden-size", "16", "--length", "200", "--num-samples", "4", "--batched-length", "10",
+         "--process", "--repeats", "1", "--process-length", "50"])
+    assert [r["cell"] for r in rows] == ["rnn", "gru", "lstm"]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("d2l_as_written", "d2l_no_grad", "greedy", "sampling", "batched", "limit"))
+        assert r["process_s"] > 0
+    assert capsys.readouterr().out.count("\n| ") == 1 + 2 * 3  # header, then a row and a process row per cell
