@@ -1,7 +1,8 @@
 """Generation speed: charlm's sampler against the d2l-style loop, and against the matmul peak.
 
 For each cell (one-hot input, hidden 256, vocabulary 28, random weights: speed does not depend
-on what the model learnt) it prints characters per second for
+on what the model learnt), and for each trained model given with ``--checkpoint``, it prints
+characters per second for
 
 - the d2l way (``predict_ch8``: one ``model.forward`` call per character, batch of one, ``.item()``),
   twice: as the book writes it, with autograd recording (each step's graph hangs on the state, so
@@ -11,11 +12,12 @@ on what the model learnt) it prints characters per second for
 - charlm batched sampling (``--num-samples``, temperature 0.8), characters of all samples per second;
 
 and, for the batched case, the arithmetic limit: the fp32 matmul peak measured in the same run
-divided by the FLOPs one character costs. With ``--process`` it also times a whole
-``charlm generate --length 200000`` process (start-up included) on a saved checkpoint.
+divided by the FLOPs one character costs. With ``--process`` it also times whole
+``charlm generate --length 200000`` processes (start-up included) on each model's checkpoint.
 
     python scripts/bench_generate.py
     python scripts/bench_generate.py --cells gru --process
+    python scripts/bench_generate.py --cells "" --checkpoint checkpoints/timemachine
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from charlm import RNNLM, Vocab, generate, save_checkpoint
+from charlm import RNNLM, Vocab, generate, load_checkpoint, save_checkpoint
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
@@ -65,61 +67,83 @@ def matmul_peak(n=1024, repeats=20):
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
+def flops_per_char(model) -> int:
+    """Multiply-adds x 2 of one character: every layer's input and recurrent matmuls, then the head.
+
+    A one-hot input counts as a (V x G*H) matmul, as the issue's figure for the d2l model does.
+    """
+    cfg = model.config
+    G, H = GATES[cfg.cell], cfg.hidden_size
+    layers = sum(2 * G * H * ((cfg.input_size if k == 0 else H) + H) for k in range(cfg.num_layers))
+    return layers + 2 * H * cfg.vocab_size
+
+
+def measure(label, model, vocab, checkpoint, args, peak):
+    """One table row (and its whole-process row): the speeds of one model."""
+    prefix = "".join(c for c in "time traveller " if c in vocab.stoi)
+    n_d2l = max(2000, args.length // 10)
+    d2l = rate(lambda: d2l_predict(model, vocab, prefix, n_d2l), n_d2l)
+    written = rate(lambda: d2l_predict(model, vocab, prefix, args.length, grad=True), args.length)
+    greedy = rate(lambda: generate(model, vocab, prefix, args.length), args.length)
+    if generate(model, vocab, prefix, 300) != d2l_predict(model, vocab, prefix, 300):
+        raise SystemExit(f"{label}: charlm's greedy text differs from the d2l loop's")
+    sampled = rate(lambda: generate(model, vocab, prefix, args.length, temperature=0.8, seed=0), args.length)
+    N, L = args.num_samples, args.batched_length
+    batched = rate(lambda: generate(model, vocab, prefix, L, temperature=0.8, seed=0, num_samples=N), N * L)
+    limit = peak / flops_per_char(model)
+    print(f"| {label} | {written:,.0f} | {d2l:,.0f} | {greedy:,.0f} | {sampled:,.0f} | {greedy / d2l:.1f}x | "
+          f"{batched:,.0f} | {limit:,.0f} | {batched / limit:.2f} |")
+    row = {"cell": label, "d2l_as_written": written, "d2l_no_grad": d2l, "greedy": greedy, "sampling": sampled,
+           "batched": batched, "limit": limit}
+    if args.process:
+        n = args.process_length
+        cmd = [sys.executable, "-m", "charlm", "generate", prefix.strip(), "--checkpoint", str(checkpoint),
+               "--length", str(n)]
+        walls = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            walls.append(time.perf_counter() - t0)
+        row["process_s"] = wall = statistics.median(walls)
+        print(f"|   | whole `charlm generate --length {n}` process, median of {args.repeats}: {wall:.2f} s = "
+              f"{n / wall:,.0f} chars/s = {n / wall / d2l:.1f}x the d2l loop under no_grad, "
+              f"{n / wall / written:.1f}x as written | | | | | | | |")
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", default="rnn,gru,lstm")
+    ap.add_argument("--cells", default="rnn,gru,lstm", help="random one-hot models to time ('' for none)")
     ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="RUN",
+                    help="also time this trained model (a run or checkpoint directory; repeatable)")
     ap.add_argument("--length", type=int, default=20_000, help="characters per single-sample measurement")
     ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--batched-length", type=int, default=500)
     ap.add_argument("--process", action="store_true", help="also time whole `charlm generate` processes")
-    ap.add_argument("--repeats", type=int, default=3, help="whole processes timed per cell (the median is shown)")
+    ap.add_argument("--repeats", type=int, default=3, help="whole processes timed per model (the median is shown)")
     ap.add_argument("--process-length", type=int, default=200_000, help="characters each whole process generates")
     args = ap.parse_args(argv)
-    rows = []
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # 28 symbols with <unk>, as d2l's letters
-    V, H, prefix = len(vocab), args.hidden_size, "time traveller "
     peak = matmul_peak()
-    print(f"hidden {H}, vocabulary {V}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s\n")
-    print("| cell | d2l as written | d2l, no_grad | greedy | sampling T=0.8 | greedy / d2l no_grad | batched x{} "
+    print(f"random models: one-hot, hidden {args.hidden_size}, vocabulary {len(vocab)}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, fp32 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s\n")
+    print("| model | d2l as written | d2l, no_grad | greedy | sampling T=0.8 | greedy / d2l no_grad | batched x{} "
           "| arithmetic limit | batched / limit |".format(args.num_samples))
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for cell in args.cells.split(","):
-        torch.manual_seed(0)
-        model = RNNLM(V, cell=cell, hidden_size=H, embedding_dim=0).eval()
-        n_d2l = max(2000, args.length // 10)
-        d2l = rate(lambda: d2l_predict(model, vocab, prefix, n_d2l), n_d2l)
-        written = rate(lambda: d2l_predict(model, vocab, prefix, args.length, grad=True), args.length)
-        greedy = rate(lambda: generate(model, vocab, prefix, args.length), args.length)
-        if generate(model, vocab, prefix, 300) != d2l_predict(model, vocab, prefix, 300):
-            raise SystemExit(f"{cell}: charlm's greedy text differs from the d2l loop's")
-        sampled = rate(lambda: generate(model, vocab, prefix, args.length, temperature=0.8, seed=0), args.length)
-        N, L = args.num_samples, args.batched_length
-        batched = rate(lambda: generate(model, vocab, prefix, L, temperature=0.8, seed=0, num_samples=N), N * L)
-        G = GATES[cell]
-        flop_per_char = 2 * (G * H * H + G * H * V + H * V)  # recurrent + input + output matmuls
-        limit = peak / flop_per_char
-        print(f"| {cell} | {written:,.0f} | {d2l:,.0f} | {greedy:,.0f} | {sampled:,.0f} | {greedy / d2l:.1f}x | {batched:,.0f} | "
-              f"{limit:,.0f} | {batched / limit:.2f} |")
-        row = {"cell": cell, "d2l_as_written": written, "d2l_no_grad": d2l, "greedy": greedy, "sampling": sampled,
-               "batched": batched, "limit": limit}
-        rows.append(row)
-        if args.process:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp) / "ck", model, vocab, {})
-                cmd = [sys.executable, "-m", "charlm", "generate", "time traveller", "--checkpoint",
-                       str(Path(tmp) / "ck"), "--length", str(args.process_length)]
-                walls = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                    walls.append(time.perf_counter() - t0)
-            row["process_s"] = wall = statistics.median(walls)
-            n = args.process_length
-            print(f"|   | whole `charlm generate --length {n}` process, median of {args.repeats}: {wall:.2f} s = "
-                  f"{n / wall:,.0f} chars/s = {n / wall / d2l:.1f}x the d2l loop under no_grad, "
-                  f"{n / wall / written:.1f}x as written | | | | | | | |")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cell in filter(None, args.cells.split(",")):
+            torch.manual_seed(0)
+            model = RNNLM(len(vocab), cell=cell, hidden_size=args.hidden_size, embedding_dim=0).eval()
+            ckpt = save_checkpoint(Path(tmp) / cell, model, vocab, {})
+            rows.append(measure(cell, model, vocab, ckpt, args, peak))
+    for path in args.checkpoint:
+        ck = load_checkpoint(path)
+        c = ck.model.config
+        label = (f"{Path(path).name}: {c.num_layers} x {c.cell} {c.hidden_size}, "
+                 + (f"embedding {c.embedding_dim}" if c.embedding_dim else "one-hot") + f", V={c.vocab_size}")
+        rows.append(measure(label, ck.model.eval(), ck.vocab, path, args, peak))
     return rows
 
 

@@ -11,7 +11,7 @@ from charlm import RNNLM, Vocab
 from charlm.checkpoint import save_checkpoint
 from charlm.cli import main
 from charlm.evaluate import evaluate
-from charlm.sample import filter_logits, generate
+from charlm.sample import _Stepper, filter_logits, generate
 
 TEXT = "the time traveller smiled and the machine was gone\n" * 4
 
@@ -49,6 +49,32 @@ def test_fast_path_equals_plain_forward(model_vocab, cell, impl, emb, layers):
         for n in (1, 3):
             a = generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=n)
             assert a == generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=n, fast=False)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
+    """One sequence's wide products run as column blocks, one per thread (padded to equal blocks)."""
+    _, vocab = model_vocab
+    torch.manual_seed(2)
+    m = RNNLM(len(vocab), cell=cell, hidden_size=260, num_layers=2, embedding_dim=8).eval()
+    texts = []
+    with torch.inference_mode():
+        for threads in (1, 3):
+            s = _Stepper(m, 1, threads=threads)
+            assert (max(s.blocks) > 1) == (threads > 1)
+            s.start(m(torch.as_tensor(vocab.encode("the ").astype("int64"))[None])[1])
+            ids = []
+            for _ in range(200):
+                ids.append(int(s.logits.argmax()))
+                s.step(ids[-1])
+            texts.append(vocab.decode(ids))
+    assert texts[0] == texts[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert generate(m, vocab, "the ", 100) == generate(m, vocab, "the ", 100, fast=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_greedy_deterministic_and_seeds(model_vocab):

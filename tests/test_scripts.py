@@ -47,12 +47,23 @@ def test_bench_train_quick_runs_both_configurations(mirror, tmp_path, monkeypatc
     assert capsys.readouterr().out.count("\n| ") == 3  # header + 2 rows
 
 
-def test_bench_generate_small_runs_every_column(capsys, load_script):
-    rows = load_script("scripts/bench_generate.py").main(
-        ["--hidden-size", "16", "--length", "200", "--num-samples", "4", "--batched-length", "10",
-         "--process", "--repeats", "1", "--process-length", "50"])
-    assert [r["cell"] for r in rows] == ["rnn", "gru", "lstm"]
+def test_bench_generate_small_runs_every_column(tmp_path, capsys, load_script):
+    import torch
+
+    from charlm import RNNLM, Vocab, save_checkpoint
+
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run" / "best", RNNLM(len(vocab), "lstm", 12, 2, embedding_dim=4), vocab, {})
+    bench = load_script("scripts/bench_generate.py")
+    rows = bench.main(["--hidden-size", "16", "--length", "200", "--num-samples", "4", "--batched-length", "10",
+                       "--process", "--repeats", "1", "--process-length", "50", "--checkpoint", str(ckpt)])
+    assert [r["cell"] for r in rows[:3]] == ["rnn", "gru", "lstm"]
+    assert rows[3]["cell"] == "best: 2 x lstm 12, embedding 4, V=28"
     for r in rows:
         assert all(r[k] > 0 for k in ("d2l_as_written", "d2l_no_grad", "greedy", "sampling", "batched", "limit"))
         assert r["process_s"] > 0
-    assert capsys.readouterr().out.count("\n| ") == 1 + 2 * 3  # header, then a row and a process row per cell
+    assert capsys.readouterr().out.count("\n| ") == 1 + 2 * 4  # header, then a row and a process row per model
+    # FLOPs per character: layer 1 reads the 4-wide embedding, layer 2 the 12-wide state, then the head.
+    m = RNNLM(28, "lstm", 12, 2, embedding_dim=4)
+    assert bench.flops_per_char(m) == 2 * 4 * 12 * (4 + 12) + 2 * 4 * 12 * (12 + 12) + 2 * 12 * 28
