@@ -31,7 +31,18 @@ def _corpus_notice(known, path) -> None:
     click.echo(f"{path} not found: downloading the {known.name} corpus ({known.size:,} bytes) there first.", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """Ctrl-C in any command: one line and exit status 130 (click alone says "Aborted!" and exits 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(charlm.__version__, "--version", prog_name="charlm")
 def main() -> None:
     """Train character-level RNN/GRU/LSTM language models, generate text and measure perplexity."""

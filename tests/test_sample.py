@@ -164,6 +164,19 @@ def test_python_m_charlm_is_the_command(ckpt_dir, model_vocab):
     assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
 
 
+def test_cli_ctrl_c_exits_130_without_a_traceback(ckpt_dir, monkeypatch):
+    import charlm.sample
+
+    def interrupted(*args, **kwargs):
+        yield ["the"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(charlm.sample, "iter_generate", interrupted)
+    r = run("generate", "the ", "--checkpoint", ckpt_dir, "--length", 100)
+    assert r.exit_code == 130 and r.output.startswith("the the") and r.output.rstrip().endswith("Interrupted.")
+    assert "Traceback" not in r.output and "Aborted" not in r.output
+
+
 def test_cli_generate_without_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run("generate", "the")
