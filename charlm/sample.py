@@ -28,7 +28,7 @@ import torch.nn.functional as F
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _BLOCK = 1024  # uniforms drawn per sample at a time
 _SINGLE_THREAD_MAX_N = 8  # decode 2 to this many samples on one CPU thread
-_MIN_BLOCK = 256  # columns per thread, at least, when one sequence's products are split (_Stepper._matmul)
+_MIN_BLOCK_BYTES = 512 * 1024  # weights per thread, at least, when one sequence's products are split (_Stepper._matmul)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, length: int = 0) -> None:
@@ -135,19 +135,20 @@ class _Stepper:
         self.table = torch.addmm(param("bias_ih", 0), inputs, param("weight_ih", 0).t())  # (V, GH)
         self.h = [new(N, H) for _ in range(L)]
         self.c = [new(N, H) for _ in range(L)] if self.cell == "lstm" else None
-        self.w, self.b, self.out, self.blocks, above = [], [], [], [], []
+        self.out, self.blocks, self.mm, above = [], [], [], []  # mm: per layer, (op, inputs, out) of its matmul
         for k in range(L):
             if k + 1 < L:
                 w, b = param("weight_ih", k + 1), param("bias_ih", k + 1)
             else:
                 w, b = head.detach(), _no_unk(model.head.bias.detach())  # <unk> is never generated
             above.append(w.shape[0])
-            self.w.append(torch.cat([w, param("weight_hh", k)]).t().contiguous())  # (H, A + GH)
-            self.b.append(torch.cat([b, param("bias_hh", k)]))
             C = w.shape[0] + GH
-            blocks = max(1, min(threads, C // _MIN_BLOCK)) if N == 1 else 1  # see _matmul
+            blocks = max(1, min(threads, H * C * head.element_size() // _MIN_BLOCK_BYTES)) if N == 1 else 1  # _matmul
             self.blocks.append(blocks)
             self.out.append(new(N, C + -C % blocks))  # padded to a multiple of the blocks
+            w = torch.cat([w, param("weight_hh", k)]).t().contiguous()  # (H, C)
+            b = torch.cat([b, param("bias_hh", k)])
+            self.mm.append(self._matmul(w, b, self.h[k], self.out[k], blocks))
         self.logits = self.out[-1][:, :V]  # (N, V): after start() or step(), the next prediction
         self.gi0 = new(N, GH)  # layer 0's input gates for a batch, gathered from the table
         # Per layer, the views its cell step reads and writes: split once here, so a step slices nothing.
@@ -162,20 +163,21 @@ class _Stepper:
         # One sequence reads layer 0's input gates from the table's rows as they are: no gather.
         n_gi = len(self.gi_views(self.gi0))
         self.rows = [self.gi_views(self.table[v: v + 1]) + self.layers[0][n_gi:] for v in range(V)] if N == 1 else None
-        self.mm = [self._matmul(k) for k in range(L)]  # per layer: (op, inputs, out) after its cell step
         self.upper = list(zip(self.layers[1:], self.mm[1:]))
         self.cell_step = {"rnn": self._rnn, "gru": self._gru, "lstm": self._lstm}[self.cell]
 
-    def _matmul(self, k: int):
-        """Layer k's product ``out = b + h @ w``: (op, inputs, out) for ``op(*inputs, out=out)``.
+    @staticmethod
+    def _matmul(w, b, h, out, blocks: int):
+        """A layer's product ``out = b + h @ w``: (op, inputs, out) for ``op(*inputs, out=out)``.
 
         torch runs one sequence's product, (1 x H) @ (H x C), on one thread. Split into column
-        blocks of at least ``_MIN_BLOCK``, it becomes a batched matmul, whose matrices ATen spreads
-        over its threads. On this project's 2-core CPU a whole step went from 15.6 to 13.2 us (GRU
-        256) and from 80 to 53 us (2 x LSTM 320, embedding 64), medians of 12 alternating rounds;
-        a step then waits for both cores, so a busy second core can make it slower instead.
+        blocks, it becomes a batched matmul, whose matrices ATen spreads over its threads; each
+        block then waits for every thread, a cost that only large products repay. On this
+        project's shared 2-core CPU (medians of 12 alternating rounds; the machine has quiet and
+        busy periods): a 2 x LSTM 320 step (3.3 and 1.7 MB of weights) 80 -> 53 us quiet, 74 -> 67
+        us busy; a GRU 256 step (0.8 MB) 15.6 -> 13.2 us quiet but 14.9 -> 18.4 us busy. Hence at
+        least ``_MIN_BLOCK_BYTES`` of weights per block: the GRU 256 stays on one thread.
         """
-        w, b, h, out, blocks = self.w[k], self.b[k], self.h[k], self.out[k], self.blocks[k]
         if blocks == 1:
             return torch.addmm, (b, h, w), out
         (H, C), width = w.shape, out.shape[1] // blocks
