@@ -181,7 +181,8 @@ class _Stepper:
         if blocks == 1:
             return torch.addmm, (b, h, w), out
         (H, C), width = w.shape, out.shape[1] // blocks
-        w = F.pad(w, (0, width * blocks - C)).reshape(H, blocks, width).transpose(0, 1).contiguous()  # (blocks, H, width)
+        w = F.pad(w, (0, width * blocks - C)).reshape(H, blocks, width)
+        w = w.transpose(0, 1).contiguous()  # (blocks, H, width): block j holds columns j*width ... (j+1)*width - 1
         b = F.pad(b, (0, width * blocks - C)).view(blocks, 1, width)
         return torch.baddbmm, (b, h.expand(blocks, 1, H), w), out.view(blocks, 1, width)
 
