@@ -19,6 +19,7 @@ the threads, and 2 to 8 sequences run on one thread.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -160,11 +161,14 @@ class _Stepper:
         for k in range(L):
             gi = self.gi0 if k == 0 else self.out[k - 1][:, :GH]
             self.layers.append(self.gi_views(gi) + self._state_views(self.out[k][:, above[k]:above[k] + GH], k))
-        # One sequence reads layer 0's input gates from the table's rows as they are: no gather.
-        n_gi = len(self.gi_views(self.gi0))
-        self.rows = [self.gi_views(self.table[v: v + 1]) + self.layers[0][n_gi:] for v in range(V)] if N == 1 else None
         self.upper = list(zip(self.layers[1:], self.mm[1:]))
         self.cell_step = {"rnn": self._rnn, "gru": self._gru, "lstm": self._lstm}[self.cell]
+
+    @functools.cached_property
+    def rows(self) -> list[tuple]:
+        """Per character, layer 0's views with the table's row as its input gates (one sequence: no gather)."""
+        n_gi = len(self.gi_views(self.gi0))
+        return [self.gi_views(self.table[v: v + 1]) + self.layers[0][n_gi:] for v in range(len(self.table))]
 
     @staticmethod
     def _matmul(w, b, h, out, blocks: int):

@@ -144,15 +144,13 @@ def run(quick: bool = False, seed: int = 0, impl: str = "torch", out: str | Path
 
 def _plot(path: Path, series, forecasts, errors, say):
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (as charlm.plot)
     except ImportError:
         say('no figure: matplotlib is not installed (pip install "charlm-rnn[plot]")')
         return None
     years = 1949 + torch.arange(len(series)) / 12
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    fig = Figure(figsize=(8, 4), dpi=100)
+    ax = fig.subplots()
     ax.plot(years[:-HORIZON], series[:-HORIZON], color="black", label="history")
     ax.plot(years[-HORIZON:], series[-HORIZON:], color="black", lw=2.5, alpha=0.35, label="held-out truth")
     for (name, f), style in zip(forecasts.items(), ("-", "--", ":")):
@@ -163,7 +161,6 @@ def _plot(path: Path, series, forecasts, errors, say):
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     say(f"figure: {path}")
     return path
 

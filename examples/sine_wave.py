@@ -149,14 +149,12 @@ def run(quick: bool = False, seed: int = 0, impl: str = "torch", out: str | Path
 
 def _plot(path: Path, t, truth, one_step, free, clipping, say):
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (as charlm.plot)
     except ImportError:
         say('no figure: matplotlib is not installed (pip install "charlm-rnn[plot]")')
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=100)
+    fig = Figure(figsize=(8, 6.5), dpi=100)
+    top, bottom = fig.subplots(2, 1)
     top.plot(t, truth, color="black", lw=2, label="sin(t)")
     top.plot(t, one_step, "--", label="one step ahead")
     top.plot(t, free, ":", lw=2, label="free running")
@@ -171,7 +169,6 @@ def _plot(path: Path, t, truth, one_step, free, clipping, say):
     bottom.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     say(f"figure: {path}")
     return path
 

@@ -67,12 +67,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
             spec = CONFIGS[name]
-            fill = [a.replace("{steps}", str(args.expert_steps)) for a in spec["charlm"]]
+            charlm_opts, (loop, *ref_opts) = ([a.replace("{steps}", str(args.expert_steps)) for a in spec[k]]
+                                              for k in ("charlm", "reference"))
             extra = QUICK if args.quick else []
-            base = [sys.executable, "-m", "charlm", "train", args.corpus, *fill, *extra,
+            base = [sys.executable, "-m", "charlm", "train", args.corpus, *charlm_opts, *extra,
                     "--out", str(Path(tmp) / name), "--overwrite"]
-            ref = [sys.executable, str(REFERENCE), spec["reference"][0], args.corpus,
-                   *[a.replace("{steps}", str(args.expert_steps)) for a in spec["reference"][1:]], *extra]
+            ref = [sys.executable, str(REFERENCE), loop, args.corpus, *ref_opts, *extra]
             runs = {"reference": [], "charlm": [], "charlm --quiet": [], "eval": [], "save": []}
             for _ in range(repeats):
                 runs["reference"].append(timed(ref)[0])
