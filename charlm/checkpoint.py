@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from charlm.config import ModelConfig
+from charlm.config import ModelConfig, TrainConfig
+from charlm.errors import CheckpointError, os_error_line
 from charlm.models import RNNLM
 from charlm.vocab import Vocab
 
@@ -38,12 +39,11 @@ FORMAT_VERSION = 1
 FILES = ("model.pt", "trainer.pt", "config.json", "tokenizer.json")
 
 
-class CheckpointError(Exception):
-    """A checkpoint is missing, corrupt or of another format; the message is one line."""
-
-
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint. ``meta`` is what ``config.json`` holds besides the model's config; the
+    properties below are the only places that know its layout."""
+
     model: RNNLM
     vocab: Vocab
     config: ModelConfig
@@ -51,9 +51,43 @@ class Checkpoint:
     trainer_state: dict | None = field(default=None, repr=False)
     path: Path | None = None
 
+    @property
+    def train_options(self) -> dict:
+        """The ``TrainConfig`` of the run that wrote it, as a dict (empty when saved outside a run)."""
+        return dict(self.meta.get("train", {}))
+
+    @property
+    def corpus_info(self) -> dict:
+        return dict(self.meta.get("corpus", {}))
+
+    @property
+    def preprocess(self) -> str:
+        """How the corpus was normalised; apply the same to a prompt or an evaluation file."""
+        return self.corpus_info.get("preprocess", TrainConfig.preprocess)
+
+    @property
+    def corpus_path(self) -> Path | None:
+        path = self.corpus_info.get("path")
+        return Path(path) if path else None
+
+    @property
+    def val_fraction(self) -> float:
+        return self.corpus_info.get("val_fraction", TrainConfig.val_fraction)
+
+    @property
+    def progress(self) -> dict:
+        """``step``, ``epoch``, ``best_val_loss``, ... at the time of saving."""
+        return dict(self.meta.get("progress", {}))
+
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _torch_save(obj, path: Path) -> None:
+    # Through a Python file: a full disk is then an OSError (ENOSPC), not torch's RuntimeError.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,15 +116,26 @@ def recover(path: str | os.PathLike) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: dict | None = None,
                     trainer_state: dict | None = None) -> Path:
-    """Write a complete checkpoint to ``path`` atomically (see the module docstring)."""
+    """Write a complete checkpoint to ``path`` atomically (see the module docstring).
+
+    A failure to write (an unwritable place, a full disk) is a one-line ``CheckpointError``, and
+    whatever checkpoint was at ``path`` before is still there.
+    """
     path = Path(path)
+    try:
+        return _save(path, model, vocab, meta, trainer_state)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {os_error_line(exc)}") from None
+
+
+def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_state: dict | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(state_dict, tmp / "model.pt")
-        torch.save(trainer_state or {}, tmp / "trainer.pt")
+        _torch_save(state_dict, tmp / "model.pt")
+        _torch_save(trainer_state or {}, tmp / "trainer.pt")
         config = {
             "format_version": FORMAT_VERSION,
             "model": model.config.to_dict(),

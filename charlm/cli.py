@@ -2,6 +2,10 @@
 
 Exit codes: 0 success; 1 an error while running (a one-line message: bad corpus, failed download,
 corrupt checkpoint, ...); 2 bad usage or a bad option value; 130 interrupted (Ctrl-C).
+
+The library raises :class:`~charlm.errors.CharlmError` for every problem a user can fix; ``_Group``
+turns it into the one-line message and exit status 1, for every command, in one place. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import CELLS, D2L_PRESET, IMPLS, OPTIMIZERS, SAMPLINGS, TrainConfig
+from charlm.config import (CELLS, D2L_PRESET, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS, PREPROCESS_MODES, SAMPLINGS,
+                           SampleConfig, TrainConfig)
+from charlm.device import DEVICE_CHOICES
+from charlm.errors import CharlmError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
+_SAMPLE = SampleConfig()
+_PREPROCESS_HELP = "raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case)."
 
 
 def _d(name):
@@ -32,11 +41,14 @@ def _corpus_notice(known, path) -> None:
 
 
 class _Group(click.Group):
-    """Ctrl-C in any command: one line and exit status 130 (click alone says "Aborted!" and exits 1)."""
+    """Every command: a ``CharlmError`` is one line and exit status 1; Ctrl-C is one line and exit
+    status 130 (click alone says "Aborted!" and exits 1)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except CharlmError as exc:
+            raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             ctx.exit(130)
@@ -71,28 +83,21 @@ def download(name: str, directory: str, quiet: bool) -> None:
     NAME is one of: timemachine, tinyshakespeare. CHARLM_CORPUS_MIRROR (a directory or a base URL) is tried
     before the official URL.
     """
-    try:
-        path = corpus_mod.download(name, directory, progress=not quiet)
-    except corpus_mod.CorpusError as exc:
-        raise click.ClickException(str(exc)) from None
+    path = corpus_mod.download(name, directory, progress=not quiet)
     known = corpus_mod.KNOWN_CORPORA[name]
     click.echo(f"{path}  ({known.size:,} bytes, sha256 verified) - {known.licence}")
 
 
 @main.command()
 @click.argument("corpus", type=click.Path(dir_okay=True))
-@click.option("--preprocess", type=click.Choice(corpus_mod.PREPROCESS_MODES), default="raw",
-              help="raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case).")
+@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_d("preprocess"), help=_PREPROCESS_HELP)
 def stats(corpus: str, preprocess: str) -> None:
     """Print a corpus's size and vocabulary after preprocessing.
 
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded first.
     """
-    try:
-        path = corpus_mod.ensure_corpus(corpus, on_download=_corpus_notice)
-        c = corpus_mod.load_corpus(path, preprocess=preprocess)
-    except corpus_mod.CorpusError as exc:
-        raise click.ClickException(str(exc)) from None
+    path = corpus_mod.ensure_corpus(corpus, on_download=_corpus_notice)
+    c = corpus_mod.load_corpus(path, preprocess=preprocess)
     sample = "".join(c.vocab.itos[1:41])
     click.echo(f"{path}: {len(c):,} characters, {len(c.vocab)} symbols (with <unk>), preprocess={preprocess}")
     click.echo(f"most frequent: {sample!r}")
@@ -100,8 +105,7 @@ def stats(corpus: str, preprocess: str) -> None:
 
 @main.command()
 @click.argument("corpus", type=click.Path(dir_okay=True))
-@click.option("--preprocess", type=click.Choice(corpus_mod.PREPROCESS_MODES), default=_d("preprocess"),
-              help="raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case).")
+@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_d("preprocess"), help=_PREPROCESS_HELP)
 @click.option("--cell", type=click.Choice(CELLS), default=_d("cell"), help="Recurrent cell.")
 @click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
               help="torch: PyTorch's kernels (cuDNN on GPUs); scratch: charlm's own cells (same weights).")
@@ -135,7 +139,7 @@ def stats(corpus: str, preprocess: str) -> None:
 @click.option("--patience", type=click.IntRange(min=0), default=_d("patience"),
               help="Stop after this many evaluations without improvement; 0 = never.")
 @click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
-@click.option("--device", default=_d("device"), help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
@@ -151,8 +155,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded
     first. The run directory gets last/ and best/ checkpoints, metrics.csv and curve.png.
     """
-    from charlm.train import TrainError, TrainingInterrupted, default_out
-    from charlm.train import train as run_training
+    from charlm.rundir import default_out, saved_train_options
+    from charlm.training import train as run_training
 
     # What the user typed wins over the preset, which wins over a resumed run's settings.
     explicit = {k: v for k, v in options.items()
@@ -160,7 +164,7 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     values = dict(_DEFAULTS)
     out = options["out"] or str(default_out(corpus))
     if resume:
-        values.update(_saved_train_config(out))
+        values.update({k: v for k, v in saved_train_options(out).items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)
     values.update(explicit)
@@ -169,41 +173,40 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
         values["time_limit"] = None
     if values.get("patience") == 0:
         values["patience"] = None
-    try:
-        cfg = TrainConfig(**values)
-        corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
-    except (ValueError, corpus_mod.CorpusError) as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = TrainConfig(**values)
+    corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
 
     progress = _TrainProgress(quiet)
     try:
         result = run_training(cfg, resume=resume, overwrite=overwrite, callback=progress)
     except TrainingInterrupted as exc:
         progress.close()
-        r = exc.result
-        click.echo(f"Interrupted ({exc}); saved {r.out / 'last'}. Resume with: "
-                   f"charlm train {corpus} --out {r.out} --resume", err=True)
+        _draw_curve(exc.result.out)
+        click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
+                   f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
         sys.exit(130)
-    except (TrainError, corpus_mod.CorpusError, ValueError) as exc:
+    finally:
         progress.close()
-        raise click.ClickException(str(exc)) from None
-    progress.close()
+    result.save_s += _draw_curve(result.out)  # the summary's "saving": checkpoints and curve.png
     click.echo(_summary(result, cfg))
 
 
-def _saved_train_config(out: str) -> dict:
-    import json
+def _draw_curve(out: Path) -> float:
+    """``curve.png`` beside ``metrics.csv``, when matplotlib is installed (the ``plot`` extra); seconds taken."""
+    import time
 
-    from charlm.checkpoint import recover
+    from charlm.rundir import RunDir
 
-    last = Path(out) / "last"
-    recover(last)
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    if not run.metrics.exists():
+        return 0.0
     try:
-        saved = json.loads((last / "config.json").read_text(encoding="utf-8"))["train"]
-    except (OSError, ValueError, KeyError):
-        return {}  # train() reports the missing or broken checkpoint in one line
-    saved.pop("corpus", None)
-    return {k: v for k, v in saved.items() if k in _DEFAULTS}
+        from charlm.plot import plot_curve
+    except ImportError:
+        return 0.0
+    plot_curve(run.metrics, run.curve)
+    return time.perf_counter() - t0
 
 
 def _summary(result, cfg) -> str:
@@ -256,34 +259,18 @@ class _TrainProgress:
 
 def _load(checkpoint: str | None, device: str = "cpu"):
     """Load --checkpoint (run or checkpoint directory; default: the newest run under ./checkpoints)."""
-    from charlm.checkpoint import CheckpointError, load_checkpoint
-    from charlm.train import resolve_device
+    from charlm.checkpoint import load_checkpoint
+    from charlm.device import resolve_device
+    from charlm.rundir import newest_run
 
-    if checkpoint is None:
-        checkpoint = _newest_run(Path("checkpoints"))
-    try:
-        return load_checkpoint(checkpoint, device=resolve_device(device))
-    except (CheckpointError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    return load_checkpoint(checkpoint if checkpoint is not None else newest_run(), device=resolve_device(device))
 
 
-def _newest_run(root: Path) -> Path:
-    manifests = [m for pattern in ("*/best/manifest.json", "*/last/manifest.json", "*/manifest.json")
-                 for m in root.glob(pattern)] if root.is_dir() else []
-    if not manifests:
-        raise click.ClickException(
-            f"no checkpoint found under {root}/; train one first (charlm train corpora/timemachine.txt) "
-            f"or pass --checkpoint")
-    newest = max(manifests, key=lambda m: m.stat().st_mtime).parent
-    return newest.parent if newest.name in ("best", "last") else newest
-
-
-def _prefix_error(exc: ValueError, prefix: str, ckpt) -> click.ClickException:
+def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.ClickException:
     """An unknown-character error, saying when the checkpoint's preprocessing would map them."""
-    preprocess = ckpt.meta.get("corpus", {}).get("preprocess", "raw")
     message = f"the prefix has {exc}"
-    if preprocess != "raw" and not ckpt.vocab.unknown_chars(corpus_mod.normalize(prefix, preprocess)):
-        message += (f"; this model was trained with --preprocess {preprocess}, which maps them: "
+    if ckpt.preprocess != "raw" and not ckpt.vocab.unknown_chars(corpus_mod.normalize(prefix, ckpt.preprocess)):
+        message += (f"; this model was trained with --preprocess {ckpt.preprocess}, which maps them: "
                     f"pass --normalize to apply it to the prefix")
     return click.ClickException(message)
 
@@ -292,28 +279,28 @@ def _prefix_error(exc: ValueError, prefix: str, ckpt) -> click.ClickException:
 @click.argument("prefix", default="")
 @click.option("--checkpoint", type=click.Path(), default=None, show_default="the newest run under ./checkpoints",
               help="A run directory (its best/) or a checkpoint directory.")
-@click.option("--length", type=int, default=200, help="Characters to add to the prefix.")
-@click.option("--temperature", type=float, default=0.0, help="0 = greedy (argmax); higher = more random.")
-@click.option("--top-k", type=int, default=None, help="Sample only among the k most probable characters.")
-@click.option("--top-p", type=float, default=None, help="Sample only from the smallest set with this much probability.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed gives the same text.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=1, help="Samples, generated as one batch.")
+@click.option("--length", type=click.IntRange(min=0), default=_SAMPLE.length, help="Characters to add to the prefix.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLE.temperature,
+              help="0 = greedy (argmax); higher = more random.")
+@click.option("--top-k", type=click.IntRange(min=1), default=_SAMPLE.top_k,
+              help="Sample only among the k most probable characters.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=_SAMPLE.top_p,
+              help="Sample only from the smallest set with this much probability.")
+@click.option("--seed", type=int, default=_SAMPLE.seed, help="Seed for sampling: the same seed gives the same text.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=_SAMPLE.num_samples,
+              help="Samples, generated as one batch.")
 @click.option("--normalize", is_flag=True, help="Apply the checkpoint's preprocessing to the prefix first.")
-@click.option("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps.")
+@click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_samples, normalize, device):
     """Continue PREFIX with a trained model, streaming the text as it comes."""
-    from charlm.sample import check_sampling, iter_generate
+    from charlm.sample import iter_generate
 
-    try:
-        check_sampling(temperature, top_k, top_p, length)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
     ckpt = _load(checkpoint, device)
     if normalize:
-        prefix = corpus_mod.normalize(prefix, ckpt.meta.get("corpus", {}).get("preprocess", "raw"))
+        prefix = corpus_mod.normalize(prefix, ckpt.preprocess)
     try:
         ckpt.vocab.encode(prefix)
-    except ValueError as exc:
+    except UnknownCharactersError as exc:
         raise _prefix_error(exc, prefix, ckpt) from None
     stream = iter_generate(ckpt.model, ckpt.vocab, prefix, length, temperature, top_k, top_p, seed, num_samples)
     out = sys.stdout
@@ -338,8 +325,8 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
 @click.option("--errors", type=click.Choice(["strict", "skip"]), default="strict",
               help="strict: characters outside the vocabulary are an error; skip: drop them and say how many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, a line each.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Rows evaluated in parallel.")
-@click.option("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=EVAL_BATCH_SIZE, help="Rows evaluated in parallel.")
+@click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 def eval_(checkpoint, files, errors, as_json, batch_size, device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
@@ -348,38 +335,21 @@ def eval_(checkpoint, files, errors, as_json, batch_size, device):
     """
     import json
 
-    from charlm.data import split
-    from charlm.evaluate import evaluate
+    from charlm.evaluation import evaluate, file_ids, held_out_ids
 
     ckpt = _load(checkpoint, device)
-    info = ckpt.meta.get("corpus", {})
-    preprocess = info.get("preprocess", "raw")
     jobs = []
-    try:
-        if not files:
-            if not info.get("path"):
-                raise click.ClickException(f"{ckpt.path} names no corpus; pass FILES to evaluate on")
-            path = Path(info["path"])
-            if not path.exists():
-                raise click.ClickException(f"the run's corpus {path} is gone; pass FILES to evaluate on")
-            text = corpus_mod.normalize(corpus_mod.read_text(path), preprocess)
-            ids = ckpt.vocab.encode(text, errors="replace")
-            jobs.append((f"{path} (held-out {info.get('val_fraction', 0.1):.0%})", split(ids, info.get("val_fraction", 0.1))[1], 0))
-        for f in files:
-            text = corpus_mod.normalize(corpus_mod.read_text(f), preprocess)
-            try:
-                ids = ckpt.vocab.encode(text, errors="strict" if errors == "strict" else "replace")
-            except ValueError as exc:
-                raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
-            keep = ids != 0  # <unk>: the characters outside the vocabulary (only with --errors skip)
-            skipped = len(ids) - int(keep.sum())
-            jobs.append((f, ids[keep] if skipped else ids, skipped))
-    except corpus_mod.CorpusError as exc:
-        raise click.ClickException(str(exc)) from None
+    if not files:
+        jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", held_out_ids(ckpt), 0))
+    for f in files:
+        try:
+            jobs.append((f, *file_ids(f, ckpt.vocab, ckpt.preprocess, skip_unknown=errors == "skip")))
+        except UnknownCharactersError as exc:
+            raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
     for name, ids, skipped in jobs:
         try:
             r = evaluate(ckpt.model, ids, batch_size=batch_size)
-        except ValueError as exc:
+        except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
         if as_json:
             click.echo(json.dumps({"file": str(name), **r.to_dict(), **({"skipped": skipped} if skipped else {})}))
@@ -393,12 +363,8 @@ def eval_(checkpoint, files, errors, as_json, batch_size, device):
 @click.argument("checkpoint", type=click.Path())
 def info(checkpoint):
     """Architecture, vocabulary, corpus and progress of CHECKPOINT."""
-    import math
-
     ckpt = _load(checkpoint)
-    cfg, meta = ckpt.config, ckpt.meta
-    corpus = meta.get("corpus", {})
-    progress = meta.get("progress", {})
+    cfg, corpus, progress = ckpt.config, ckpt.corpus_info, ckpt.progress
     best = progress.get("best_val_loss")
     inputs = "one-hot" if cfg.embedding_dim == 0 else f"embedding {cfg.embedding_dim}"
     sample = "".join(ckpt.vocab.itos[1:41])
@@ -411,7 +377,7 @@ def info(checkpoint):
         f"{corpus.get('val_fraction', 0):.0%} held out)",
         f"trained:      {progress.get('step', '?')} steps",
         f"best val:     " + (f"{best / math.log(2):.4f} bits/char, perplexity {math.exp(best):.3f}" if best else "n/a"),
-        f"saved with:   torch {meta.get('torch_version', '?')}",
+        f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))
 

@@ -1,6 +1,11 @@
-"""Typed, frozen settings. Every default is defined here, once.
+"""Typed, frozen settings and the tables of names every other module reads.
 
-A checkpoint stores ``ModelConfig.to_dict()`` as JSON and rebuilds the model from it.
+The defaults of training (``TrainConfig``), of generation (``SampleConfig``) and of evaluation
+(``EVAL_*``) are defined here; the CLI and the library take them from here. ``ModelConfig``'s
+defaults are those of d2l's model, and ``RNNLM``'s constructor reads them from it.
+
+A checkpoint stores ``ModelConfig.to_dict()`` and ``TrainConfig.to_dict()`` as JSON and rebuilds
+the model from the first.
 """
 
 from __future__ import annotations
@@ -8,8 +13,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-CELLS = ("rnn", "gru", "lstm")
+from charlm.errors import ConfigError
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks stacked in each weight matrix, in torch's layout
+CELLS = tuple(GATES)
 IMPLS = ("torch", "scratch")
+PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
+SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
+OPTIMIZERS = ("sgd", "adam")
+
+EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
+EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
 
 
 def _from_dict(cls, data: dict):
@@ -17,8 +31,18 @@ def _from_dict(cls, data: dict):
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**data)
+
+
+def _check(checks) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclass(frozen=True)
@@ -34,18 +58,13 @@ class ModelConfig:
     impl: str = "torch"  # "torch": nn.RNN/GRU/LSTM kernels (cuDNN on GPUs); "scratch": charlm's own cells
 
     def __post_init__(self):
-        if self.cell not in CELLS:
-            raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"unknown impl {self.impl!r}; choose one of {', '.join(IMPLS)}")
-        for name in ("vocab_size", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.embedding_dim, int) or self.embedding_dim < 0:
-            raise ValueError(f"embedding_dim must be an integer >= 0 (0 = one-hot), got {self.embedding_dim!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        _check([(self.cell in CELLS, f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}"),
+                (self.impl in IMPLS, f"unknown impl {self.impl!r}; choose one of {', '.join(IMPLS)}")])
+        _check([(_is_int(getattr(self, name), 1), f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                for name in ("vocab_size", "hidden_size", "num_layers")])
+        _check([(_is_int(self.embedding_dim, 0),
+                 f"embedding_dim must be an integer >= 0 (0 = one-hot), got {self.embedding_dim!r}"),
+                (0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout!r}")])
 
     @property
     def input_size(self) -> int:
@@ -60,19 +79,15 @@ class ModelConfig:
         return _from_dict(cls, data)
 
 
-OPTIMIZERS = ("sgd", "adam")
-SAMPLINGS = ("random", "sequential")
-DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``charlm train`` does. ``None`` means "chosen from the corpus" (see ``resolve``)."""
+    """Everything ``charlm train`` does. ``None`` means "chosen from the corpus or the optimizer":
+    see :meth:`resolved_dropout` and :meth:`resolved_lr`."""
 
     corpus: str  # path of the UTF-8 text file
     out: str | None = None  # run directory; None: checkpoints/<corpus stem>
     preprocess: str = "raw"  # raw | lower | letters (d2l's rule)
-    max_chars: int | None = None  # keep only the first characters (d2l trains on 10,000)
+    max_chars: int | None = None  # train on the first characters of the training part only (d2l: 10,000)
     # model
     cell: str = "lstm"  # on CPU torch's LSTM runs fused (oneDNN): ~2.5x the GRU's tokens/s
     impl: str = "torch"
@@ -101,8 +116,9 @@ class TrainConfig:
     d2l: bool = False  # report training perplexity beside held-out perplexity (set by --d2l)
 
     def __post_init__(self):
-        checks = [
-            (self.preprocess in ("raw", "lower", "letters"), f"unknown preprocessing {self.preprocess!r}"),
+        _check([
+            (self.preprocess in PREPROCESS_MODES,
+             f"unknown preprocessing {self.preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}"),
             (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
@@ -117,10 +133,7 @@ class TrainConfig:
             (self.eval_every >= 1, f"eval every must be >= 1 step, got {self.eval_every}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.max_chars is None or self.max_chars >= 1, f"max chars must be >= 1, got {self.max_chars}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])
         self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
 
     def resolved_dropout(self, num_chars: int) -> float:
@@ -151,3 +164,24 @@ D2L_PRESET = dict(preprocess="letters", max_chars=10_000, cell="gru", impl="torc
                   num_layers=1, embedding_dim=0, dropout=0.0, batch_size=32, num_steps=35,
                   sampling="sequential", optimizer="sgd", lr=1.0, clip=1.0, lr_decay=1.0, epochs=500,
                   time_limit=None, patience=None, eval_every=100, d2l=True)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How ``charlm generate`` and :func:`charlm.generate` continue a prefix."""
+
+    length: int = 200  # characters added to the prefix
+    temperature: float = 0.0  # 0: greedy (argmax); otherwise the logits are divided by it
+    top_k: int | None = None  # sample among the k most probable characters only
+    top_p: float | None = None  # sample from the smallest set holding this much probability (nucleus)
+    seed: int | None = None  # the same seed gives the same text; None: a fresh one
+    num_samples: int = 1  # continuations generated together as one batch
+
+    def __post_init__(self):
+        _check([
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 1, f"top-k must be >= 1, got {self.top_k}"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"top-p must lie in (0, 1], got {self.top_p}"),
+            (self.length >= 0, f"length must be >= 0, got {self.length}"),
+            (self.num_samples >= 1, f"num-samples must be >= 1, got {self.num_samples}"),
+        ])

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from charlm.config import PREPROCESS_MODES
+from charlm.errors import ConfigError, CorpusError
 from charlm.vocab import Vocab
 
-PREPROCESS_MODES = ("raw", "lower", "letters")
+__all__ = ["KNOWN_CORPORA", "MIRROR_ENV", "PREPROCESS_MODES", "Corpus", "CorpusError", "download", "ensure_corpus",
+           "load_corpus", "normalize", "read_normalized", "read_text"]
+
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"
-
-
-class CorpusError(Exception):
-    """A corpus could not be read or fetched; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,7 @@ def normalize(text: str, preprocess: str = "raw") -> str:
       (so a line ending between two words fuses them, as in the book).
     """
     if preprocess not in PREPROCESS_MODES:
-        raise ValueError(
-            f"unknown preprocessing {preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}"
-        )
+        raise ConfigError(f"unknown preprocessing {preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}")
     if text.startswith("\ufeff"):
         text = text[1:]
     text = text.replace("\r\n", "\n")
@@ -162,28 +160,19 @@ def ensure_corpus(path: str | os.PathLike, progress: bool = True, on_download=No
     return p
 
 
-def load_corpus(
-    path: str | os.PathLike,
-    preprocess: str = "raw",
-    vocab: Vocab | None = None,
-    max_chars: int | None = None,
-    errors: str = "strict",
-) -> Corpus:
-    """Read ``path``, normalise it and encode it.
-
-    With ``vocab=None`` the vocabulary is built from the text; otherwise ``vocab`` encodes it
-    (``errors="strict"`` raises on characters outside it, ``"replace"`` maps them to ``<unk>``).
-    ``max_chars`` keeps only the first characters of the normalised text (d2l's 10,000).
-    """
+def read_normalized(path: str | os.PathLike, preprocess: str = "raw") -> str:
+    """The text of ``path`` after ``preprocess``; a text that preprocessing empties is an error."""
     text = normalize(read_text(path), preprocess)
-    if max_chars is not None:
-        text = text[:max_chars]
     if not text:
         raise CorpusError(f"{path} is empty after {preprocess!r} preprocessing")
-    if vocab is None:
-        vocab = Vocab.from_text(text)
-    ids = vocab.encode(text, errors=errors)
-    return Corpus(text=text, vocab=vocab, ids=ids, path=Path(path), preprocess=preprocess)
+    return text
+
+
+def load_corpus(path: str | os.PathLike, preprocess: str = "raw") -> Corpus:
+    """Read ``path``, normalise it, build its vocabulary and encode it."""
+    text = read_normalized(path, preprocess)
+    vocab = Vocab.from_text(text)
+    return Corpus(text=text, vocab=vocab, ids=vocab.encode(text), path=Path(path), preprocess=preprocess)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,29 +8,65 @@ copied whole) or 1-D tensors, and yield ``(X, Y)`` int64 tensors of shape ``(B, 
 
 ``rank``/``world_size`` give each of several processes its own contiguous share of the ``B`` rows
 of every batch (``B`` must divide evenly), which is what distributed data parallel needs.
+
+:func:`load_split` is "the training and held-out ids of a run": ``charlm train`` and ``charlm eval``
+both call it, so they always hold out the same characters.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-SAMPLING_MODES = ("random", "sequential")
+from charlm.config import SAMPLINGS
+from charlm.corpus import read_normalized
+from charlm.errors import ConfigError
+from charlm.vocab import Vocab
 
 
 def split(ids, val_fraction: float):
     """Hold out the contiguous tail: ``(train_ids, val_ids)`` with ``len(val) = round(n * f)``."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     n = len(ids)
     n_val = int(round(n * val_fraction))
     if n_val < 2 or n - n_val < 2:
-        raise ValueError(
-            f"a corpus of {n} characters is too short to hold out {val_fraction:.0%} of it"
-        )
+        raise ConfigError(f"a corpus of {n} characters is too short to hold out {val_fraction:.0%} of it")
     return ids[: n - n_val], ids[n - n_val :]
+
+
+@dataclass
+class RunData:
+    """A corpus as a run sees it: its vocabulary and its training and held-out ids."""
+
+    vocab: Vocab
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    num_chars: int  # the whole corpus after preprocessing
+
+
+def load_split(corpus: str | os.PathLike, preprocess: str, val_fraction: float, max_chars: int | None = None,
+               vocab: Vocab | None = None) -> RunData:
+    """Read ``corpus``, encode it and hold out its tail, as a run does.
+
+    ``vocab=None`` builds the vocabulary from the text (training); a given ``vocab`` (a checkpoint's)
+    encodes it, characters outside it becoming ``<unk>``. ``max_chars`` keeps the first characters of
+    the training part only; the held-out part stays the corpus's tail.
+    """
+    text = read_normalized(corpus, preprocess)
+    if vocab is None:
+        vocab = Vocab.from_text(text)
+        ids = vocab.encode(text)
+    else:
+        ids = vocab.encode(text, errors="replace")
+    train_ids, val_ids = split(ids, val_fraction)
+    if max_chars is not None:
+        train_ids = train_ids[:max_chars]
+    return RunData(vocab=vocab, train_ids=train_ids, val_ids=val_ids, num_chars=len(ids))
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:
@@ -43,7 +79,7 @@ def _as_numpy(ids) -> np.ndarray:
         ids = ids.detach().cpu().numpy()
     ids = np.asarray(ids)
     if ids.ndim != 1:
-        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+        raise ConfigError(f"ids must be 1-D, got shape {ids.shape}")
     return ids
 
 
@@ -52,16 +88,16 @@ class _Batches:
 
     def __init__(self, ids, batch_size, num_steps, seed=0, epoch=0, start=0, rank=0, world_size=1):
         if batch_size < 1 or num_steps < 1:
-            raise ValueError(f"batch_size and num_steps must be >= 1, got {batch_size} and {num_steps}")
+            raise ConfigError(f"batch_size and num_steps must be >= 1, got {batch_size} and {num_steps}")
         if not 0 <= rank < world_size or batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"rank {rank} of {world_size} processes: batch_size {batch_size} must split evenly"
             )
         self.ids = _as_numpy(ids)
         self.batch_size, self.num_steps = batch_size, num_steps
         need = min_tokens(batch_size, num_steps)
         if len(self.ids) < need:
-            raise ValueError(
+            raise ConfigError(
                 f"the corpus has {len(self.ids)} tokens, but batch size {batch_size} x {num_steps} steps "
                 f"needs at least {need}"
             )
@@ -80,8 +116,11 @@ class _Batches:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
 
-class random_batches(_Batches):
+class random_batches(_Batches):  # noqa: N801
     """d2l's ``seq_data_iter_random``: shuffled, non-overlapping windows.
+
+    (A class with a function's name: it is called like d2l's generator function, which is the
+    name the book's readers look for, and it is public API; as a class it also knows its length.)
 
     Drop a random offset in ``[0, T-1]``, cut the rest into windows of ``T`` characters (each
     with its target shifted by one), shuffle the windows, and yield ``B`` of them at a time.
@@ -108,8 +147,10 @@ class random_batches(_Batches):
             yield window[:, :-1], window[:, 1:]
 
 
-class sequential_batches(_Batches):
+class sequential_batches(_Batches):  # noqa: N801
     """d2l's ``seq_data_iter_sequential``: consecutive column blocks of a ``B``-row stream.
+
+    (Lower case for the same reason as :class:`random_batches`.)
 
     After a random offset in ``[0, T-1]`` the stream is laid out as ``B`` rows and cut into
     blocks of ``T`` columns, so row ``i`` of batch ``k+1`` continues row ``i`` of batch ``k`` and the
@@ -138,7 +179,7 @@ class sequential_batches(_Batches):
 
 def make_batches(sampling: str, ids, batch_size, num_steps, **kwargs) -> _Batches:
     """``random_batches`` or ``sequential_batches`` by name."""
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     cls = random_batches if sampling == "random" else sequential_batches
     return cls(ids, batch_size, num_steps, **kwargs)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from charlm.errors import ConfigError, UnknownCharactersError
+
 UNK = "<unk>"
 ERRORS = ("strict", "replace")
 
@@ -45,9 +47,9 @@ class Vocab:
         chars = list(chars)
         for c in chars:
             if not isinstance(c, str) or len(c) != 1:
-                raise ValueError(f"a vocabulary entry must be one character, got {c!r}")
+                raise ConfigError(f"a vocabulary entry must be one character, got {c!r}")
         if len(set(chars)) != len(chars):
-            raise ValueError("the vocabulary lists a character twice")
+            raise ConfigError("the vocabulary lists a character twice")
         self.itos: list[str] = [UNK, *chars]
         self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
         self.dtype = np.dtype(np.uint8 if len(self.itos) <= 256 else np.uint16 if len(self.itos) <= 65536 else np.int32)
@@ -98,19 +100,18 @@ class Vocab:
     def encode(self, text: str, errors: str = "strict") -> np.ndarray:
         """Ids of the characters of ``text`` as a compact integer array.
 
-        ``errors="strict"`` raises ``ValueError`` naming the unknown characters; ``"replace"``
+        ``errors="strict"`` raises :class:`~charlm.errors.UnknownCharactersError` naming the unknown characters; ``"replace"``
         maps each of them to ``<unk>`` (id 0), one id per character.
         """
         if errors not in ERRORS:
-            raise ValueError(f"errors must be one of {', '.join(ERRORS)}, got {errors!r}")
+            raise ConfigError(f"errors must be one of {', '.join(ERRORS)}, got {errors!r}")
         ids = self._lookup(_code_points(text))
         unknown = ids < 0
         if unknown.any():
             if errors == "strict":
-                raise ValueError(
-                    f"{int(unknown.sum())} character(s) not in the vocabulary: "
-                    + _describe(self.unknown_chars(text))
-                )
+                chars = self.unknown_chars(text)
+                raise UnknownCharactersError(
+                    f"{int(unknown.sum())} character(s) not in the vocabulary: {_describe(chars)}", chars)
             ids[unknown] = 0
         return ids.astype(self.dtype)
 
@@ -120,7 +121,7 @@ class Vocab:
             ids = ids.detach().cpu().numpy()
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
-            raise ValueError(f"ids must lie in [0, {len(self) - 1}]")
+            raise ConfigError(f"ids must lie in [0, {len(self) - 1}]")
         return "".join(self._chars[ids])
 
     # -- persistence ----------------------------------------------------------------------
@@ -151,11 +152,11 @@ class Vocab:
         try:
             tok = Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises its own Exception subclass
-            raise ValueError(f"not a valid tokenizer.json ({exc})") from None
+            raise ConfigError(f"not a valid tokenizer.json ({exc})") from None
         vocab = tok.get_vocab(with_added_tokens=False)
         itos = sorted(vocab, key=vocab.get)
         if [vocab[t] for t in itos] != list(range(len(itos))) or not itos or itos[0] != UNK:
-            raise ValueError("tokenizer.json is not a charlm vocabulary (ids must be 0..V-1, <unk> first)")
+            raise ConfigError("tokenizer.json is not a charlm vocabulary (ids must be 0..V-1, <unk> first)")
         return cls(itos[1:])
 
     @classmethod

@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 
 from charlm import RNNLM, Vocab, generate, load_checkpoint, save_checkpoint
-
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+from charlm.config import GATES
 
 
 def d2l_predict(model, vocab, prefix, num_preds, grad=False):

@@ -33,7 +33,8 @@ def step_time(model, X, Y, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def main():
+def main(argv=None) -> list[dict]:
+    """Print the table; return its rows (cell, input, impl, tokens_per_s)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -42,7 +43,8 @@ def main():
     ap.add_argument("--embedding-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    rows = []
     if args.threads:
         torch.set_num_threads(args.threads)
     B, T, V = args.batch_size, args.num_steps, args.vocab_size
@@ -69,13 +71,16 @@ def main():
                 with torch.backends.mkldnn.flags(enabled=False):
                     t = min(step_time(models["torch"], X, Y, args.repeats) for _ in range(3))
                 label = "one-hot" if emb == 0 else f"embedding {emb}"
+                rows.append({"cell": cell, "input": label, "impl": "torch, oneDNN off", "tokens_per_s": B * T / t})
                 print(f"| {cell} | {label} | torch, oneDNN off | {B * T / t:,.0f} | "
                       f"{t / best['scratch']:.2f} | {models['torch'].num_parameters():,} |")
             for impl in ("torch", "scratch"):
                 ratio = f"{best['torch'] / best['scratch']:.2f}" if impl == "scratch" else ""
                 label = "one-hot" if emb == 0 else f"embedding {emb}"
+                rows.append({"cell": cell, "input": label, "impl": impl, "tokens_per_s": B * T / best[impl]})
                 print(f"| {cell} | {label} | {impl} | {B * T / best[impl]:,.0f} | {ratio} | "
                       f"{models[impl].num_parameters():,} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def mirror() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _offline_mirror(monkeypatch, request):
+def _offline_mirror(monkeypatch):
     """Every test reads known corpora from the mirror, never from the network."""
     path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR).resolve()
     monkeypatch.setenv("CHARLM_CORPUS_MIRROR", str(path) if path.is_dir() else str(REPO / "no-mirror"))

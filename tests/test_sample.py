@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from charlm import RNNLM, Vocab
 from charlm.checkpoint import save_checkpoint
 from charlm.cli import main
-from charlm.evaluate import evaluate
-from charlm.sample import _Stepper, filter_logits, generate
+from charlm.evaluation import evaluate
+from charlm.models.stepper import Stepper
+from charlm.sample import filter_logits, generate
 
 TEXT = "the time traveller smiled and the machine was gone\n" * 4
 
@@ -58,7 +59,7 @@ def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
     torch.manual_seed(2)
     m = RNNLM(len(vocab), cell=cell, hidden_size=400, num_layers=2, embedding_dim=8).eval()
     with torch.inference_mode():
-        single, split = _Stepper(m, 1, threads=1), _Stepper(m, 1, threads=3)
+        single, split = Stepper(m, 1, threads=1), Stepper(m, 1, threads=3)
         assert single.blocks == [1, 1] and max(split.blocks) > 1
         for s in (single, split):
             s.start(m.init_state(1))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.config import ModelConfig
+from charlm.config import CELLS, IMPLS, ModelConfig
+from charlm.errors import ConfigError
 from charlm.models.scratch import ScratchRecurrent
 
 _TORCH_CORES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -37,13 +38,13 @@ def recurrent_layer(cell: str, input_size: int, hidden_size: int, num_layers: in
     layers only, as in torch. This is what ``RNNLM`` uses, and what a model of real-valued sequences
     (see ``examples/``) builds on.
     """
-    if cell not in _TORCH_CORES:
-        raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(_TORCH_CORES)}")
+    if cell not in CELLS:
+        raise ConfigError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
     if impl == "torch":
         return _TORCH_CORES[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
     if impl == "scratch":
         return ScratchRecurrent(cell, input_size, hidden_size, num_layers, dropout)
-    raise ValueError(f"unknown impl {impl!r}; choose torch or scratch")
+    raise ConfigError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
 
 
 class RNNLM(nn.Module):
@@ -54,8 +55,10 @@ class RNNLM(nn.Module):
     linear layer from the hidden state to the vocabulary.
     """
 
-    def __init__(self, vocab_size: int, cell: str = "gru", hidden_size: int = 256, num_layers: int = 1,
-                 embedding_dim: int = 0, dropout: float = 0.0, impl: str = "torch"):
+    # The defaults are ModelConfig's (a frozen dataclass keeps each field's default as a class attribute).
+    def __init__(self, vocab_size: int, cell: str = ModelConfig.cell, hidden_size: int = ModelConfig.hidden_size,
+                 num_layers: int = ModelConfig.num_layers, embedding_dim: int = ModelConfig.embedding_dim,
+                 dropout: float = ModelConfig.dropout, impl: str = ModelConfig.impl):
         super().__init__()
         self.config = cfg = ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden_size,
                                         num_layers=num_layers, embedding_dim=embedding_dim,
@@ -77,8 +80,6 @@ class RNNLM(nn.Module):
         p = self.head.weight
         h = torch.zeros(cfg.num_layers, batch_size, cfg.hidden_size, device=device or p.device, dtype=p.dtype)
         return (h, torch.zeros_like(h)) if cfg.cell == "lstm" else h
-
-    detach_state = staticmethod(detach_state)
 
     def encode_inputs(self, X: torch.Tensor) -> torch.Tensor:
         """What the recurrent core reads for the ids ``X`` (B, T)."""

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks stacked in each weight matrix
+from charlm.config import GATES
+from charlm.errors import ConfigError
 
 
 class ScratchRecurrent(nn.Module):
@@ -35,7 +36,7 @@ class ScratchRecurrent(nn.Module):
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
         super().__init__()
         if cell not in GATES:
-            raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(GATES)}")
+            raise ConfigError(f"unknown cell {cell!r}; choose one of {', '.join(GATES)}")
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
         self.num_layers, self.dropout = num_layers, dropout
         G = GATES[cell]

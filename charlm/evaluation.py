@@ -8,13 +8,17 @@ the text before it in its row. ``B`` rows make it fast; each row starts from a z
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.data import _as_numpy
+from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+from charlm.corpus import read_normalized
+from charlm.data import _as_numpy, load_split
+from charlm.errors import CheckpointError, ConfigError, CorpusError
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class EvalResult:
                 "perplexity": self.perplexity}
 
 
-def evaluate(model, ids, batch_size: int = 64, num_steps: int = 256, device=None) -> EvalResult:
+def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVAL_NUM_STEPS, device=None) -> EvalResult:
     """Mean next-character cross-entropy of ``model`` over ``ids``.
 
     ``B = min(batch_size, (n-1) // 2)`` rows of ``(n-1) // B`` characters each; the last
@@ -44,7 +48,7 @@ def evaluate(model, ids, batch_size: int = 64, num_steps: int = 256, device=None
     ids = _as_numpy(ids)
     n = len(ids)
     if n < 2:
-        raise ValueError(f"need at least 2 characters to evaluate, got {n}")
+        raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
     device = device or next(model.parameters()).device
     B = max(1, min(batch_size, (n - 1) // 2))
     cols = (n - 1) // B
@@ -65,3 +69,27 @@ def evaluate(model, ids, batch_size: int = 64, num_steps: int = 256, device=None
     finally:
         model.train(was_training)
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def file_ids(path: str | os.PathLike, vocab, preprocess: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
+    """The ids of a text file read as a run reads its corpus, and how many characters were skipped.
+
+    Characters outside ``vocab`` raise :class:`~charlm.errors.UnknownCharactersError`, or with
+    ``skip_unknown`` are dropped (and counted): a model cannot be scored on what it cannot read.
+    """
+    text = read_normalized(path, preprocess)
+    if not skip_unknown:
+        return vocab.encode(text), 0
+    ids = vocab.encode(text, errors="replace")
+    known = ids != 0  # <unk>: the characters outside the vocabulary
+    skipped = len(ids) - int(known.sum())
+    return (ids[known] if skipped else ids), skipped
+
+
+def held_out_ids(ckpt) -> np.ndarray:
+    """The held-out tail of the corpus that ``ckpt``'s run trained on, split as training split it."""
+    if ckpt.corpus_path is None:
+        raise CheckpointError(f"{ckpt.path} names no corpus; pass FILES to evaluate on")
+    if not ckpt.corpus_path.exists():
+        raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; pass FILES to evaluate on")
+    return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, vocab=ckpt.vocab).val_ids

@@ -1,0 +1,55 @@
+"""charlm's errors: one root, :class:`CharlmError`, for every problem a user can cause or fix.
+
+Each message is one line written for the user. The CLI catches ``CharlmError`` in one place and
+prints it (exit status 1); anything else that escapes is a bug and keeps its traceback.
+
+Errors about a bad value also derive from ``ValueError``, so ``except ValueError`` in code written
+against earlier versions keeps working.
+"""
+
+from __future__ import annotations
+
+
+class CharlmError(Exception):
+    """The root of charlm's user-facing errors; the message is one line."""
+
+
+class ConfigError(CharlmError, ValueError):
+    """A setting or argument is out of range or unknown (a cell, a device, a batch shape, ...)."""
+
+
+class CorpusError(CharlmError):
+    """A corpus could not be read or fetched."""
+
+
+class UnknownCharactersError(CharlmError, ValueError):
+    """Text holds characters outside a vocabulary; ``chars`` lists them in order of appearance."""
+
+    def __init__(self, message: str, chars: list[str]):
+        super().__init__(message)
+        self.chars = chars
+
+
+class CheckpointError(CharlmError):
+    """A checkpoint is missing, corrupt, of another format, or cannot be written."""
+
+
+class TrainError(CharlmError):
+    """A run cannot start or had to stop."""
+
+
+class RunExistsError(TrainError):
+    """``--out`` already holds a run and neither resuming nor overwriting was asked for."""
+
+
+class TrainingInterrupted(TrainError):
+    """SIGINT/SIGTERM: ``last/`` was saved; ``result`` says where the run stands."""
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result
+
+
+def os_error_line(exc: OSError) -> str:
+    """``strerror`` of an ``OSError`` (e.g. "No space left on device"), else its text."""
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -1,0 +1,171 @@
+"""The fast inference step: the cells' equations again, on an ``RNNLM``'s own weights, for decoding.
+
+:mod:`charlm.sample` decides what to emit; this module only advances the state by one character
+and leaves the next logits in a buffer. It reads the parameters of ``model.rnn`` by torch's names
+(``weight_ih_l0``, ...; the scratch cells use the same) and mirrors the equations of
+:mod:`charlm.models.scratch`; the tests check it against ``RNNLM.forward`` for every cell, impl and
+input kind.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from charlm.config import GATES
+from charlm.models.rnnlm import RNNLM
+
+MIN_BLOCK_BYTES = 512 * 1024  # weights per thread, at least, when one sequence's products are split (Stepper._matmul)
+
+
+class Stepper:
+    """One character step for N sequences: one matmul per layer, every result in a buffer made once.
+
+    - Layer 0's input gates, ``W_ih x + b_ih``, depend only on the character: a table of V rows,
+      computed once (a one-hot row picks a column of ``W_ih``; an embedding row is a constant).
+    - The new state of layer k is multiplied once, by ``[W_ih of layer k+1 | W_hh of layer k]``
+      (``[W_head | W_hh]`` at the top): this step's input gates of the layer above (or the logits)
+      and the next step's hidden gates of layer k come out of one ``addmm``.
+    - The pointwise part is the cells' formulas (those of ``torch.gru_cell`` etc.) on views made
+      once, written in place; the GRU's last update is one ``lerp``, and the LSTM's gate rows are
+      reordered to (i, f, o, g) so that one sigmoid covers three gates. The text equals the plain
+      ``model.forward`` path's (tested); the floats may differ from it in the last bit.
+
+    ``never`` is an id whose logit is held at -inf (default: ``<unk>``, id 0, which generation never
+    emits); ``None`` keeps every logit. ``threads`` > 1 lets one sequence's wide products be split
+    over the CPU threads (see :meth:`_matmul`).
+    """
+
+    def __init__(self, model: RNNLM, num_samples: int, threads: int = 1, never: int | None = 0):
+        cfg = model.config
+        self.cell, L, V, H = cfg.cell, cfg.num_layers, cfg.vocab_size, cfg.hidden_size
+        N, GH = num_samples, GATES[cfg.cell] * cfg.hidden_size
+        head = model.head.weight
+        new = lambda *shape: torch.zeros(*shape, device=head.device, dtype=head.dtype)  # noqa: E731
+        order = None
+        if self.cell == "lstm":  # rows (i, f, g, o) -> (i, f, o, g)
+            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+            order = order.to(head.device)
+
+        def param(name, k):
+            p = getattr(model.rnn, f"{name}_l{k}").detach()
+            return p if order is None else p[order]
+
+        inputs = (model.embedding.weight.detach() if model.embedding is not None
+                  else torch.eye(V, device=head.device, dtype=head.dtype))
+        self.table = torch.addmm(param("bias_ih", 0), inputs, param("weight_ih", 0).t())  # (V, GH)
+        self.h = [new(N, H) for _ in range(L)]
+        self.c = [new(N, H) for _ in range(L)] if self.cell == "lstm" else None
+        self.out, self.blocks, self.mm, above = [], [], [], []  # mm: per layer, (op, inputs, out) of its matmul
+        for k in range(L):
+            if k + 1 < L:
+                w, b = param("weight_ih", k + 1), param("bias_ih", k + 1)
+            else:
+                w, b = head.detach(), model.head.bias.detach().clone()
+                if never is not None:
+                    b[never] = float("-inf")  # that id's logit: never the argmax, never drawn
+            above.append(w.shape[0])
+            C = w.shape[0] + GH
+            blocks = max(1, min(threads, H * C * head.element_size() // MIN_BLOCK_BYTES)) if N == 1 else 1  # _matmul
+            self.blocks.append(blocks)
+            self.out.append(new(N, C + -C % blocks))  # padded to a multiple of the blocks
+            w = torch.cat([w, param("weight_hh", k)]).t().contiguous()  # (H, C)
+            b = torch.cat([b, param("bias_hh", k)])
+            self.mm.append(self._matmul(w, b, self.h[k], self.out[k], blocks))
+        self.logits = self.out[-1][:, :V]  # (N, V): after start() or step(), the next prediction
+        self.gi0 = new(N, GH)  # layer 0's input gates for a batch, gathered from the table
+        # Per layer, the views its cell step reads and writes: split once here, so a step slices nothing.
+        if self.cell == "gru":  # (r, z) and n
+            self.gi_views = lambda gi: (gi[:, :2 * H], gi[:, 2 * H:])  # noqa: E731
+        else:
+            self.gi_views = lambda gi: (gi,)  # noqa: E731
+        self.layers = []
+        for k in range(L):
+            gi = self.gi0 if k == 0 else self.out[k - 1][:, :GH]
+            self.layers.append(self.gi_views(gi) + self._state_views(self.out[k][:, above[k]:above[k] + GH], k))
+        self.upper = list(zip(self.layers[1:], self.mm[1:]))
+        self.cell_step = {"rnn": self._rnn, "gru": self._gru, "lstm": self._lstm}[self.cell]
+
+    @functools.cached_property
+    def rows(self) -> list[tuple]:
+        """Per character, layer 0's views with the table's row as its input gates (one sequence: no gather)."""
+        n_gi = len(self.gi_views(self.gi0))
+        return [self.gi_views(self.table[v: v + 1]) + self.layers[0][n_gi:] for v in range(len(self.table))]
+
+    @staticmethod
+    def _matmul(w, b, h, out, blocks: int):
+        """A layer's product ``out = b + h @ w``: (op, inputs, out) for ``op(*inputs, out=out)``.
+
+        torch runs one sequence's product, (1 x H) @ (H x C), on one thread. Split into column
+        blocks, it becomes a batched matmul, whose matrices ATen spreads over its threads; each
+        block then waits for every thread, a cost that only large products repay: hence at least
+        ``MIN_BLOCK_BYTES`` of weights per block (the README's generation benchmark has the
+        measurements behind that threshold).
+        """
+        if blocks == 1:
+            return torch.addmm, (b, h, w), out
+        (H, C), width = w.shape, out.shape[1] // blocks
+        w = F.pad(w, (0, width * blocks - C)).reshape(H, blocks, width)
+        w = w.transpose(0, 1).contiguous()  # (blocks, H, width): block j holds columns j*width ... (j+1)*width - 1
+        b = F.pad(b, (0, width * blocks - C)).view(blocks, 1, width)
+        return torch.baddbmm, (b, h.expand(blocks, 1, H), w), out.view(blocks, 1, width)
+
+    def _state_views(self, gh, k):
+        h = self.h[k]
+        N, H = h.shape
+        if self.cell == "rnn":
+            return gh, h
+        if self.cell == "gru":
+            rz = h.new_empty((N, 2 * H))
+            return gh[:, :2 * H], gh[:, 2 * H:], rz, rz[:, :H], rz[:, H:], torch.empty_like(h), h
+        g = h.new_empty((N, 4 * H))  # pre-activations, then activations, in place
+        return (gh, g, g[:, :3 * H], g[:, 3 * H:], g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H],
+                torch.empty_like(h), self.c[k], h)
+
+    @staticmethod
+    def _rnn(views):
+        gi, gh, h = views
+        torch.add(gi, gh, out=h).tanh_()
+
+    @staticmethod
+    def _gru(views):
+        gi_rz, gi_n, gh_rz, gh_n, rz, r, z, n, h = views
+        torch.add(gi_rz, gh_rz, out=rz).sigmoid_()
+        torch.addcmul(gi_n, r, gh_n, out=n).tanh_()  # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        torch.lerp(n, h, z, out=h)  # h' = n + z * (h - n) = (1 - z) * n + z * h, one op instead of three
+
+    @staticmethod
+    def _lstm(views):
+        gi, gh, g, ifo, cand, i, f, o, tmp, c, h = views
+        torch.add(gi, gh, out=g)
+        ifo.sigmoid_()
+        cand.tanh_()
+        c.mul_(f).addcmul_(i, cand)  # c' = f * c + i * g
+        torch.mul(o, torch.tanh(c, out=tmp), out=h)  # h' = o * tanh(c')
+
+    def start(self, state) -> None:
+        """Take the state the prefix left, shaped as the model's: (L, N, H), or (h, c) for the LSTM."""
+        h, c = state if self.cell == "lstm" else (state, None)
+        for k in range(len(self.h)):
+            self.h[k].copy_(h[k])
+            if c is not None:
+                self.c[k].copy_(c[k])
+            op, inputs, out = self.mm[k]
+            op(*inputs, out=out)
+
+    def step(self, ids) -> None:
+        """Advance every sequence by one character: ``ids`` is a (N,) tensor, or an int when N is 1."""
+        if isinstance(ids, int):
+            first = self.rows[ids]
+        else:
+            torch.index_select(self.table, 0, ids, out=self.gi0)
+            first = self.layers[0]
+        cell_step = self.cell_step
+        cell_step(first)
+        op, inputs, out = self.mm[0]
+        op(*inputs, out=out)
+        for views, (op, inputs, out) in self.upper:
+            cell_step(views)
+            op(*inputs, out=out)

@@ -1,0 +1,145 @@
+"""A run directory: what ``charlm train`` leaves behind, and what a resume or a command reads back.
+
+::
+
+    checkpoints/timemachine/      --out (default: checkpoints/<corpus stem>)
+      last/  best/                complete checkpoints (charlm.checkpoint)
+      metrics.csv                 one row per held-out evaluation
+      curve.png                   drawn from metrics.csv by whoever asks (the CLI)
+
+Only this module knows the names above and the columns of ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+from charlm import checkpoint as ckpt_mod
+from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
+
+METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
+                   "val_ppl", "lr", "grad_norm", "tokens_per_s")
+MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout")
+DATA_FIELDS = ("corpus", "preprocess", "max_chars", "val_fraction", "batch_size", "num_steps", "sampling", "seed")
+
+
+def default_out(corpus: str | os.PathLike) -> Path:
+    return Path("checkpoints") / Path(corpus).stem
+
+
+def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS) -> list[str]:
+    """``name: saved -> requested`` for every model or data option that differs."""
+    out = []
+    for name in names:
+        if saved.get(name) != getattr(requested, name):
+            out.append(f"{name.replace('_', '-')}: {saved.get(name)!r} -> {getattr(requested, name)!r}")
+    return out
+
+
+class RunDir:
+    """One run's directory: checks before anything is written, checkpoints' places, metrics rows."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metrics = self.path / "metrics.csv"
+        self.curve = self.path / "curve.png"
+
+    def checkpoint(self, name: str) -> Path:
+        """``last`` or ``best``."""
+        return self.path / name
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a start that would clobber or misread a run; writes nothing."""
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainError(f"--out {self.path} is a file, not a directory")
+        if resume and overwrite:
+            raise TrainError("--resume and --overwrite contradict each other; pass one")
+        existing = self.path.is_dir() and any(self.path.iterdir())
+        if existing and not (resume or overwrite):
+            raise RunExistsError(f"{self.path} already holds a run; pass --resume to continue it or "
+                                 f"--overwrite to start over")
+
+    def load_last(self, device, requested) -> ckpt_mod.Checkpoint:
+        """``last/`` with its trainer state, refused when ``requested``'s model or data options differ."""
+        last = self.checkpoint("last")
+        ckpt_mod.recover(last)
+        if not last.is_dir():
+            raise TrainError(f"nothing to resume: {last} does not exist")
+        try:
+            saved = ckpt_mod.load_checkpoint(last, device=device, with_trainer_state=True)
+        except CheckpointError as exc:
+            raise TrainError(str(exc)) from None
+        diffs = config_differences(saved.train_options, requested)
+        if diffs:
+            raise TrainError("--resume with different model or data options: " + "; ".join(diffs))
+        return saved
+
+    def create(self, overwrite: bool) -> None:
+        try:
+            if overwrite and self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainError(f"cannot create the run directory {self.path}: {os_error_line(exc)}") from None
+
+    # -- metrics.csv ------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        try:
+            new = not self.metrics.exists()
+            with open(self.metrics, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: ("" if row[k] is None else row[k]) for k in METRICS_COLUMNS})
+        except OSError as exc:
+            raise TrainError(f"cannot write {self.metrics}: {os_error_line(exc)}") from None
+
+    def metrics_rows(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        with open(self.metrics, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop rows written after the checkpoint being resumed (a kill between writes)."""
+        if not self.metrics.exists():
+            return
+        rows = [r for r in self.metrics_rows() if int(r["step"]) <= step]
+        with open(self.metrics, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def last_train_loss(self) -> float | None:
+        """Mean training loss over the last evaluation interval that had one."""
+        rows = [r for r in self.metrics_rows() if r["train_loss"]]
+        return float(rows[-1]["train_loss"]) if rows else None
+
+
+def saved_train_options(out: str | os.PathLike) -> dict:
+    """The training options ``out/last`` was saved with, without loading its weights ({} if unreadable).
+
+    ``--resume`` starts from these; the resume itself then verifies the checkpoint in full.
+    """
+    last = Path(out) / "last"
+    ckpt_mod.recover(last)
+    try:
+        return dict(json.loads((last / "config.json").read_text(encoding="utf-8"))["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def newest_run(root: str | os.PathLike = "checkpoints") -> Path:
+    """The run (or checkpoint) directory under ``root`` whose checkpoint was written last."""
+    root = Path(root)
+    manifests = [m for pattern in ("*/best/manifest.json", "*/last/manifest.json", "*/manifest.json")
+                 for m in root.glob(pattern)] if root.is_dir() else []
+    if not manifests:
+        raise CheckpointError(f"no checkpoint found under {root}/; train one first "
+                              f"(charlm train corpora/timemachine.txt) or pass --checkpoint")
+    newest = max(manifests, key=lambda m: m.stat().st_mtime).parent
+    return newest.parent if newest.name in ("best", "last") else newest

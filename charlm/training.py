@@ -1,0 +1,358 @@
+"""The training loop around one run state. Library code: it prints nothing and reports through
+``callback(event, info)``.
+
+Events:
+
+- ``"start"``: the run's facts (``out``, ``device``, ``model``, ``model_config``, ``vocab``,
+  ``train_chars``, ``val_chars``, ``step``, ``total_steps``, ``resumed``);
+- ``"step"``, every 10 steps: ``step``, ``loss_sum`` (a 0-d tensor on the training device, the
+  summed loss since the last evaluation: reading it with ``.item()`` waits for the device),
+  ``interval_steps``, ``tokens`` and ``elapsed`` (seconds) since the last evaluation;
+- ``"eval"``: a ``metrics.csv`` row, plus ``improved`` and ``best_val_bpc``;
+- ``"end"``: ``result``, the :class:`TrainResult`.
+
+Resuming is exact: the data order depends only on ``(seed, epoch)``; :class:`RunState` holds
+everything else that moves (the step, the position in the epoch, the best loss, the evaluations
+since it, the lr, the carried hidden state) and is saved whole, with the optimizer and every RNG
+state, in each checkpoint; nothing in the schedule depends on ``max_steps``, ``time_limit`` or
+wall time. So a run stopped at step 30 and resumed to step 60 ends with the weights of one run
+to step 60.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from charlm.checkpoint import save_checkpoint
+from charlm.config import TrainConfig
+from charlm.data import RunData, load_split, make_batches, min_tokens
+from charlm.device import resolve_device
+from charlm.errors import TrainError, TrainingInterrupted
+from charlm.evaluation import EvalResult, evaluate
+from charlm.models import RNNLM, detach_state
+from charlm.rundir import RunDir, default_out
+
+MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
+STEP_EVENT_EVERY = 10  # steps between "step" events
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    epochs_done: float
+    tokens: int
+    elapsed_s: float  # training time of this invocation, evaluations and checkpoints included
+    stop_reason: str
+    best: EvalResult | None
+    last: EvalResult | None
+    train_loss: float | None  # mean training loss over the last evaluation interval
+    eval_s: float = 0.0  # of elapsed_s: seconds spent in held-out evaluations
+    save_s: float = 0.0  # of elapsed_s: seconds spent writing checkpoints
+
+
+@dataclass
+class RunState:
+    """Where a run stands: everything a resume must restore besides the weights and the optimizer."""
+
+    lr: float
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already trained on
+    best_loss: float = math.inf  # lowest held-out loss so far
+    evals_since_best: int = 0
+    hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
+
+    def to_dict(self, optimizer, device: torch.device) -> dict:
+        """The trainer state of a checkpoint (``trainer.pt``): plain values and tensors only."""
+        hidden = self.hidden if isinstance(self.hidden, tuple) or self.hidden is None else (self.hidden,)
+        return {"optimizer": optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "best_loss": self.best_loss,
+                "evals_since_best": self.evals_since_best, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "state": None if hidden is None else tuple(s.detach().cpu() for s in hidden)}
+
+    @classmethod
+    def restore(cls, saved: dict, optimizer, device: torch.device, cell: str) -> "RunState":
+        """The inverse of :meth:`to_dict`: loads the optimizer and the RNG states as a side effect."""
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        hidden = saved.get("state")
+        if hidden is not None:
+            hidden = tuple(s.to(device) for s in hidden)
+            hidden = hidden if cell == "lstm" else hidden[0]
+        return cls(lr=optimizer.param_groups[0]["lr"], step=saved["step"], epoch=saved["epoch"],
+                   batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
+                   evals_since_best=saved["evals_since_best"], hidden=hidden)
+
+
+class _Interval:
+    """Training loss and gradient norm since the last evaluation, summed on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.norm_sum = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.norm_sum.zero_()
+        self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
+
+    def mean(self, total: torch.Tensor) -> float | None:
+        return (total / self.steps).item() if self.steps else None
+
+
+@contextmanager
+def _stop_on_signals():
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _make_optimizer(cfg: TrainConfig, model: RNNLM):
+    lr = cfg.resolved_lr()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, foreach=True)
+    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+
+
+def load_data(cfg: TrainConfig) -> RunData:
+    """The run's vocabulary, training ids and held-out ids, checked against the batch shape."""
+    data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction, cfg.max_chars)
+    need = min_tokens(cfg.batch_size, cfg.num_steps)
+    if len(data.train_ids) < need:
+        raise TrainError(
+            f"the training part of {cfg.corpus} has {len(data.train_ids):,} characters, but batch size "
+            f"{cfg.batch_size} x {cfg.num_steps} steps needs at least {need:,}; use a smaller "
+            f"--batch-size or --num-steps")
+    return data
+
+
+class Trainer:
+    """One run: the model, its optimizer, the :class:`RunState`, and the steps between them."""
+
+    def __init__(self, cfg: TrainConfig, data: RunData, run: RunDir, device: torch.device, emit):
+        self.cfg, self.data, self.run_dir, self.device, self.emit = cfg, data, run, device, emit
+        torch.manual_seed(cfg.seed)
+        self.model_config = cfg.model_config(len(data.vocab), len(data.train_ids))
+        self.model = RNNLM.from_config(self.model_config).to(device)
+        self.optimizer = _make_optimizer(cfg, self.model)
+        self.state = RunState(lr=cfg.resolved_lr())
+        self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
+        self.tokens_per_step = cfg.batch_size * cfg.num_steps
+        self.interval = _Interval(device)
+        self.nonfinite = 0  # consecutive steps whose loss or gradient norm was not finite
+        self.steps_per_epoch = 0
+        self.last_eval_step = None
+        self.best_val: EvalResult | None = None
+        self.last_val: EvalResult | None = None
+        self.eval_s = self.save_s = 0.0
+        self.t_start = time.perf_counter()  # reset when the loop starts
+        self.meta_base = {
+            "train": cfg.to_dict(),
+            "corpus": {"path": str(Path(cfg.corpus)), "preprocess": cfg.preprocess, "val_fraction": cfg.val_fraction,
+                       "max_chars": cfg.max_chars, "chars": data.num_chars, "train_chars": len(data.train_ids),
+                       "val_chars": len(data.val_ids)},
+        }
+
+    # -- state ---------------------------------------------------------------------------------
+    def restore(self, saved) -> None:
+        """Continue from a checkpoint loaded with its trainer state (``last/``)."""
+        self.model.load_state_dict(saved.model.state_dict())
+        self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell)
+        self.run_dir.truncate_metrics(self.state.step)
+
+    def checkpoint_state(self) -> dict:
+        return self.state.to_dict(self.optimizer, self.device)
+
+    def save(self, name: str, val: EvalResult | None) -> None:
+        t0 = time.perf_counter()
+        st = self.state
+        meta = {**self.meta_base, "progress": {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
+                                               "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
+                                               "val_loss": val.loss if val else None}}
+        save_checkpoint(self.run_dir.checkpoint(name), self.model, self.data.vocab, meta, self.checkpoint_state())
+        self.save_s += time.perf_counter() - t0
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """batch -> reset or detach the state -> forward -> loss -> backward -> clip -> step."""
+        cfg, st = self.cfg, self.state
+        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
+        # random windows are unrelated: fresh state; sequential ones continue: detach (TBPTT)
+        hidden = None if cfg.sampling == "random" else detach_state(st.hidden)
+        logits, new_hidden = self.model(X, hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host sync
+            self.nonfinite = 0
+            self.optimizer.step()
+            st.hidden = new_hidden
+            self.interval.loss_sum += loss.detach()
+            self.interval.norm_sum += grad_norm.detach()
+        else:  # skip the update; give up after MAX_NONFINITE in a row
+            self.nonfinite += 1
+            if self.nonfinite >= MAX_NONFINITE:
+                self.save("last", self.last_val)
+                raise TrainError(
+                    f"the loss was not finite for {self.nonfinite} steps in a row at step {st.step + 1}; saved "
+                    f"{self.run_dir.checkpoint('last')} (weights from before those steps); try a lower --lr or --clip")
+        st.step += 1
+        st.batch_in_epoch += 1
+        self.interval.steps += 1
+        self.interval.tokens += self.tokens_per_step
+
+    # -- evaluation and checkpoints ------------------------------------------------------------
+    def evaluate_and_save(self) -> dict:
+        """Held-out loss -> metrics row -> best/ when better (else the lr decays) -> last/."""
+        cfg, st, iv = self.cfg, self.state, self.interval
+        now = time.perf_counter()
+        val = evaluate(self.model, self.data.val_ids, device=self.device)
+        self.eval_s += time.perf_counter() - now
+        row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
+               "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
+               "train_loss": iv.mean(iv.loss_sum), "val_loss": val.loss, "val_bpc": val.bits_per_char,
+               "val_ppl": val.perplexity, "lr": st.lr, "grad_norm": iv.mean(iv.norm_sum),
+               "tokens_per_s": round(iv.tokens / (now - iv.t0), 1) if iv.steps else None}
+        self.run_dir.append_metrics(row)
+        self.last_val = val
+        improved = val.loss < st.best_loss
+        if improved:
+            st.best_loss, st.evals_since_best, self.best_val = val.loss, 0, val
+            self.save("best", val)
+        else:
+            st.evals_since_best += 1
+            if cfg.lr_decay < 1.0:  # a plateau: smaller steps (depends on held-out loss only, so resumable)
+                st.lr *= cfg.lr_decay
+                for group in self.optimizer.param_groups:
+                    group["lr"] = st.lr
+        self.save("last", val)
+        self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
+        iv.reset()
+        self.last_eval_step = st.step
+        return row
+
+    # -- the loop ------------------------------------------------------------------------------
+    def batches(self):
+        """The rest of the current epoch's batches."""
+        cfg, st = self.cfg, self.state
+        batches = make_batches(cfg.sampling, self.data.train_ids, cfg.batch_size, cfg.num_steps,
+                               seed=cfg.seed, epoch=st.epoch, start=st.batch_in_epoch)
+        self.steps_per_epoch = batches.num_batches
+        return batches
+
+    def run(self, stop: dict) -> str:
+        """Train until a stopping rule fires; return why."""
+        cfg, st = self.cfg, self.state
+        self.t_start = self.interval.t0 = time.perf_counter()
+        self.model.train()
+        while st.epoch < cfg.epochs:
+            for X, Y in self.batches():
+                if cfg.max_steps is not None and st.step >= cfg.max_steps:
+                    return f"--max-steps {cfg.max_steps} reached"
+                self.train_step(X, Y)
+                reason = self.after_step(stop)
+                if reason is not None:
+                    return reason
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            st.hidden = None  # each epoch starts from a zero state, as in d2l
+        return f"{cfg.epochs} epochs done"
+
+    def after_step(self, stop: dict) -> str | None:
+        """Report, evaluate on schedule, and say whether the run must stop now."""
+        cfg, st, iv = self.cfg, self.state, self.interval
+        if st.step % STEP_EVENT_EVERY == 0:
+            self.emit("step", {"step": st.step, "loss_sum": iv.loss_sum, "interval_steps": iv.steps,
+                               "tokens": iv.tokens, "elapsed": time.perf_counter() - iv.t0})
+        reason = None
+        if st.step % cfg.eval_every == 0:
+            self.evaluate_and_save()
+            if cfg.patience is not None and st.evals_since_best >= cfg.patience:
+                reason = f"no held-out improvement in {cfg.patience} evaluations"
+        if stop["signal"]:
+            return stop["signal"]
+        if reason is None and cfg.time_limit is not None and time.perf_counter() - self.t_start >= cfg.time_limit:
+            reason = f"--time-limit {cfg.time_limit:g}s reached"
+        return reason
+
+    def result(self, stop_reason: str) -> TrainResult:
+        st = self.state
+        best = self.best_val
+        if best is None and not math.isinf(st.best_loss):  # resumed: the best came from an earlier invocation
+            best = EvalResult(loss=st.best_loss, tokens=self.last_val.tokens if self.last_val else 0)
+        return TrainResult(out=self.run_dir.path, steps=st.step,
+                           epochs_done=st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch),
+                           tokens=st.step * self.tokens_per_step, elapsed_s=time.perf_counter() - self.t_start,
+                           stop_reason=stop_reason, best=best, last=self.last_val,
+                           train_loss=self.run_dir.last_train_loss(), eval_s=self.eval_s, save_s=self.save_s)
+
+    def total_steps(self) -> int:
+        """Steps in ``cfg.epochs`` epochs (an estimate: each epoch's random offset may drop a batch)."""
+        cfg = self.cfg
+        per_epoch = len(make_batches(cfg.sampling, self.data.train_ids, cfg.batch_size, cfg.num_steps, seed=cfg.seed))
+        total = per_epoch * cfg.epochs
+        return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callback=None) -> TrainResult:
+    """Train as ``charlm train`` does and return the outcome (see the module docstring).
+
+    Everything is checked before any file is written. ``resume`` continues ``out/last`` exactly;
+    ``overwrite`` deletes the run in ``out`` first. SIGINT/SIGTERM save ``last/`` and raise
+    :class:`~charlm.errors.TrainingInterrupted`; every other problem is a one-line ``CharlmError``.
+    """
+    emit = callback or (lambda event, info: None)
+    device = resolve_device(cfg.device)
+    run = RunDir(cfg.out or default_out(cfg.corpus))
+    run.check(resume, overwrite)
+    saved = run.load_last(device, cfg) if resume else None
+    data = load_data(cfg)
+    if saved is not None and saved.vocab != data.vocab:
+        raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+    run.create(overwrite)
+
+    trainer = Trainer(cfg, data, run, device, emit)
+    if saved is not None:
+        trainer.restore(saved)
+    st = trainer.state
+    emit("start", {"out": run.path, "device": device, "model": trainer.model, "model_config": trainer.model_config,
+                   "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,
+                   "step": st.step, "total_steps": trainer.total_steps(), "resumed": saved is not None})
+    with _stop_on_signals() as stop:
+        stop_reason = trainer.run(stop)
+        if trainer.last_eval_step != st.step:
+            trainer.evaluate_and_save()  # the final evaluation and checkpoint
+        result = trainer.result(stop_reason)
+        if stop["signal"]:
+            raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result)
+    emit("end", {"result": result})
+    return result
