@@ -21,6 +21,7 @@ complete checkpoint can be loaded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -85,9 +86,11 @@ def _sha256(path: Path) -> str:
 
 
 def _torch_save(obj, path: Path) -> None:
-    # Through a Python file: a full disk is then an OSError (ENOSPC), not torch's RuntimeError.
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    # Serialised in memory, then written by Python: a full disk is an OSError (ENOSPC), where torch's
+    # own writer would fail with a RuntimeError about zip offsets.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,6 +125,11 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
     whatever checkpoint was at ``path`` before is still there.
     """
     path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"cannot write checkpoint {path}: {parent} is not a directory")
+            break
     try:
         return _save(path, model, vocab, meta, trainer_state)
     except OSError as exc:

@@ -64,7 +64,7 @@ def run() -> None:
     """The ``charlm`` program (``main`` run as a process, as the console script and ``python -m charlm``).
 
     At exit, Python's last garbage collection walks every object the imports made, torch's
-    included: ~0.3 s of every command on a 2-core CPU, for memory the OS frees anyway. Freezing
+    included, for memory the OS frees anyway (the README's generation benchmark says how long). Freezing
     them from an atexit handler skips that walk; other atexit handlers and the flushing of stdout
     and stderr still run.
     """

@@ -10,8 +10,9 @@ reads and that gives the same ids: a ``WordLevel`` model with the explicit vocab
 ``\\n``) and a ``Fuse`` decoder (without it, ``decode`` puts spaces between characters).
 This is the only module that imports ``tokenizers``.
 
-Encoding does not go through ``tokenizers`` (1-3 M chars/s): the text's UTF-32 code points index a
-numpy lookup table, which runs at hundreds of M chars/s. The tests check both give the same ids.
+Encoding does not go through ``tokenizers``, which handles one character at a time in Python-visible
+objects: the text's UTF-32 code points index a numpy lookup table, two orders of magnitude faster
+(``scripts/bench_encode.py``; figures in the README). The tests check both give the same ids.
 """
 
 from __future__ import annotations

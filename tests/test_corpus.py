@@ -24,7 +24,8 @@ def test_timemachine_letters_matches_the_book(mirror, tmp_path):
     assert len(c.text) == 170_580
     assert len(c.vocab) == 28
     assert c.vocab.itos[:5] == ["<unk>", " ", "e", "t", "a"]  # d2l's order
-    assert c.ids.dtype == np.uint8 and c.ids.ndim == 1
+    assert c.ids.dtype == np.uint8
+    assert c.ids.ndim == 1
     assert c.vocab.decode(c.ids[:20]) == c.text[:20]
 
 
@@ -76,7 +77,8 @@ def test_offline_without_mirror_names_url_and_variable(tmp_path, monkeypatch):
     with pytest.raises(cm.CorpusError) as err:
         cm.download("timemachine", tmp_path / "out", progress=False, timeout=2)
     msg = str(err.value)
-    assert "http://127.0.0.1:9/timemachine.txt" in msg and cm.MIRROR_ENV in msg
+    assert "http://127.0.0.1:9/timemachine.txt" in msg
+    assert cm.MIRROR_ENV in msg
     assert "\n" not in msg
 
 
@@ -117,7 +119,8 @@ def test_cli_bad_corpus_is_one_line(tmp_path, setup, expected):
     result = _run(["stats", str(tmp_path / "c.txt")])
     assert result.exit_code == 1, result.output
     assert expected in result.output
-    assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0
+    assert "Traceback" not in result.output
 
 
 def test_cli_unknown_corpus_name(tmp_path):
@@ -135,7 +138,8 @@ def test_cli_bad_checksum(tmp_path, monkeypatch):
                                           cm.KNOWN_CORPORA["tinyshakespeare"].sha256, 1, "pd")})
     result = _run(["download", "tinyshakespeare", "--dir", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 1
-    assert "checksum mismatch" in result.output and "nothing was kept" in result.output
+    assert "checksum mismatch" in result.output
+    assert "nothing was kept" in result.output
     assert not any((tmp_path / "out").iterdir())
 
 
@@ -150,4 +154,5 @@ def test_cli_downloads_known_corpus_named_by_a_missing_path(mirror, tmp_path, mo
 
 def test_cli_version():
     result = _run(["--version"])
-    assert result.exit_code == 0 and result.output.startswith("charlm, version ")
+    assert result.exit_code == 0
+    assert result.output.startswith("charlm, version ")

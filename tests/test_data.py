@@ -5,13 +5,20 @@ import torch
 from charlm.data import make_batches, min_tokens, random_batches, sequential_batches, split
 
 
-
 def test_split_holds_out_contiguous_tail():
     ids = np.arange(100)
     train, val = split(ids, 0.1)
-    assert train.tolist() == list(range(90)) and val.tolist() == list(range(90, 100))
+    assert train.tolist() == list(range(90))
+    assert val.tolist() == list(range(90, 100))
     with pytest.raises(ValueError, match="val_fraction"):
         split(ids, 1.0)
+
+
+@pytest.mark.parametrize("n, fraction, held_out", [(29, 0.1, 3), (24, 0.1, 2), (1000, 0.0555, 56)])
+def test_split_rounds_the_held_out_length(n, fraction, held_out):
+    train, val = split(np.arange(n), fraction)  # round(n * fraction), not its floor
+    assert len(val) == held_out
+    assert len(train) == n - held_out
 
 
 def test_sequential_hand_worked():
@@ -26,7 +33,8 @@ def test_sequential_hand_worked():
         batches = list(b)
         assert len(batches) == len(b) == rows.shape[1] // 3
         for k, (X, Y) in enumerate(batches):
-            assert X.dtype == torch.int64 and X.shape == (2, 3)
+            assert X.dtype == torch.int64
+            assert X.shape == (2, 3)
             assert X.tolist() == rows[:, 3 * k: 3 * k + 3].tolist()
             assert Y.tolist() == (rows[:, 3 * k: 3 * k + 3] + 1).tolist()
         # row i of batch k+1 continues row i of batch k
@@ -73,7 +81,8 @@ def test_same_seed_same_batches_and_epochs_differ(mode):
     a = [x for x, _ in make_batches(mode, ids, 4, 7, seed=3, epoch=1)]
     b = [x for x, _ in make_batches(mode, torch.from_numpy(ids), 4, 7, seed=3, epoch=1)]
     c = [x for x, _ in make_batches(mode, ids, 4, 7, seed=3, epoch=2)]
-    assert all((x == y).all() for x, y in zip(a, b)) and len(a) == len(b)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert len(a) == len(b)
     assert len(a) != len(c) or any((x != y).any() for x, y in zip(a, c))
 
 
@@ -103,7 +112,8 @@ def test_memmap_input(tmp_path):
     np.arange(500, dtype=np.uint16).tofile(path)
     mm = np.memmap(path, dtype=np.uint16, mode="r")
     X, Y = next(iter(sequential_batches(mm, 2, 10, seed=0)))
-    assert X.dtype == torch.int64 and (Y == X + 1).all()
+    assert X.dtype == torch.int64
+    assert (Y == X + 1).all()
 
 
 @pytest.mark.parametrize("mode", ["random", "sequential"])

@@ -105,11 +105,21 @@ def test_dropout_off_in_eval_and_training_with_dropout_runs(impl):
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_scratch_dropout_applies_between_layers_only():
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_scratch_dropout_applies_between_layers_only(cell):
     torch.manual_seed(0)
-    core = ScratchRecurrent("gru", 3, 4, num_layers=1, dropout=0.9).train()
     x = torch.randn(2, 5, 3)
-    torch.testing.assert_close(core(x)[0], core(x)[0])  # one layer: nothing to drop
+    one = ScratchRecurrent(cell, 3, 4, num_layers=1, dropout=0.9).train()
+    torch.testing.assert_close(one(x)[0], one(x)[0])  # one layer: nothing to drop
+    two = ScratchRecurrent(cell, 3, 4, num_layers=2, dropout=0.9).train()
+    a, b = two(x)[0], two(x)[0]
+    assert not torch.allclose(a, b)  # the first layer's output was dropped before the second read it
+    # ... but not the last layer's output: dropout would zero most of it and scale the rest by 10,
+    # past the range of a tanh/sigmoid-gated state
+    assert (a != 0).all()
+    assert a.abs().max() < 1
+    two.eval()
+    torch.testing.assert_close(two(x)[0], two(x)[0])  # evaluation: no dropout at all
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
@@ -134,17 +144,31 @@ def test_gradcheck_scratch_cells(cell, onehot):
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5)
 
 
-def test_init_matches_torch_bounds():
-    core = ScratchRecurrent("gru", 5, 16)
-    for p in core.parameters():
-        assert p.abs().max() <= 0.25 + 1e-7  # 1/sqrt(16)
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_init_matches_torch_bounds(cell):
+    torch.manual_seed(0)
+    core = ScratchRecurrent(cell, 5, 16, num_layers=2)
+    bound = 0.25  # 1/sqrt(16)
+    values = torch.cat([p.detach().reshape(-1) for p in core.parameters()])
+    assert values.max() <= bound
+    assert values.min() >= -bound
+    # uniform over the whole of [-bound, bound]: both ends reached, mean ~0, std ~bound/sqrt(3)
+    assert values.max() > 0.95 * bound
+    assert values.min() < -0.95 * bound
+    assert abs(values.mean().item()) < 0.02
+    assert values.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    ref = torch.nn.GRU(5, 16, num_layers=2) if cell == "gru" else None
+    if ref is not None:  # torch's own init has the same spread
+        torch_values = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+        assert torch_values.std().item() == pytest.approx(values.std().item(), rel=0.1)
 
 
 def test_detach_state():
     h = torch.zeros(1, 2, 3, requires_grad=True) * 2
     assert not detach_state(h).requires_grad
     hc = detach_state((h, h))
-    assert isinstance(hc, tuple) and not hc[0].requires_grad
+    assert isinstance(hc, tuple)
+    assert not hc[0].requires_grad
     assert detach_state(None) is None
 
 

@@ -60,7 +60,8 @@ def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
     m = RNNLM(len(vocab), cell=cell, hidden_size=400, num_layers=2, embedding_dim=8).eval()
     with torch.inference_mode():
         single, split = Stepper(m, 1, threads=1), Stepper(m, 1, threads=3)
-        assert single.blocks == [1, 1] and max(split.blocks) > 1
+        assert single.blocks == [1, 1]
+        assert max(split.blocks) > 1
         for s in (single, split):
             s.start(m.init_state(1))
         for i in vocab.encode(TEXT[:150]).tolist():  # both read the same text: same logits all along
@@ -79,7 +80,9 @@ def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
 def test_greedy_deterministic_and_seeds(model_vocab):
     m, v = model_vocab
     g = generate(m, v, "the", 50)
-    assert g == generate(m, v, "the", 50) and g.startswith("the") and len(g) == 53
+    assert g == generate(m, v, "the", 50)
+    assert g.startswith("the")
+    assert len(g) == 53
     s1 = generate(m, v, "the", 50, temperature=1.0, seed=1)
     assert s1 == generate(m, v, "the", 50, temperature=1.0, seed=1)
     assert s1 != generate(m, v, "the", 50, temperature=1.0, seed=2)
@@ -139,17 +142,23 @@ def run(*args):
 def test_cli_generate_and_errors(ckpt_dir):
     r = run("generate", "the ", "--checkpoint", ckpt_dir.parent, "--length", 20)
     assert r.exit_code == 0, r.output
-    assert r.output.startswith("the ") and len(r.output.rstrip("\n")) == 24
+    assert r.output.startswith("the ")
+    assert len(r.output.rstrip("\n")) == 24
     r = run("generate", "the", "--checkpoint", ckpt_dir, "--length", 10, "--num-samples", 3, "--temperature", 1, "--seed", 2)
-    assert r.exit_code == 0 and r.output.count("\n\n") == 2
+    assert r.exit_code == 0
+    assert r.output.count("\n\n") == 2
     r = run("generate", "THE", "--checkpoint", ckpt_dir)
-    assert r.exit_code == 1 and "'T' (U+0054)" in r.output and "--normalize" in r.output
+    assert r.exit_code == 1
+    assert "'T' (U+0054)" in r.output
+    assert "--normalize" in r.output
     assert r.output.count("\n") == 1
     r = run("generate", "THE", "--checkpoint", ckpt_dir, "--normalize", "--length", 5)
-    assert r.exit_code == 0 and r.output.startswith("the")
+    assert r.exit_code == 0
+    assert r.output.startswith("the")
     for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"], ["--length", "-2"]):
         r = run("generate", "the", "--checkpoint", ckpt_dir, *bad)
-        assert r.exit_code == 2 and "Traceback" not in r.output, bad
+        assert r.exit_code == 2, bad
+        assert "Traceback" not in r.output, bad
 
 
 def test_python_m_charlm_is_the_command(ckpt_dir, model_vocab):
@@ -160,7 +169,10 @@ def test_python_m_charlm_is_the_command(ckpt_dir, model_vocab):
     assert p.stdout.rstrip("\n") == generate(*model_vocab, "the ", 30)
     p = subprocess.run(cmd[:-4] + ["--checkpoint", str(ckpt_dir.parent / "nowhere")], capture_output=True, text=True,
                        timeout=120)
-    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 1
+    assert p.stdout == ""
+    assert p.stderr.count("\n") == 1
+    assert "Traceback" not in p.stderr
 
 
 def test_cli_ctrl_c_exits_130_without_a_traceback(ckpt_dir, monkeypatch):
@@ -172,21 +184,28 @@ def test_cli_ctrl_c_exits_130_without_a_traceback(ckpt_dir, monkeypatch):
 
     monkeypatch.setattr(charlm.sample, "iter_generate", interrupted)
     r = run("generate", "the ", "--checkpoint", ckpt_dir, "--length", 100)
-    assert r.exit_code == 130 and r.output.startswith("the the") and r.output.rstrip().endswith("Interrupted.")
-    assert "Traceback" not in r.output and "Aborted" not in r.output
+    assert r.exit_code == 130
+    assert r.output.startswith("the the")
+    assert r.output.rstrip().endswith("Interrupted.")
+    assert "Traceback" not in r.output
+    assert "Aborted" not in r.output
 
 
 def test_cli_generate_without_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run("generate", "the")
-    assert r.exit_code == 1 and "charlm train" in r.output and r.output.count("\n") == 1
+    assert r.exit_code == 1
+    assert "charlm train" in r.output
+    assert r.output.count("\n") == 1
 
 
 def test_cli_corrupt_checkpoint(ckpt_dir):
     (ckpt_dir / "model.pt").write_bytes(b"garbage")
     for args in (["generate", "the", "--checkpoint", ckpt_dir], ["eval", ckpt_dir], ["info", ckpt_dir]):
         r = run(*args)
-        assert r.exit_code == 1 and "checksum" in r.output and r.output.count("\n") == 1
+        assert r.exit_code == 1
+        assert "checksum" in r.output
+        assert r.output.count("\n") == 1
 
 
 def test_cli_eval(ckpt_dir, tmp_path, model_vocab):
@@ -198,22 +217,28 @@ def test_cli_eval(ckpt_dir, tmp_path, model_vocab):
     assert set(row) == {"file", "tokens", "loss", "bits_per_char", "perplexity"}
     assert row["loss"] == pytest.approx(evaluate(m, v.encode(TEXT), batch_size=64).loss, rel=1e-6)
     r = run("eval", ckpt_dir)  # the run's own held-out split
-    assert r.exit_code == 0 and "held-out 25%" in r.output
+    assert r.exit_code == 0
+    assert "held-out 25%" in r.output
     (tmp_path / "b.txt").write_text("the QUIZ")  # lower-cased: 'q', 'u', 'z' unknown
     r = run("eval", ckpt_dir, tmp_path / "b.txt")
-    assert r.exit_code == 1 and "'q'" in r.output and "--errors skip" in r.output
+    assert r.exit_code == 1
+    assert "'q'" in r.output
+    assert "--errors skip" in r.output
     r = run("eval", ckpt_dir, tmp_path / "b.txt", "--errors", "skip")
-    assert r.exit_code == 0 and "3 unknown characters skipped" in r.output
+    assert r.exit_code == 0
+    assert "3 unknown characters skipped" in r.output
     for bad, msg in ((tmp_path / "missing.txt", "no such file"), (tmp_path, "is a directory")):
         r = run("eval", ckpt_dir, bad)
-        assert r.exit_code == 1 and msg in r.output
+        assert r.exit_code == 1
+        assert msg in r.output
     (tmp_path / "empty.txt").write_bytes(b"")
     assert "is empty" in run("eval", ckpt_dir, tmp_path / "empty.txt").output
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
     assert "not UTF-8" in run("eval", ckpt_dir, tmp_path / "bin.txt").output
     (tmp_path / "corpus.txt").unlink()
     r = run("eval", ckpt_dir)
-    assert r.exit_code == 1 and "is gone" in r.output
+    assert r.exit_code == 1
+    assert "is gone" in r.output
 
 
 def test_cli_info(ckpt_dir):
@@ -222,3 +247,46 @@ def test_cli_info(ckpt_dir):
     for part in ("2 x GRU 24", "embedding 6", "parameters:", "symbols", "preprocess lower", "7 steps",
                  f"torch {torch.__version__}", "2.8854 bits/char"):
         assert part in r.output, part
+
+
+def _fixed_logits_model(vocab, bias):
+    """A model whose every prediction is ``bias``: zero head weights, so the state does not matter."""
+    m = RNNLM(len(vocab), cell="gru", hidden_size=4).eval()
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    return m
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    vocab = Vocab("abc")
+    bias = [0.0, 0.0, 1.0, 2.0]  # <unk>, a, b, c
+    m = _fixed_logits_model(vocab, bias)
+    n = 3000
+    texts = generate(m, vocab, "", 1, temperature=temperature, seed=0, num_samples=n)
+    freq = torch.tensor([sum(t == c for t in texts) / n for c in "abc"])
+    expected = (torch.tensor(bias[1:]) / temperature).softmax(0)  # <unk> is never drawn
+    # 3000 draws: each frequency within ~4 standard errors (<= 0.037) of its probability; the
+    # mistake of multiplying by T instead (T=0.5: 0.67 for 'c' instead of 0.87) is far outside that.
+    torch.testing.assert_close(freq, expected, atol=0.04, rtol=0)
+
+
+def test_unk_is_never_generated():
+    vocab = Vocab("ab")
+    m = _fixed_logits_model(vocab, [5.0, 0.0, -1.0])  # <unk> by far the most probable
+    assert generate(m, vocab, "a", 20) == "a" + "a" * 20  # greedy: the best id that is not <unk>
+    for fast in (True, False):
+        texts = generate(m, vocab, "", 200, temperature=1.5, seed=1, num_samples=3, fast=fast)
+        for text in texts:
+            assert set(text) <= {"a", "b"}
+            assert len(text) == 200
+
+
+def test_cli_generate_seed_gives_the_library_text(ckpt_dir, model_vocab):
+    m, v = model_vocab
+    args = ("generate", "the ", "--checkpoint", ckpt_dir, "--length", 40, "--temperature", 0.9, "--top-k", 5)
+    first = run(*args, "--seed", 7)
+    assert first.exit_code == 0, first.output
+    assert first.output.rstrip("\n") == generate(m, v, "the ", 40, temperature=0.9, top_k=5, seed=7)
+    assert run(*args, "--seed", 8).output != first.output

@@ -11,7 +11,10 @@ def test_compare_cells_quick(mirror, tmp_path, monkeypatch, capsys, load_script)
     assert len(rows) == 12
     assert {(r[0], r[1]) for r in rows} == {(c, i) for c in ("rnn", "gru", "lstm") for i in ("torch", "scratch")}
     for cell, impl, label, ppl, bpc, speed, params in rows:
-        assert 1 < ppl < 28 and bpc > 0 and speed > 0 and params > 0  # better than uniform over 28 symbols
+        assert 1 < ppl < 28
+        assert bpc > 0
+        assert speed > 0
+        assert params > 0  # better than uniform over 28 symbols
     out = capsys.readouterr().out
     assert out.count("\n| ") == 13  # header + 12 rows
 
@@ -30,7 +33,8 @@ def test_markov_sample_scores_near_the_rate(tmp_path, load_script):
     markov = load_script("scripts/markov_corpus.py")
     info = markov.main([str(tmp_path / "m.txt"), "--chars", "200000", "--symbols", "8", "--alpha", "0.3"])
     text = (tmp_path / "m.txt").read_text()
-    assert len(text) == 200_000 and len(set(text)) <= 8
+    assert len(text) == 200_000
+    assert len(set(text)) <= 8
     # 20,000 held-out characters of the true model: within a few hundredths of a bit of the rate.
     assert info["true_model_held_out_bits"] == pytest.approx(info["entropy_rate_bits"], abs=0.05)
     assert info["entropy_rate_bits"] < info["uniform_bits"] == 3.0
@@ -43,7 +47,10 @@ def test_bench_train_quick_runs_both_configurations(mirror, tmp_path, monkeypatc
     rows = load_script("scripts/bench_train.py").main([str(mirror / "timemachine.txt"), "--quick"])
     assert [name for name, _ in rows] == ["d2l", "expert"]
     for _, m in rows:
-        assert m["reference"] > 0 and m["charlm"] > 0 and m["eval"] >= 0 and m["save"] > 0
+        assert m["reference"] > 0
+        assert m["charlm"] > 0
+        assert m["eval"] >= 0
+        assert m["save"] > 0
     assert capsys.readouterr().out.count("\n| ") == 3  # header + 2 rows
 
 
@@ -67,3 +74,50 @@ def test_bench_generate_small_runs_every_column(tmp_path, capsys, load_script):
     # FLOPs per character: layer 1 reads the 4-wide embedding, layer 2 the 12-wide state, then the head.
     m = RNNLM(28, "lstm", 12, 2, embedding_dim=4)
     assert bench.flops_per_char(m) == 2 * 4 * 12 * (4 + 12) + 2 * 4 * 12 * (12 + 12) + 2 * 12 * 28
+
+
+def test_bench_models_small_runs_every_row(capsys, load_script):
+    rows = load_script("scripts/bench_models.py").main(["--hidden-size", "8", "--batch-size", "2", "--num-steps", "3",
+                                                        "--embedding-dim", "4", "--repeats", "1"])
+    # 3 cells x 2 inputs x 2 impls, plus the LSTM with oneDNN off for each input
+    assert len(rows) == 14
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert capsys.readouterr().out.count("\n| ") == 1 + 14
+
+
+def test_bench_encode_takes_its_options(mirror, capsys, load_script):
+    rates = load_script("scripts/bench_encode.py").main([str(mirror / "timemachine.txt"), "--repeats", "1"])
+    assert set(rates) == {"load_corpus", "encode", "tokenizers"}
+    assert all(v > 0 for v in rates.values())
+    assert "MB/s" in capsys.readouterr().out
+
+
+def test_perplexity_table_equals_charlm_eval(tmp_path, capsys, load_script):
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from charlm import RNNLM, Vocab, save_checkpoint
+    from charlm.cli import main as cli
+
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run" / "best", RNNLM(len(vocab), "gru", 12), vocab,
+                           {"corpus": {"preprocess": "lower"}})
+    text = tmp_path / "t.txt"
+    text.write_text("The Quick brown fox, jumps over the lazy dog!\n" * 20)  # ',', '!' and '\n' are unknown
+    rows = load_script("scripts/perplexity.py").main([str(ckpt), "--files", str(text)])
+    assert len(rows) == 1
+    assert rows[0]["preprocess"] == "lower"
+    assert rows[0]["skipped"] == 60
+    r = CliRunner().invoke(cli, ["eval", str(ckpt), str(text), "--errors", "skip", "--json"])
+    row = json.loads(r.output.splitlines()[-1])
+    assert rows[0]["tokens"] == row["tokens"]
+    assert rows[0]["loss"] == round(row["loss"], 4)
+    assert rows[0]["skipped"] == row["skipped"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[:2] for line in lines] == ["| ", "|-", "| "]  # header, rule, one row
+    with pytest.raises(SystemExit) as err:
+        load_script("scripts/perplexity.py").main([str(tmp_path / "nowhere"), "--files", str(text)])
+    assert err.value.code == 1

@@ -55,7 +55,9 @@ def test_tiny_end_to_end_cli(corpus, tmp_path):
                                   "--batch-size", "4", "--num-steps", "10", "--max-steps", "20",
                                   "--eval-every", "5", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "20 steps" in r.output and "best held-out" in r.output and str(out / "best") in r.output
+    assert "20 steps" in r.output
+    assert "best held-out" in r.output
+    assert str(out / "best") in r.output
     assert {p.name for p in out.iterdir()} >= {"last", "best", "metrics.csv", "curve.png"}
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -64,8 +66,10 @@ def test_tiny_end_to_end_cli(corpus, tmp_path):
     for r in rows:
         assert abs(float(r["val_bpc"]) * 0.6931471805599453 - float(r["val_loss"])) < 1e-9
     c = ck.load_checkpoint(out)
-    assert c.path == out / "best" and c.config.hidden_size == 16
-    assert c.meta["corpus"]["preprocess"] == "raw" and c.meta["progress"]["step"] in (5, 10, 15, 20)
+    assert c.path == out / "best"
+    assert c.config.hidden_size == 16
+    assert c.meta["corpus"]["preprocess"] == "raw"
+    assert c.meta["progress"]["step"] in (5, 10, 15, 20)
 
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
@@ -74,7 +78,9 @@ def test_exact_resume_across_epoch_boundary(corpus, tmp_path, sampling):
     kw = dict(sampling=sampling, batch_size=8, num_steps=20)  # ~12 steps per epoch
     once = train(tiny(corpus, tmp_path / "once", max_steps=30, **kw))
     first = train(tiny(corpus, tmp_path / "twice", max_steps=16, **kw))
-    assert first.steps == 16 and once.epochs_done > 1.0 and first.epochs_done > 1.0
+    assert first.steps == 16
+    assert once.epochs_done > 1.0
+    assert first.epochs_done > 1.0
     second = train(tiny(corpus, tmp_path / "twice", max_steps=30, **kw), resume=True)
     assert second.steps == 30
     assert_same_weights(weights(tmp_path / "once"), weights(tmp_path / "twice"))
@@ -161,27 +167,92 @@ def test_tampered_or_truncated_checkpoint_refused(corpus, tmp_path, damage):
     assert "\n" not in str(err.value)
 
 
-def test_nonfinite_loss_saves_and_stops(corpus, tmp_path, monkeypatch):
-    import types
-
-    import importlib
-
-    tm = importlib.import_module("charlm.training")
-
-    real = torch.nn.functional.cross_entropy
-    calls = {"n": 0}
-
-    def spiking(logits, target, **kw):  # the loss spikes to NaN from the 8th training step on
-        calls["n"] += 1
-        loss = real(logits, target, **kw)
-        return loss * float("nan") if calls["n"] >= 8 else loss
-
-    monkeypatch.setattr(tm, "F", types.SimpleNamespace(cross_entropy=spiking))
-    with pytest.raises(TrainError, match="not finite for 5 steps in a row at step 12") as err:
-        train(tiny(corpus, tmp_path / "r", max_steps=50, eval_every=100))
+def test_nonfinite_loss_saves_and_stops(corpus, tmp_path):
+    # SGD at lr 1e38 without clipping: the first update overflows the weights' scale, every later
+    # loss is inf/NaN, the updates are skipped, and the run stops after five in a row.
+    cfg = tiny(corpus, tmp_path / "r", optimizer="sgd", lr=1e38, clip=0, max_steps=50, eval_every=100)
+    with pytest.raises(TrainError, match="not finite for 5 steps in a row at step 6") as err:
+        train(cfg)
     assert "saved" in str(err.value)
-    c = ck.load_checkpoint(tmp_path / "r" / "last")
-    assert all(torch.isfinite(v).all() for v in c.model.state_dict().values())
+    assert "\n" not in str(err.value)
+    c = ck.load_checkpoint(tmp_path / "r" / "last", with_trainer_state=True)
+    assert c.trainer_state["step"] == 5  # the weights after step 1, which steps 2-6 never changed
+    for name, value in c.model.state_dict().items():
+        assert torch.isfinite(value).all(), name
+
+
+def reference_loop(cfg: TrainConfig, steps: int) -> dict:
+    """The d2l training loop written out by hand: what charlm's Trainer must compute, step for step."""
+    from charlm.data import load_split, make_batches
+    from charlm.models import RNNLM
+
+    data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction)
+    torch.manual_seed(cfg.seed)
+    model = RNNLM.from_config(cfg.model_config(len(data.vocab), len(data.train_ids)))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr())
+    done, epoch = 0, 0
+    while done < steps:
+        state = None  # every epoch starts from zeros
+        for X, Y in make_batches(cfg.sampling, data.train_ids, cfg.batch_size, cfg.num_steps, seed=cfg.seed,
+                                 epoch=epoch):
+            if cfg.sampling == "random":
+                state = None  # unrelated windows: a fresh state for every batch
+            elif state is not None:
+                state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+            logits, state = model(X, state)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_training_equals_the_loop_written_by_hand(corpus, tmp_path, sampling, cell):
+    # 16 steps of ~13 per epoch cross an epoch boundary; clip 0.05 is below every gradient norm here,
+    # so a loop that did not clip, or that reset or carried the state in the wrong mode, ends elsewhere.
+    cfg = tiny(corpus, tmp_path / "r", cell=cell, sampling=sampling, batch_size=8, num_steps=20, dropout=0.0,
+               clip=0.05, max_steps=16, eval_every=100)
+    result = train(cfg)
+    assert result.epochs_done > 1.0
+    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
+        assert float(next(csv.DictReader(f))["grad_norm"]) > 0.05 * 2  # clipping was active
+    assert_same_weights(weights(tmp_path / "r"), reference_loop(cfg, 16))
+
+
+def test_lr_decays_after_each_evaluation_without_improvement(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "r", lr=0.05, eval_every=3, max_steps=60, lr_decay=0.5)
+    train(cfg)
+    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best, lr, decays = float("inf"), 0.05, 0
+    for row in rows:
+        assert float(row["lr"]) == pytest.approx(lr)  # the lr the interval before this evaluation used
+        loss = float(row["val_loss"])
+        if loss < best:
+            best = loss
+        else:
+            lr, decays = lr * 0.5, decays + 1
+    assert decays >= 2  # the run did meet plateaus
+    saved = ck.load_checkpoint(tmp_path / "r" / "last", with_trainer_state=True).trainer_state
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)  # what the optimizer really uses
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_patience_stops_after_exactly_that_many_evaluations_without_improvement(corpus, tmp_path, patience):
+    result = train(tiny(corpus, tmp_path / "r", lr=0.05, eval_every=3, max_steps=300, patience=patience))
+    assert result.stop_reason == f"no held-out improvement in {patience} evaluations"
+    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
+        losses = [float(r["val_loss"]) for r in csv.DictReader(f)]
+    best_at = losses.index(min(losses))
+    assert len(losses) - 1 - best_at == patience  # the evaluations after the best one
+    assert all(min(losses[:i]) <= losses[i] for i in range(best_at + 1, len(losses)))
 
 
 # ---- refusals through the CLI: one line, non-zero exit, nothing written or changed -----------
@@ -195,7 +266,9 @@ def test_existing_run_refused_and_untouched(corpus, tmp_path):
     digest = tree_digest(tmp_path / "r")
     r = invoke(corpus, "--out", tmp_path / "r", "--max-steps", 3)
     assert r.exit_code == 1
-    assert "--resume" in r.output and "--overwrite" in r.output and r.output.count("\n") == 1
+    assert "--resume" in r.output
+    assert "--overwrite" in r.output
+    assert r.output.count("\n") == 1
     assert tree_digest(tmp_path / "r") == digest
 
 
@@ -204,7 +277,8 @@ def test_resume_with_other_model_options_names_them(corpus, tmp_path):
     digest = tree_digest(tmp_path / "r")
     r = invoke(corpus, "--out", tmp_path / "r", "--resume", "--hidden-size", 32, "--cell", "lstm")
     assert r.exit_code == 1, r.output
-    assert "hidden-size: 16 -> 32" in r.output and "cell: 'gru' -> 'lstm'" in r.output
+    assert "hidden-size: 16 -> 32" in r.output
+    assert "cell: 'gru' -> 'lstm'" in r.output
     assert tree_digest(tmp_path / "r") == digest
     # options not given again come from the saved run
     r = invoke(corpus, "--out", tmp_path / "r", "--resume", "--max-steps", 12, "--quiet")
@@ -239,4 +313,6 @@ def test_bad_options_one_line_nothing_written(corpus, tmp_path, args, code, mess
 
 def test_missing_corpus_one_line(tmp_path):
     r = invoke(tmp_path / "nope.txt", "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "no such file" in r.output and r.output.count("\n") == 1
+    assert r.exit_code == 1
+    assert "no such file" in r.output
+    assert r.output.count("\n") == 1

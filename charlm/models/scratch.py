@@ -11,7 +11,7 @@ drop-in replacements for ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` with ``batch_firs
   layers (training only, not after the last layer), and the same state: ``(L, B, H)``, or a pair
   ``(h, c)`` of those for the LSTM.
 
-Why they are fast (d2l's from-scratch RNN runs ~14x slower than torch's kernels): the input
+Why they are fast (d2l's from-scratch RNN is an order of magnitude slower than torch's kernels): the input
 projection ``W_ih x_t + b_ih`` does not depend on the state, so it is computed for all time steps in
 one matmul before the loop; for one-hot input (``x`` given as a ``(B, T)`` tensor of indices) it is
 just a lookup of columns of ``W_ih``, with no one-hot tensor at all. Only the recurrent matmul

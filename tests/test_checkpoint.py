@@ -1,0 +1,108 @@
+"""Checkpoints refuse what they must refuse: tampering, code in a pickle, and a full disk."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import RNNLM, Vocab
+from charlm import checkpoint as ck
+from charlm.errors import CheckpointError
+
+TEXT = "the time traveller smiled and the machine was gone\n" * 40
+
+
+@pytest.fixture
+def saved(tmp_path):
+    vocab = Vocab.from_text(TEXT)
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), cell="lstm", hidden_size=8, embedding_dim=4)
+    opt = torch.optim.Adam(model.parameters())
+    trainer_state = {"optimizer": opt.state_dict(), "step": 3, "torch_rng": torch.get_rng_state()}
+    return ck.save_checkpoint(tmp_path / "run" / "last", model, vocab, {"progress": {"step": 3}}, trainer_state)
+
+
+def _forge_manifest(path: Path, name: str) -> None:
+    """Rewrite manifest.json so that it matches ``name`` as it is now: the checksum is no signature."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest[name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+class _WritesAFile:
+    """A pickle payload that, if ever unpickled with code allowed, creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "trainer.pt"])
+def test_code_in_a_pickle_never_runs_even_with_a_forged_manifest(saved, tmp_path, name):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": _WritesAFile(marker)}, saved / name)
+    _forge_manifest(saved, name)  # the checksum passes: weights_only=True is the only defence left
+    with pytest.raises(CheckpointError, match="cannot load checkpoint") as err:
+        ck.load_checkpoint(saved, with_trainer_state=True)
+    assert not marker.exists()
+    assert "\n" not in str(err.value)
+    assert "weights" in str(err.value).lower()  # torch's refusal, named
+
+
+@pytest.mark.parametrize("name", ck.FILES)
+def test_every_file_is_checked_against_the_manifest(saved, name):
+    data = bytearray((saved / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (saved / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{name} does not match its checksum"):
+        ck.load_checkpoint(saved, with_trainer_state=True)
+
+
+def test_a_missing_file_is_named(saved):
+    (saved / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        ck.load_checkpoint(saved)
+
+
+def test_unwritable_place_is_one_line(saved, tmp_path):
+    c = ck.load_checkpoint(saved)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*a-file/ckpt: .*a-file is not a directory"):
+        ck.save_checkpoint(tmp_path / "a-file" / "ckpt", c.model, c.vocab)
+
+
+def _tiny_disk_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _tiny_disk_works(),
+                    reason="needs unshare and a private tmpfs mount (Linux user and mount namespaces)")
+def test_full_disk_while_training_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    """A real full disk: the run directory on a 96 KB tmpfs, in a private mount namespace."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = (f"{sys.executable} -m charlm train {tmp_path / 'corpus.txt'} --out {disk / 'run'} --quiet "
+             f"--hidden-size 64 --embedding-dim 8 --batch-size 4 --num-steps 10 --max-steps 4 --eval-every 2")
+    script = f"mount -t tmpfs -o size=96k tmpfs {disk} && {train}; echo rc=$?; ls -a {disk / 'run'}"
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "rc=1" in p.stdout, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, p.stderr
+    assert "No space left on device" in errors[0]
+    listing = p.stdout.split()
+    assert not [name for name in listing if ".tmp-" in name]  # no half-written checkpoint directory
