@@ -76,6 +76,10 @@ class Checkpoint:
         return self.corpus_info.get("val_fraction", TrainConfig.val_fraction)
 
     @property
+    def min_count(self) -> int:
+        return self.corpus_info.get("min_count", TrainConfig.min_count)
+
+    @property
     def progress(self) -> dict:
         """``step``, ``epoch``, ``best_val_loss``, ... at the time of saving."""
         return dict(self.meta.get("progress", {}))

@@ -88,24 +88,88 @@ def download(name: str, directory: str, quiet: bool) -> None:
     click.echo(f"{path}  ({known.size:,} bytes, sha256 verified) - {known.licence}")
 
 
+_MIN_COUNT_HELP = "Characters seen fewer times than this become <unk> (never generated); 1 keeps every character."
+
+
+class _PrepareBar:
+    """A bytes progress bar for a corpus being streamed into the token cache; shown only if that happens."""
+
+    def __init__(self, corpus, quiet: bool):
+        self.corpus, self.quiet, self.bar = corpus, quiet, None
+
+    def __call__(self, nbytes: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            from charlm.tokens import source_files
+
+            total = sum(f.stat().st_size for f in source_files(self.corpus))
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="preparing", leave=False, disable=self.quiet)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _prepare(corpus: str, preprocess: str, min_count: int, quiet: bool):
+    """The corpus from the token cache, downloaded and prepared first (with progress bars) when needed."""
+    from charlm.tokens import prepare
+
+    path = corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
+    bar = _PrepareBar(path, quiet)
+    try:
+        return prepare(path, preprocess, min_count, progress=bar)
+    finally:
+        bar.close()
+
+
 @main.command()
-@click.argument("corpus", type=click.Path(dir_okay=True))
+@click.argument("corpus", type=click.Path())
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_d("preprocess"), help=_PREPROCESS_HELP)
-def stats(corpus: str, preprocess: str) -> None:
-    """Print a corpus's size and vocabulary after preprocessing.
+@click.option("--min-count", type=click.IntRange(min=1), default=_d("min_count"), help=_MIN_COUNT_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def prepare(corpus: str, preprocess: str, min_count: int, quiet: bool) -> None:
+    """Stream CORPUS once into the token cache (train and eval do this by themselves when needed).
+
+    \b
+    CORPUS is a UTF-8 text file, or a directory: every *.txt file under it, in sorted path order,
+    each followed by a newline. The cache is $CHARLM_CACHE_DIR, else ~/.cache/charlm; a changed
+    source is prepared again.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    prepared = _prepare(corpus, preprocess, min_count, quiet)
+    seconds = time.perf_counter() - t0
+    meta = prepared.meta
+    rate = "cached" if prepared.hit else f"{meta['size'] / 1e6 / max(seconds, 1e-9):,.1f} MB/s"
+    click.echo(f"{meta['tokens']:,} tokens, {meta['vocab_size']:,} symbols (with <unk>), {meta['dtype']}, "
+               f"{rate}: {prepared.path}")
+
+
+@main.command()
+@click.argument("corpus", type=click.Path())
+@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_d("preprocess"), help=_PREPROCESS_HELP)
+@click.option("--min-count", type=click.IntRange(min=1), default=_d("min_count"), help=_MIN_COUNT_HELP)
+def stats(corpus: str, preprocess: str, min_count: int) -> None:
+    """Print a corpus's size and vocabulary after preprocessing (it is prepared into the token cache).
 
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded first.
     """
-    path = corpus_mod.ensure_corpus(corpus, on_download=_corpus_notice)
-    c = corpus_mod.load_corpus(path, preprocess=preprocess)
-    sample = "".join(c.vocab.itos[1:41])
-    click.echo(f"{path}: {len(c):,} characters, {len(c.vocab)} symbols (with <unk>), preprocess={preprocess}")
+    prepared = _prepare(corpus, preprocess, min_count, quiet=True)
+    vocab = prepared.vocab
+    sample = "".join(vocab.itos[1:41])
+    click.echo(f"{corpus}: {len(prepared.ids):,} characters, {len(vocab)} symbols (with <unk>), "
+               f"preprocess={preprocess}")
     click.echo(f"most frequent: {sample!r}")
 
 
 @main.command()
-@click.argument("corpus", type=click.Path(dir_okay=True))
+@click.argument("corpus", type=click.Path())
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_d("preprocess"), help=_PREPROCESS_HELP)
+@click.option("--min-count", type=click.IntRange(min=1), default=_d("min_count"), help=_MIN_COUNT_HELP)
 @click.option("--cell", type=click.Choice(CELLS), default=_d("cell"), help="Recurrent cell.")
 @click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
               help="torch: PyTorch's kernels (cuDNN on GPUs); scratch: charlm's own cells (same weights).")
@@ -136,6 +200,10 @@ def stats(corpus: str, preprocess: str) -> None:
               help="Fraction of the text, from its end, held out for evaluation.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=_d("eval_every"),
               help="Steps between held-out evaluations (each saves last/, and best/ when better).")
+@click.option("--eval-chars", type=click.IntRange(min=2), default=None,
+              show_default="a fifth of the characters trained on between evaluations, at least 20,000",
+              help="Held-out characters each periodic evaluation reads (the tail's first ones, the same every "
+                   "time); the final figure reads the whole tail.")
 @click.option("--patience", type=click.IntRange(min=0), default=_d("patience"),
               help="Stop after this many evaluations without improvement; 0 = never.")
 @click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
@@ -150,8 +218,11 @@ def stats(corpus: str, preprocess: str) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")
 @click.pass_context
 def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
-    """Train a character-level language model on CORPUS, a UTF-8 text file.
+    """Train a character-level language model on CORPUS.
 
+    \b
+    CORPUS is a UTF-8 text file, or a directory: every *.txt file under it, in sorted path order,
+    each followed by a newline. It is streamed once into the token cache (see charlm prepare).
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded
     first. The run directory gets last/ and best/ checkpoints, metrics.csv and curve.png.
     """
@@ -176,9 +247,10 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     cfg = TrainConfig(**values)
     corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
 
-    progress = _TrainProgress(quiet)
+    progress, prepare_bar = _TrainProgress(quiet), _PrepareBar(corpus, quiet)
     try:
-        result = run_training(cfg, resume=resume, overwrite=overwrite, callback=progress)
+        result = run_training(cfg, resume=resume, overwrite=overwrite, callback=progress,
+                              prepare_progress=prepare_bar)
     except TrainingInterrupted as exc:
         progress.close()
         _draw_curve(exc.result.out)
@@ -186,6 +258,7 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
                    f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
         sys.exit(130)
     finally:
+        prepare_bar.close()
         progress.close()
     result.save_s += _draw_curve(result.out)  # the summary's "saving": checkpoints and curve.png
     click.echo(_summary(result, cfg))
@@ -214,7 +287,12 @@ def _summary(result, cfg) -> str:
     parts = [f"{result.steps:,} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s:.0f}s (held-out "
              f"evaluation {result.eval_s:.1f}s, saving {result.save_s:.1f}s), {result.stop_reason}"]
     if best is not None:
-        parts.append(f"best held-out {best.bits_per_char:.3f} bits/char, perplexity {best.perplexity:.2f}")
+        scope = ""
+        if result.eval_chars < result.val_chars:  # periodic evaluations read the tail's first part only
+            scope = (f" on all {result.val_chars:,} held-out characters" if best.tokens >= result.val_chars - 64 else
+                     f" on the first {best.tokens:,} of {result.val_chars:,} held-out characters (no time left "
+                     f"for all: charlm eval {result.out} reads them all)")
+        parts.append(f"best held-out {best.bits_per_char:.3f} bits/char, perplexity {best.perplexity:.2f}{scope}")
     if cfg.d2l and result.train_loss is not None:
         parts.append(f"training perplexity {math.exp(result.train_loss):.2f}")
     parts.append(f"checkpoint: {result.out / 'best'}")

@@ -116,7 +116,7 @@ def normalize(text: str, preprocess: str = "raw") -> str:
 # Reading
 
 
-def read_text(path: str | os.PathLike) -> str:
+def read_text(path: str | os.PathLike, allow_empty: bool = False) -> str:
     """Read a whole UTF-8 file strictly; every failure is a one-line :class:`CorpusError`."""
     path = Path(path)
     if path.is_dir():
@@ -127,7 +127,7 @@ def read_text(path: str | os.PathLike) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not data:
+    if not data and not allow_empty:
         raise CorpusError(f"{path} is empty")
     try:
         return data.decode("utf-8")
@@ -161,18 +161,27 @@ def ensure_corpus(path: str | os.PathLike, progress: bool = True, on_download=No
 
 
 def read_normalized(path: str | os.PathLike, preprocess: str = "raw") -> str:
-    """The text of ``path`` after ``preprocess``; a text that preprocessing empties is an error."""
-    text = normalize(read_text(path), preprocess)
+    """The text of ``path`` (a file, or a directory of ``*.txt`` files) after ``preprocess``; a text that
+    preprocessing empties is an error."""
+    from charlm.tokens import read_source
+
+    text = normalize(read_source(path), preprocess)
     if not text:
         raise CorpusError(f"{path} is empty after {preprocess!r} preprocessing")
     return text
 
 
-def load_corpus(path: str | os.PathLike, preprocess: str = "raw") -> Corpus:
-    """Read ``path``, normalise it, build its vocabulary and encode it."""
+def load_corpus(path: str | os.PathLike, preprocess: str = "raw", min_count: int = 1) -> Corpus:
+    """Read ``path`` whole, normalise it, build its vocabulary and encode it, in memory.
+
+    ``min_count``: characters seen fewer times are left out of the vocabulary and encoded as
+    ``<unk>`` (id 0). Training reads large corpora through the token cache instead (charlm.tokens),
+    which gives the same ids without holding the text.
+    """
     text = read_normalized(path, preprocess)
-    vocab = Vocab.from_text(text)
-    return Corpus(text=text, vocab=vocab, ids=vocab.encode(text), path=Path(path), preprocess=preprocess)
+    vocab = Vocab.from_text(text, min_count=min_count)
+    ids = vocab.encode(text, errors="strict" if min_count == 1 else "replace")
+    return Corpus(text=text, vocab=vocab, ids=ids, path=Path(path), preprocess=preprocess)
 
 
 # ---------------------------------------------------------------------------------------------

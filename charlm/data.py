@@ -2,8 +2,8 @@
 
 Both iterators cover one epoch, know their length, and are deterministic given ``(seed, epoch)``,
 so a run can be resumed at any batch (``start=``) and every epoch gets its own random offset.
-They accept numpy arrays (a ``np.memmap`` too: batches are sliced from it, the stream is never
-copied whole) or 1-D tensors, and yield ``(X, Y)`` int64 tensors of shape ``(B, T)`` where ``Y`` is
+They accept numpy arrays, 1-D tensors or a token file (:class:`~charlm.tokens.TokenReader`: each
+batch is read as ``B`` windows, the file never whole), and yield ``(X, Y)`` int64 tensors of shape ``(B, T)`` where ``Y`` is
 ``X`` shifted by one character.
 
 ``rank``/``world_size`` give each of several processes its own contiguous share of the ``B`` rows
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from charlm.config import SAMPLINGS
-from charlm.corpus import read_normalized
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, CorpusError
+from charlm.tokens import TokenReader, prepare, windows
 from charlm.vocab import Vocab
 
 
@@ -41,32 +41,36 @@ def split(ids, val_fraction: float):
 
 @dataclass
 class RunData:
-    """A corpus as a run sees it: its vocabulary and its training and held-out ids."""
+    """A corpus as a run sees it: its vocabulary and its training and held-out ids (token-file views)."""
 
     vocab: Vocab
-    train_ids: np.ndarray
-    val_ids: np.ndarray
+    train_ids: TokenReader
+    val_ids: TokenReader
     num_chars: int  # the whole corpus after preprocessing
+    sha256: str  # of the source bytes
+    cache: str  # the prepared corpus's directory
 
 
 def load_split(corpus: str | os.PathLike, preprocess: str, val_fraction: float, max_chars: int | None = None,
-               vocab: Vocab | None = None) -> RunData:
-    """Read ``corpus``, encode it and hold out its tail, as a run does.
+               min_count: int = 1, vocab: Vocab | None = None, sha256: str | None = None,
+               progress=None) -> RunData:
+    """The corpus from the token cache (prepared first if needed), its tail held out, as a run sees it.
 
-    ``vocab=None`` builds the vocabulary from the text (training); a given ``vocab`` (a checkpoint's)
-    encodes it, characters outside it becoming ``<unk>``. ``max_chars`` keeps the first characters of
-    the training part only; the held-out part stays the corpus's tail.
+    ``max_chars`` keeps the first characters of the training part only; the held-out part stays the
+    corpus's tail. A given ``vocab`` or ``sha256`` (a run's) must still be the corpus's: otherwise the
+    corpus changed since the run, and its held-out part is no longer the run's.
     """
-    text = read_normalized(corpus, preprocess)
-    if vocab is None:
-        vocab = Vocab.from_text(text)
-        ids = vocab.encode(text)
-    else:
-        ids = vocab.encode(text, errors="replace")
-    train_ids, val_ids = split(ids, val_fraction)
+    prepared = prepare(corpus, preprocess, min_count, progress=progress)
+    if sha256 is not None and prepared.sha256 != sha256:
+        raise CorpusError(f"{corpus} changed since the run used it (sha256 {sha256[:12]}..., now "
+                          f"{prepared.sha256[:12]}...)")
+    if vocab is not None and prepared.vocab != vocab:
+        raise CorpusError(f"{corpus} no longer gives the vocabulary the run was trained with: it changed since")
+    train_ids, val_ids = split(prepared.ids, val_fraction)
     if max_chars is not None:
         train_ids = train_ids[:max_chars]
-    return RunData(vocab=vocab, train_ids=train_ids, val_ids=val_ids, num_chars=len(ids))
+    return RunData(vocab=prepared.vocab, train_ids=train_ids, val_ids=val_ids, num_chars=len(prepared.ids),
+                   sha256=prepared.sha256, cache=str(prepared.path))
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:
@@ -74,7 +78,10 @@ def min_tokens(batch_size: int, num_steps: int) -> int:
     return batch_size * num_steps + num_steps
 
 
-def _as_numpy(ids) -> np.ndarray:
+def _as_numpy(ids):
+    """``ids`` as a 1-D numpy array; a :class:`~charlm.tokens.TokenReader` stays as it is (never read whole)."""
+    if isinstance(ids, TokenReader):
+        return ids
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().cpu().numpy()
     ids = np.asarray(ids)
@@ -111,10 +118,6 @@ class _Batches:
     def __len__(self) -> int:
         return self.num_batches - self.start
 
-    @staticmethod
-    def _tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-
 
 class random_batches(_Batches):  # noqa: N801
     """d2l's ``seq_data_iter_random``: shuffled, non-overlapping windows.
@@ -128,22 +131,24 @@ class random_batches(_Batches):  # noqa: N801
 
         stream:  o o o | w0 w0 w0 | w1 w1 w1 | w2 w2 w2 | w3 w3 w3 | ...   (o = offset, T = 3)
         batch 0: X = [w2, w0]   batch 1: X = [w3, w1]   (B = 2, after shuffling)
+
+    The shuffled order is kept as window numbers in 4 bytes each (not 8-byte starts): half the
+    memory on a large corpus, and the same permutation, so the same batches.
     """
 
     def __init__(self, ids, batch_size, num_steps, seed=0, epoch=0, start=0, rank=0, world_size=1):
         super().__init__(ids, batch_size, num_steps, seed, epoch, start, rank, world_size)
         num_windows = (len(self.ids) - self.offset - 1) // num_steps
-        starts = self.offset + num_steps * np.arange(num_windows)
-        self.rng.shuffle(starts)
+        order = np.arange(num_windows, dtype=np.uint32 if num_windows < 2**32 else np.uint64)
+        self.rng.shuffle(order)  # in place
         self.num_batches = num_windows // batch_size
-        # (num_batches, B): the start of every window of every batch, in order.
-        self.starts = starts[: self.num_batches * batch_size].reshape(self.num_batches, batch_size)
-        self._span = np.arange(num_steps + 1)
+        self.order = order[: self.num_batches * batch_size].reshape(self.num_batches, batch_size)  # (batches, B)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        T = self.num_steps
         for k in range(self.start, self.num_batches):
-            idx = self.starts[k, self.rows, None] + self._span  # (B, T+1)
-            window = self._tensor(self.ids[idx])
+            starts = self.offset + T * self.order[k, self.rows].astype(np.int64)
+            window = torch.from_numpy(windows(self.ids, starts, T + 1))  # (B, T+1)
             yield window[:, :-1], window[:, 1:]
 
 
@@ -160,21 +165,29 @@ class sequential_batches(_Batches):  # noqa: N801
         rows:   a b c d e f g h i j k     (Y: b c d ... l)
                 l m n o p q r s t u v     (Y: m n o ... w)
         batch 0: X = [[a b c], [l m n]]   batch 1: X = [[d e f], [o p q]]   ...
+
+    Each block is read as ``B`` windows of ``T + 1`` ids (``X`` and, shifted by one, ``Y``), so a
+    token file is never read whole.
     """
 
     def __init__(self, ids, batch_size, num_steps, seed=0, epoch=0, start=0, rank=0, world_size=1):
         super().__init__(ids, batch_size, num_steps, seed, epoch, start, rank, world_size)
-        num_tokens = (len(self.ids) - self.offset - 1) // batch_size * batch_size
-        o = self.offset
-        self.xs = self.ids[o : o + num_tokens].reshape(batch_size, -1)  # (B, cols), a view
-        self.ys = self.ids[o + 1 : o + 1 + num_tokens].reshape(batch_size, -1)
-        self.num_batches = self.xs.shape[1] // num_steps
+        self.cols = (len(self.ids) - self.offset - 1) // batch_size  # characters per row
+        self.num_batches = self.cols // num_steps
+        self.row_starts = self.offset + self.cols * np.arange(batch_size, dtype=np.int64)[self.rows]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         T = self.num_steps
         for k in range(self.start, self.num_batches):
-            cols = slice(k * T, (k + 1) * T)
-            yield self._tensor(self.xs[self.rows, cols]), self._tensor(self.ys[self.rows, cols])
+            window = torch.from_numpy(windows(self.ids, self.row_starts + k * T, T + 1))  # (B, T+1)
+            yield window[:, :-1], window[:, 1:]
+
+
+def count_batches(sampling: str, num_tokens: int, batch_size: int, num_steps: int, offset: int = 0) -> int:
+    """Batches in an epoch of ``num_tokens`` ids at ``offset``, without building the iterator."""
+    if sampling == "random":
+        return (num_tokens - offset - 1) // num_steps // batch_size
+    return (num_tokens - offset - 1) // batch_size // num_steps
 
 
 def make_batches(sampling: str, ids, batch_size, num_steps, **kwargs) -> _Batches:

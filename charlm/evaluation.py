@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split
+from charlm.tokens import windows
 from charlm.errors import CheckpointError, ConfigError, CorpusError
 
 
@@ -52,17 +53,18 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     device = device or next(model.parameters()).device
     B = max(1, min(batch_size, (n - 1) // 2))
     cols = (n - 1) // B
-    xs = torch.from_numpy(np.ascontiguousarray(ids[: B * cols], dtype=np.int64)).view(B, cols)
-    ys = torch.from_numpy(np.ascontiguousarray(ids[1 : B * cols + 1], dtype=np.int64)).view(B, cols)
+    row_starts = cols * np.arange(B, dtype=np.int64)  # row r reads ids[r*cols : (r+1)*cols + 1]
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with torch.inference_mode():
             state = None
-            for start in range(0, cols, num_steps):
-                X = xs[:, start : start + num_steps].to(device, non_blocking=True)
-                Y = ys[:, start : start + num_steps].to(device, non_blocking=True)
+            for start in range(0, cols, num_steps):  # one block of columns at a time, never the whole stream
+                width = min(num_steps, cols - start)
+                block = torch.from_numpy(windows(ids, row_starts + start, width + 1))  # (B, width+1)
+                X = block[:, :-1].to(device, non_blocking=True)
+                Y = block[:, 1:].to(device, non_blocking=True)
                 logits, state = model(X, state)
                 total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
                                          reduction="sum").double()
@@ -92,4 +94,5 @@ def held_out_ids(ckpt) -> np.ndarray:
         raise CheckpointError(f"{ckpt.path} names no corpus; pass FILES to evaluate on")
     if not ckpt.corpus_path.exists():
         raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; pass FILES to evaluate on")
-    return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, vocab=ckpt.vocab).val_ids
+    return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count,
+                      vocab=ckpt.vocab, sha256=ckpt.corpus_info.get("sha256")).val_ids

@@ -13,6 +13,7 @@ Only this module knows the names above and the columns of ``metrics.csv``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
 MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout")
-DATA_FIELDS = ("corpus", "preprocess", "max_chars", "val_fraction", "batch_size", "num_steps", "sampling", "seed")
+DATA_FIELDS = ("corpus", "preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
+               "seed", "eval_chars")
 
 
 def default_out(corpus: str | os.PathLike) -> Path:
@@ -32,11 +34,14 @@ def default_out(corpus: str | os.PathLike) -> Path:
 
 
 def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS) -> list[str]:
-    """``name: saved -> requested`` for every model or data option that differs."""
+    """``name: saved -> requested`` for every model or data option that differs (an option a run saved
+    by an earlier charlm does not name had its default then)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(requested))}
     out = []
     for name in names:
-        if saved.get(name) != getattr(requested, name):
-            out.append(f"{name.replace('_', '-')}: {saved.get(name)!r} -> {getattr(requested, name)!r}")
+        was = saved.get(name, defaults.get(name))
+        if was != getattr(requested, name):
+            out.append(f"{name.replace('_', '-')}: {was!r} -> {getattr(requested, name)!r}")
     return out
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from charlm.checkpoint import save_checkpoint
 from charlm.config import TrainConfig
-from charlm.data import RunData, load_split, make_batches, min_tokens
+from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
 from charlm.device import resolve_device
 from charlm.errors import TrainError, TrainingInterrupted
 from charlm.evaluation import EvalResult, evaluate
@@ -58,6 +58,8 @@ class TrainResult:
     train_loss: float | None  # mean training loss over the last evaluation interval
     eval_s: float = 0.0  # of elapsed_s: seconds spent in held-out evaluations
     save_s: float = 0.0  # of elapsed_s: seconds spent writing checkpoints
+    val_chars: int = 0  # the held-out tail's length
+    eval_chars: int = 0  # of it, what each periodic evaluation read (its first characters)
 
 
 @dataclass
@@ -142,9 +144,9 @@ def _make_optimizer(cfg: TrainConfig, model: RNNLM):
     return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
-def load_data(cfg: TrainConfig) -> RunData:
+def load_data(cfg: TrainConfig, progress=None) -> RunData:
     """The run's vocabulary, training ids and held-out ids, checked against the batch shape."""
-    data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction, cfg.max_chars)
+    data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction, cfg.max_chars, cfg.min_count, progress=progress)
     need = min_tokens(cfg.batch_size, cfg.num_steps)
     if len(data.train_ids) < need:
         raise TrainError(
@@ -173,12 +175,17 @@ class Trainer:
         self.best_val: EvalResult | None = None
         self.last_val: EvalResult | None = None
         self.eval_s = self.save_s = 0.0
+        self.eval_ids = data.val_ids[: cfg.resolved_eval_chars(len(data.val_ids))]  # the same part every time
+        self.eval_s_per_char = None  # measured by each evaluation: what the final ones will cost
+        self.last_save_s = 0.0
+        self.best_weights = None  # a copy, for the final evaluation on the whole tail
         self.t_start = time.perf_counter()  # reset when the loop starts
         self.meta_base = {
             "train": cfg.to_dict(),
             "corpus": {"path": str(Path(cfg.corpus)), "preprocess": cfg.preprocess, "val_fraction": cfg.val_fraction,
-                       "max_chars": cfg.max_chars, "chars": data.num_chars, "train_chars": len(data.train_ids),
-                       "val_chars": len(data.val_ids)},
+                       "max_chars": cfg.max_chars, "min_count": cfg.min_count, "chars": data.num_chars,
+                       "train_chars": len(data.train_ids), "val_chars": len(data.val_ids),
+                       "eval_chars": len(self.eval_ids), "sha256": data.sha256},
         }
 
     # -- state ---------------------------------------------------------------------------------
@@ -198,7 +205,8 @@ class Trainer:
                                                "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
                                                "val_loss": val.loss if val else None}}
         save_checkpoint(self.run_dir.checkpoint(name), self.model, self.data.vocab, meta, self.checkpoint_state())
-        self.save_s += time.perf_counter() - t0
+        self.last_save_s = time.perf_counter() - t0
+        self.save_s += self.last_save_s
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> None:
@@ -235,8 +243,10 @@ class Trainer:
         """Held-out loss -> metrics row -> best/ when better (else the lr decays) -> last/."""
         cfg, st, iv = self.cfg, self.state, self.interval
         now = time.perf_counter()
-        val = evaluate(self.model, self.data.val_ids, device=self.device)
-        self.eval_s += time.perf_counter() - now
+        val = evaluate(self.model, self.eval_ids, device=self.device)
+        spent = time.perf_counter() - now
+        self.eval_s += spent
+        self.eval_s_per_char = spent / val.tokens
         row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
                "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
                "train_loss": iv.mean(iv.loss_sum), "val_loss": val.loss, "val_bpc": val.bits_per_char,
@@ -247,6 +257,7 @@ class Trainer:
         improved = val.loss < st.best_loss
         if improved:
             st.best_loss, st.evals_since_best, self.best_val = val.loss, 0, val
+            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.save("best", val)
         else:
             st.evals_since_best += 1
@@ -300,9 +311,38 @@ class Trainer:
                 reason = f"no held-out improvement in {cfg.patience} evaluations"
         if stop["signal"]:
             return stop["signal"]
-        if reason is None and cfg.time_limit is not None and time.perf_counter() - self.t_start >= cfg.time_limit:
+        if reason is None and cfg.time_limit is not None and self.elapsed() + self.reserve() >= cfg.time_limit:
             reason = f"--time-limit {cfg.time_limit:g}s reached"
         return reason
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def reserve(self) -> float:
+        """Seconds the run still needs once it stops training, at the rates measured so far: the final
+        evaluation and checkpoints, and the best weights on the whole tail (at most a tenth of the time
+        limit is kept for that: on a huge corpus the summary then reports a leading part of the tail)."""
+        if self.eval_s_per_char is None:
+            return 0.0
+        final_eval = 0 if self.last_eval_step == self.state.step else len(self.eval_ids)
+        whole_tail = len(self.data.val_ids) if len(self.eval_ids) < len(self.data.val_ids) else 0
+        whole_tail_s = min(whole_tail * self.eval_s_per_char, 0.1 * (self.cfg.time_limit or 0))
+        return final_eval * self.eval_s_per_char + whole_tail_s + 2 * self.last_save_s
+
+    def evaluate_best_on_tail(self) -> None:
+        """When periodic evaluations read only the tail's first part: the best weights on the whole tail,
+        or on as much of it as the time limit leaves room for. Sets ``best_val``."""
+        val_ids = self.data.val_ids
+        if self.best_weights is None or len(self.eval_ids) >= len(val_ids):
+            return
+        chars = len(val_ids)
+        if self.cfg.time_limit is not None and self.eval_s_per_char:
+            room = self.cfg.time_limit - self.elapsed()
+            chars = min(chars, max(len(self.eval_ids), int(room / self.eval_s_per_char)))
+        self.model.load_state_dict(self.best_weights)
+        t0 = time.perf_counter()
+        self.best_val = evaluate(self.model, val_ids[:chars], device=self.device)
+        self.eval_s += time.perf_counter() - t0
 
     def result(self, stop_reason: str) -> TrainResult:
         st = self.state
@@ -313,31 +353,39 @@ class Trainer:
                            epochs_done=st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch),
                            tokens=st.step * self.tokens_per_step, elapsed_s=time.perf_counter() - self.t_start,
                            stop_reason=stop_reason, best=best, last=self.last_val,
-                           train_loss=self.run_dir.last_train_loss(), eval_s=self.eval_s, save_s=self.save_s)
+                           train_loss=self.run_dir.last_train_loss(), eval_s=self.eval_s, save_s=self.save_s,
+                           val_chars=len(self.data.val_ids), eval_chars=len(self.eval_ids))
 
     def total_steps(self) -> int:
         """Steps in ``cfg.epochs`` epochs (an estimate: each epoch's random offset may drop a batch)."""
         cfg = self.cfg
-        per_epoch = len(make_batches(cfg.sampling, self.data.train_ids, cfg.batch_size, cfg.num_steps, seed=cfg.seed))
+        per_epoch = count_batches(cfg.sampling, len(self.data.train_ids), cfg.batch_size, cfg.num_steps)
         total = per_epoch * cfg.epochs
         return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callback=None) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callback=None,
+          prepare_progress=None) -> TrainResult:
     """Train as ``charlm train`` does and return the outcome (see the module docstring).
 
     Everything is checked before any file is written. ``resume`` continues ``out/last`` exactly;
     ``overwrite`` deletes the run in ``out`` first. SIGINT/SIGTERM save ``last/`` and raise
     :class:`~charlm.errors.TrainingInterrupted`; every other problem is a one-line ``CharlmError``.
+    ``prepare_progress(nbytes)`` follows the reading of a corpus that is not in the token cache yet.
     """
     emit = callback or (lambda event, info: None)
     device = resolve_device(cfg.device)
     run = RunDir(cfg.out or default_out(cfg.corpus))
     run.check(resume, overwrite)
     saved = run.load_last(device, cfg) if resume else None
-    data = load_data(cfg)
-    if saved is not None and saved.vocab != data.vocab:
-        raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+    data = load_data(cfg, prepare_progress)
+    if saved is not None:
+        was = saved.corpus_info.get("sha256")
+        if was is not None and was != data.sha256:
+            raise TrainError(f"{cfg.corpus} changed since the run started (sha256 {was[:12]}..., now "
+                             f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
+        if saved.vocab != data.vocab:
+            raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
     run.create(overwrite)
 
     trainer = Trainer(cfg, data, run, device, emit)
@@ -351,6 +399,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
         stop_reason = trainer.run(stop)
         if trainer.last_eval_step != st.step:
             trainer.evaluate_and_save()  # the final evaluation and checkpoint
+        if not stop["signal"]:
+            trainer.evaluate_best_on_tail()
         result = trainer.result(stop_reason)
         if stop["signal"]:
             raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result)

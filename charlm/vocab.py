@@ -27,6 +27,8 @@ from charlm.errors import ConfigError, UnknownCharactersError
 
 UNK = "<unk>"
 ERRORS = ("strict", "replace")
+_CODE_POINTS = 0x110000
+_BLOCK = 1 << 22  # code points counted at a time by from_text
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -53,22 +55,31 @@ class Vocab:
             raise ConfigError("the vocabulary lists a character twice")
         self.itos: list[str] = [UNK, *chars]
         self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
-        self.dtype = np.dtype(np.uint8 if len(self.itos) <= 256 else np.uint16 if len(self.itos) <= 65536 else np.int32)
+        self.dtype = np.dtype(np.uint8 if len(self.itos) <= 256 else np.uint16 if len(self.itos) <= 65536 else np.uint32)
         cps = np.array([ord(c) for c in chars], dtype=np.int64)
-        # Dense table over the code points: table[cp] = id, -1 for characters outside the vocabulary.
-        self._table = np.full(int(cps.max(initial=0)) + 1, -1, dtype=np.int32)
+        # Dense table over every code point: table[cp] = id, -1 for characters outside the vocabulary.
+        self._table = np.full(_CODE_POINTS, -1, dtype=np.int32)
         self._table[cps] = np.arange(1, len(chars) + 1, dtype=np.int32)
         self._chars = np.array(self.itos, dtype=object)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
-        """Characters of ``text`` by descending count, ties by first occurrence."""
+    def from_text(cls, text: str, min_count: int = 1) -> "Vocab":
+        """Characters of ``text`` by descending count, ties by first occurrence; those seen fewer than
+        ``min_count`` times are left out (they encode as ``<unk>`` with ``errors="replace"``)."""
+        if not isinstance(min_count, int) or min_count < 1:
+            raise ConfigError(f"min count must be an integer >= 1, got {min_count!r}")
         cps = _code_points(text)
-        counts = np.bincount(cps)  # O(n), unlike np.unique's sort
-        present = np.flatnonzero(counts)
-        first = np.full(len(counts), len(cps), dtype=np.int64)
-        np.minimum.at(first, cps, np.arange(len(cps)))  # first position of every code point
+        counts = np.zeros(_CODE_POINTS, dtype=np.int64)
+        first = np.full(_CODE_POINTS, len(cps), dtype=np.int64)
+        for start in range(0, len(cps), _BLOCK):  # in blocks: a character's first block finds it
+            block = cps[start:start + _BLOCK]
+            new = first[block] == len(cps)  # characters not seen in an earlier block
+            if new.any():
+                where = np.flatnonzero(new)
+                np.minimum.at(first, block[where], where + start)
+            counts += np.bincount(block, minlength=_CODE_POINTS)
+        present = np.flatnonzero(counts >= min_count)
         order = np.lexsort((first[present], -counts[present]))  # by -count, then first position
         return cls(chr(int(cp)) for cp in present[order])
 
@@ -93,10 +104,7 @@ class Vocab:
         return list(dict.fromkeys(text[i] for i in bad))
 
     def _lookup(self, cps: np.ndarray) -> np.ndarray:
-        ids = np.full(cps.shape, -1, dtype=np.int32)
-        inside = cps < len(self._table)
-        ids[inside] = self._table[cps[inside]]
-        return ids
+        return self._table[cps]  # every code point is < 0x110000
 
     def encode(self, text: str, errors: str = "strict") -> np.ndarray:
         """Ids of the characters of ``text`` as a compact integer array.

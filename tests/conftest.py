@@ -18,6 +18,12 @@ def mirror() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _token_cache(monkeypatch, tmp_path_factory):
+    """Tests prepare corpora into a cache of their own, never the user's ~/.cache/charlm."""
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "token-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _offline_mirror(monkeypatch):
     """Every test reads known corpora from the mirror, never from the network."""
     path = Path(os.environ.get("CHARLM_CORPUS_MIRROR") or _DEFAULT_MIRROR).resolve()

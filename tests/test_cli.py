@@ -58,7 +58,7 @@ def test_unwritable_out_is_one_line(corpus, tmp_path, out):
 
 @pytest.mark.parametrize("args, message", [
     (["stats", "{tmp}/missing.txt"], "no such file"),
-    (["stats", "{tmp}"], "is a directory"),
+    (["stats", "{tmp}/no-text"], "is a directory with no *.txt file under it"),
     (["stats", "{tmp}/bad.txt"], "not UTF-8: byte 0xff at offset 3"),
     (["download", "nope"], "unknown corpus 'nope'"),
     (["info", "{tmp}"], "holds no checkpoint"),
@@ -69,6 +69,8 @@ def test_unwritable_out_is_one_line(corpus, tmp_path, out):
 def test_every_command_reports_user_errors_in_one_line(tmp_path, args, message):
     (tmp_path / "bad.txt").write_bytes(b"abc\xff")
     (tmp_path / "empty.txt").write_text("123 456\n")
+    (tmp_path / "no-text").mkdir()
+    (tmp_path / "no-text" / "notes.md").write_text("not a .txt file")
     r = run(*[a.format(tmp=tmp_path) for a in args])
     assert r.exit_code == 1, r.output
     assert message in r.output
@@ -78,12 +80,12 @@ def test_every_command_reports_user_errors_in_one_line(tmp_path, args, message):
 
 def test_a_bug_is_not_turned_into_one_line(monkeypatch, corpus):
     """Only CharlmError is a user's problem; anything else keeps its traceback for the bug report."""
-    import charlm.corpus
+    import charlm.tokens
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(charlm.corpus, "load_corpus", broken)
+    monkeypatch.setattr(charlm.tokens, "prepare", broken)
     r = run("stats", corpus)
     assert r.exit_code == 1
     assert isinstance(r.exception, ZeroDivisionError)

@@ -227,7 +227,8 @@ def test_cli_eval(ckpt_dir, tmp_path, model_vocab):
     r = run("eval", ckpt_dir, tmp_path / "b.txt", "--errors", "skip")
     assert r.exit_code == 0
     assert "3 unknown characters skipped" in r.output
-    for bad, msg in ((tmp_path / "missing.txt", "no such file"), (tmp_path, "is a directory")):
+    (tmp_path / "empty-dir").mkdir()
+    for bad, msg in ((tmp_path / "missing.txt", "no such file"), (tmp_path / "empty-dir", "no *.txt file")):
         r = run("eval", ckpt_dir, bad)
         assert r.exit_code == 1
         assert msg in r.output
