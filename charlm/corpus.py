@@ -178,9 +178,12 @@ def load_corpus(path: str | os.PathLike, preprocess: str = "raw", min_count: int
     ``<unk>`` (id 0). Training reads large corpora through the token cache instead (charlm.tokens),
     which gives the same ids without holding the text.
     """
+    from charlm.vocab import _code_points
+
     text = read_normalized(path, preprocess)
-    vocab = Vocab.from_text(text, min_count=min_count)
-    ids = vocab.encode(text, errors="strict" if min_count == 1 else "replace")
+    cps = _code_points(text)  # once, for counting and encoding
+    vocab = Vocab._from_code_points(cps, min_count=min_count)
+    ids = vocab._encode_code_points(cps, "strict" if min_count == 1 else "replace", text)
     return Corpus(text=text, vocab=vocab, ids=ids, path=Path(path), preprocess=preprocess)
 
 

@@ -147,8 +147,11 @@ class Normalizer:
             word = max(text.rfind(" "), text.rfind("\n")) + 1
             if "\u03a3" in text[word:]:
                 cut = min(cut, word)
+        out = self._apply(text[:cut])
         self.held = text[cut:]
-        return self._apply(text[:cut])
+        if self.preprocess == "letters":  # a run of non-letters counts only for whether it holds a line end
+            self.held = "\n" if "\n" in self.held else " " if self.held and not self.at_start else ""
+        return out
 
     def flush(self) -> str:
         text, self.held = self.held, ""
@@ -159,7 +162,8 @@ class Normalizer:
     def _apply(self, text: str) -> str:
         if not text:
             return ""
-        text = text.replace("\r\n", "\n")
+        if self.preprocess != "letters":
+            text = text.replace("\r\n", "\n")
         if self.preprocess == "lower":
             # ... and it looks back for a cased letter: lower with what came before, then drop that part.
             before, self.before = self.before, (self.before + text)[-_LOWER_CONTEXT:]
@@ -168,9 +172,28 @@ class Normalizer:
             # normalize's per-line rule on a stream: a run of non-letters becomes nothing when it
             # holds a line end (both lines are stripped there) or opens the text, else one space.
             at_start, self.at_start = self.at_start, False
-            out = _NOT_LETTERS.sub(lambda m: "" if (at_start and m.start() == 0) or "\n" in m.group() else " ", text)
-            return out.lower()
+            return _letters(text, at_start)
         return text
+
+
+def _letters(text: str, at_start: bool) -> str:
+    """normalize's ``letters`` rule, on arrays: each run of non-letters becomes nothing when it holds a
+    line end (the lines on both sides are stripped there) or opens the text, else one space; letters
+    are lower-cased. ``text`` ends with a letter (the caller holds back a trailing run)."""
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    letter = ((cps >= 65) & (cps <= 90)) | ((cps >= 97) & (cps <= 122))
+    run_start = ~letter
+    run_start[1:] &= letter[:-1]  # a non-letter after a letter (or first)
+    run = np.cumsum(run_start) - 1  # at a non-letter: the number of its run
+    has_line_end = np.zeros(int(run_start.sum()), dtype=bool)
+    has_line_end[run[cps == 10]] = True
+    space = run_start.copy()
+    space[run_start] = ~has_line_end
+    if at_start and not letter[0]:
+        space[0] = False
+    keep = letter | space
+    out = np.where(space, 32, cps | 32)[keep]  # | 32 lowers A-Z and leaves a-z as they are
+    return out.astype(np.uint8).tobytes().decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,9 +362,11 @@ def _first_pass(texts, normalizer: Normalizer, out, width: np.dtype) -> tuple[li
         ids = pid[cps]
         unseen = ids == _UNSEEN
         if unseen.any():  # new characters: provisional ids in order of first appearance
-            new_cps = cps[unseen]
-            _, first = np.unique(new_cps, return_index=True)
-            for cp in new_cps[np.sort(first)]:
+            where = np.flatnonzero(unseen)
+            first = np.full(len(pid), len(cps), dtype=np.int64)
+            np.minimum.at(first, cps[where], where)
+            new_cps = np.flatnonzero(first < len(cps))
+            for cp in new_cps[np.argsort(first[new_cps], kind="stable")]:
                 pid[cp] = len(chars)
                 chars.append(chr(int(cp)))
             if len(chars) > np.iinfo(width).max + 1:

@@ -57,9 +57,10 @@ class Vocab:
         self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
         self.dtype = np.dtype(np.uint8 if len(self.itos) <= 256 else np.uint16 if len(self.itos) <= 65536 else np.uint32)
         cps = np.array([ord(c) for c in chars], dtype=np.int64)
-        # Dense table over every code point: table[cp] = id, -1 for characters outside the vocabulary.
-        self._table = np.full(_CODE_POINTS, -1, dtype=np.int32)
-        self._table[cps] = np.arange(1, len(chars) + 1, dtype=np.int32)
+        # Dense table over every code point, in the ids' own type: table[cp] = id, and 0 (the id of
+        # <unk>, which no text character has) for characters outside the vocabulary.
+        self._table = np.zeros(_CODE_POINTS, dtype=self.dtype)
+        self._table[cps] = np.arange(1, len(chars) + 1)
         self._chars = np.array(self.itos, dtype=object)
 
     # -- construction ---------------------------------------------------------------------
@@ -67,9 +68,12 @@ class Vocab:
     def from_text(cls, text: str, min_count: int = 1) -> "Vocab":
         """Characters of ``text`` by descending count, ties by first occurrence; those seen fewer than
         ``min_count`` times are left out (they encode as ``<unk>`` with ``errors="replace"``)."""
+        return cls._from_code_points(_code_points(text), min_count)
+
+    @classmethod
+    def _from_code_points(cls, cps: np.ndarray, min_count: int = 1) -> "Vocab":
         if not isinstance(min_count, int) or min_count < 1:
             raise ConfigError(f"min count must be an integer >= 1, got {min_count!r}")
-        cps = _code_points(text)
         counts = np.zeros(_CODE_POINTS, dtype=np.int64)
         first = np.full(_CODE_POINTS, len(cps), dtype=np.int64)
         for start in range(0, len(cps), _BLOCK):  # in blocks: a character's first block finds it
@@ -78,7 +82,8 @@ class Vocab:
             if new.any():
                 where = np.flatnonzero(new)
                 np.minimum.at(first, block[where], where + start)
-            counts += np.bincount(block, minlength=_CODE_POINTS)
+            block_counts = np.bincount(block)  # up to the block's largest code point only
+            counts[: len(block_counts)] += block_counts
         present = np.flatnonzero(counts >= min_count)
         order = np.lexsort((first[present], -counts[present]))  # by -count, then first position
         return cls(chr(int(cp)) for cp in present[order])
@@ -100,11 +105,12 @@ class Vocab:
     def unknown_chars(self, text: str) -> list[str]:
         """The distinct characters of ``text`` outside the vocabulary, in order of appearance."""
         ids = self._lookup(_code_points(text))
-        bad = np.flatnonzero(ids < 0)
+        bad = np.flatnonzero(ids == 0)
         return list(dict.fromkeys(text[i] for i in bad))
 
     def _lookup(self, cps: np.ndarray) -> np.ndarray:
-        return self._table[cps]  # every code point is < 0x110000
+        """Ids of code points (every one is < 0x110000); 0 for those outside the vocabulary."""
+        return self._table[cps]
 
     def encode(self, text: str, errors: str = "strict") -> np.ndarray:
         """Ids of the characters of ``text`` as a compact integer array.
@@ -112,17 +118,17 @@ class Vocab:
         ``errors="strict"`` raises :class:`~charlm.errors.UnknownCharactersError` naming the unknown characters; ``"replace"``
         maps each of them to ``<unk>`` (id 0), one id per character.
         """
+        return self._encode_code_points(_code_points(text), errors, text)
+
+    def _encode_code_points(self, cps: np.ndarray, errors: str, text: str) -> np.ndarray:
         if errors not in ERRORS:
             raise ConfigError(f"errors must be one of {', '.join(ERRORS)}, got {errors!r}")
-        ids = self._lookup(_code_points(text))
-        unknown = ids < 0
-        if unknown.any():
-            if errors == "strict":
-                chars = self.unknown_chars(text)
-                raise UnknownCharactersError(
-                    f"{int(unknown.sum())} character(s) not in the vocabulary: {_describe(chars)}", chars)
-            ids[unknown] = 0
-        return ids.astype(self.dtype)
+        ids = self._lookup(cps)  # unknown characters are already <unk> (0)
+        if errors == "strict" and not ids.all():
+            chars = self.unknown_chars(text)
+            raise UnknownCharactersError(
+                f"{int((ids == 0).sum())} character(s) not in the vocabulary: {_describe(chars)}", chars)
+        return ids
 
     def decode(self, ids) -> str:
         """The text of ``ids`` (any iterable of ints, numpy array or tensor); id 0 is ``<unk>``."""

@@ -55,11 +55,11 @@ def test_streamed_equals_in_memory_for_every_chunk_size(tmp_path_factory, text, 
 def test_normalizer_pieces_join_to_normalize(mode):
     from charlm.corpus import normalize
 
-    text = "ΟΔΟΣ ΟΔΟΣ\r\nhim\r\nwas  ΟΔΟΣ\rx, y.\n\n" * 3
-    for size in (1, 2, 3, 7):
-        n = Normalizer(mode)
-        pieces = [n.feed(text[i:i + size]) for i in range(0, len(text), size)] + [n.flush()]
-        assert "".join(pieces) == normalize(text, mode), size
+    for text in ("ΟΔΟΣ ΟΔΟΣ\r\nhim\r\nwas  ΟΔΟΣ\rx, y.\n\n" * 3, "ab, cd\nef  gh\r\n\n ij.ΣΣ!" * 2):
+        for size in (1, 2, 3, 7, 1000):
+            n = Normalizer(mode)
+            pieces = [n.feed(text[i:i + size]) for i in range(0, len(text), size)] + [n.flush()]
+            assert "".join(pieces) == normalize(text, mode), (text, size)
 
 
 def test_invalid_byte_names_its_offset_and_leaves_no_cache(tmp_path):
