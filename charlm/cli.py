@@ -114,13 +114,17 @@ class _PrepareBar:
 
 
 def _prepare(corpus: str, preprocess: str, min_count: int, quiet: bool):
-    """The corpus from the token cache, downloaded and prepared first (with progress bars) when needed."""
+    """The corpus from the token cache, downloaded and prepared first (with progress bars) when needed;
+    and the seconds the preparation took (the download excluded)."""
+    import time
+
     from charlm.tokens import prepare
 
     path = corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
     bar = _PrepareBar(path, quiet)
+    t0 = time.perf_counter()
     try:
-        return prepare(path, preprocess, min_count, progress=bar)
+        return prepare(path, preprocess, min_count, progress=bar), time.perf_counter() - t0
     finally:
         bar.close()
 
@@ -138,11 +142,7 @@ def prepare(corpus: str, preprocess: str, min_count: int, quiet: bool) -> None:
     each followed by a newline. The cache is $CHARLM_CACHE_DIR, else ~/.cache/charlm; a changed
     source is prepared again.
     """
-    import time
-
-    t0 = time.perf_counter()
-    prepared = _prepare(corpus, preprocess, min_count, quiet)
-    seconds = time.perf_counter() - t0
+    prepared, seconds = _prepare(corpus, preprocess, min_count, quiet)
     meta = prepared.meta
     rate = "cached" if prepared.hit else f"{meta['size'] / 1e6 / max(seconds, 1e-9):,.1f} MB/s"
     click.echo(f"{meta['tokens']:,} tokens, {meta['vocab_size']:,} symbols (with <unk>), {meta['dtype']}, "
@@ -158,7 +158,7 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded first.
     """
-    prepared = _prepare(corpus, preprocess, min_count, quiet=True)
+    prepared, _ = _prepare(corpus, preprocess, min_count, quiet=True)
     vocab = prepared.vocab
     sample = "".join(vocab.itos[1:41])
     click.echo(f"{corpus}: {len(prepared.ids):,} characters, {len(vocab)} symbols (with <unk>), "
@@ -201,7 +201,7 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--eval-every", type=click.IntRange(min=1), default=_d("eval_every"),
               help="Steps between held-out evaluations (each saves last/, and best/ when better).")
 @click.option("--eval-chars", type=click.IntRange(min=2), default=None,
-              show_default="a fifth of the characters trained on between evaluations, at least 20,000",
+              show_default="an eighth of the characters trained on between evaluations, at least 20,000",
               help="Held-out characters each periodic evaluation reads (the tail's first ones, the same every "
                    "time); the final figure reads the whole tail.")
 @click.option("--patience", type=click.IntRange(min=0), default=_d("patience"),
@@ -284,8 +284,9 @@ def _draw_curve(out: Path) -> float:
 
 def _summary(result, cfg) -> str:
     best = result.best
+    final = f" ({result.final_eval_s:.1f}s of it on the whole tail)" if result.final_eval_s else ""
     parts = [f"{result.steps:,} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s:.0f}s (held-out "
-             f"evaluation {result.eval_s:.1f}s, saving {result.save_s:.1f}s), {result.stop_reason}"]
+             f"evaluation {result.eval_s:.1f}s{final}, saving {result.save_s:.1f}s), {result.stop_reason}"]
     if best is not None:
         scope = ""
         if result.eval_chars < result.val_chars:  # periodic evaluations read the tail's first part only
@@ -458,6 +459,58 @@ def info(checkpoint):
         f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(), required=False)
+@click.option("--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 exposes the server to your network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, help="Port to listen on; 0 picks a free one.")
+@click.option("--allow-host", "allow_hosts", multiple=True,
+              help="Another Host name to answer (besides localhost and --host), e.g. a name on your network.")
+@click.option("--cors-origin", default=None, help="The one web origin (scheme://host:port) allowed to call the API.")
+@click.option("--api-key", default=None, envvar="CHARLM_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every API call.")
+@click.option("--max-length", type=click.IntRange(min=1), default=5000, help="Most characters one request may ask for.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              help="Time cap of one generation.")
+@click.option("--queue-size", type=click.IntRange(min=0), default=4,
+              help="Requests that may wait behind the running one; more are answered 503.")
+@click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
+def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length, max_seconds, queue_size, device):
+    """A local web page and a streaming HTTP API on CHECKPOINT (default: the newest run under ./checkpoints).
+
+    \b
+    Endpoints: GET / (the page), GET /health, GET /info, POST /generate (JSON or Server-Sent Events),
+    POST /v1/completions and GET /v1/models (the OpenAI completions API: max_tokens counts characters).
+    """
+    from charlm.rundir import newest_run
+    from charlm.serve import ServeConfig, make_server
+
+    path = checkpoint if checkpoint is not None else newest_run()
+    ckpt = _load(str(path), device)
+    config = ServeConfig(host=host, port=port, allow_hosts=tuple(allow_hosts), cors_origin=cors_origin,
+                         api_key=api_key, max_length=max_length, max_seconds=max_seconds, queue_size=queue_size)
+    run_dir = ckpt.path.parent if ckpt.path.name in ("best", "last") else ckpt.path
+    try:
+        server = make_server(ckpt, config, model_id=run_dir.name, command_checkpoint=str(path), generator_thread=False)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::", ""):
+        click.echo(f"Warning: listening on every interface ({host}): anyone who can reach this machine can use "
+                   f"the model{'' if api_key else ' (set --api-key)'}", err=True)
+        shown = "127.0.0.1"
+    click.echo(f"Serving {ckpt.path} at http://{shown}:{server.server_address[1]}/  (Ctrl-C stops)")
+    import threading
+
+    threading.Thread(target=server.serve_forever, name="charlm-http", daemon=True).start()
+    try:
+        server.service.generator.run()  # the model on the main thread (see Generator.run)
+    except KeyboardInterrupt:
+        click.echo("\nStopped.", err=True)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,7 @@ from charlm.rundir import RunDir, default_out
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
 STEP_EVENT_EVERY = 10  # steps between "step" events
+FINAL_EVAL_SHARE = 0.1  # of --time-limit, at most, for the final evaluation of the best weights on the whole tail
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainResult:
     train_loss: float | None  # mean training loss over the last evaluation interval
     eval_s: float = 0.0  # of elapsed_s: seconds spent in held-out evaluations
     save_s: float = 0.0  # of elapsed_s: seconds spent writing checkpoints
+    final_eval_s: float = 0.0  # of eval_s: the best weights on the whole tail (when periodic ones read a part)
     val_chars: int = 0  # the held-out tail's length
     eval_chars: int = 0  # of it, what each periodic evaluation read (its first characters)
 
@@ -174,7 +176,7 @@ class Trainer:
         self.last_eval_step = None
         self.best_val: EvalResult | None = None
         self.last_val: EvalResult | None = None
-        self.eval_s = self.save_s = 0.0
+        self.eval_s = self.save_s = self.final_eval_s = 0.0
         self.eval_ids = data.val_ids[: cfg.resolved_eval_chars(len(data.val_ids))]  # the same part every time
         self.eval_s_per_char = None  # measured by each evaluation: what the final ones will cost
         self.last_save_s = 0.0
@@ -321,28 +323,31 @@ class Trainer:
     def reserve(self) -> float:
         """Seconds the run still needs once it stops training, at the rates measured so far: the final
         evaluation and checkpoints, and the best weights on the whole tail (at most a tenth of the time
-        limit is kept for that: on a huge corpus the summary then reports a leading part of the tail)."""
+        limit, FINAL_EVAL_SHARE, is given to that: on a huge corpus the summary then reports a leading
+        part of the tail)."""
         if self.eval_s_per_char is None:
             return 0.0
         final_eval = 0 if self.last_eval_step == self.state.step else len(self.eval_ids)
         whole_tail = len(self.data.val_ids) if len(self.eval_ids) < len(self.data.val_ids) else 0
-        whole_tail_s = min(whole_tail * self.eval_s_per_char, 0.1 * (self.cfg.time_limit or 0))
+        whole_tail_s = min(whole_tail * self.eval_s_per_char, FINAL_EVAL_SHARE * (self.cfg.time_limit or 0))
         return final_eval * self.eval_s_per_char + whole_tail_s + 2 * self.last_save_s
 
     def evaluate_best_on_tail(self) -> None:
         """When periodic evaluations read only the tail's first part: the best weights on the whole tail,
-        or on as much of it as the time limit leaves room for. Sets ``best_val``."""
+        or on as much of it as fits in what is left of the time limit, and in a tenth of it at most.
+        Sets ``best_val``."""
         val_ids = self.data.val_ids
         if self.best_weights is None or len(self.eval_ids) >= len(val_ids):
             return
         chars = len(val_ids)
         if self.cfg.time_limit is not None and self.eval_s_per_char:
-            room = self.cfg.time_limit - self.elapsed()
+            room = min(self.cfg.time_limit - self.elapsed(), FINAL_EVAL_SHARE * self.cfg.time_limit)
             chars = min(chars, max(len(self.eval_ids), int(room / self.eval_s_per_char)))
         self.model.load_state_dict(self.best_weights)
         t0 = time.perf_counter()
         self.best_val = evaluate(self.model, val_ids[:chars], device=self.device)
-        self.eval_s += time.perf_counter() - t0
+        self.final_eval_s = time.perf_counter() - t0
+        self.eval_s += self.final_eval_s
 
     def result(self, stop_reason: str) -> TrainResult:
         st = self.state
@@ -354,6 +359,7 @@ class Trainer:
                            tokens=st.step * self.tokens_per_step, elapsed_s=time.perf_counter() - self.t_start,
                            stop_reason=stop_reason, best=best, last=self.last_val,
                            train_loss=self.run_dir.last_train_loss(), eval_s=self.eval_s, save_s=self.save_s,
+                           final_eval_s=self.final_eval_s,
                            val_chars=len(self.data.val_ids), eval_chars=len(self.eval_ids))
 
     def total_steps(self) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 from charlm.corpus import ensure_corpus
 
 MIXED_LINE = "café — 时间 🙂\n"
+PARTS = ("prepare", "load_corpus", "train_big", "token_file", "eval_share")
 
 _CHILD = r"""
 import atexit, json, sys
@@ -78,6 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-time-limit", type=float, default=180,
                     help="--time-limit of the big training run (its final whole-tail evaluation fits in it)")
     ap.add_argument("--quick", action="store_true", help="small models and few steps: a smoke run")
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run these parts only")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,14 +96,28 @@ def main(argv=None) -> dict:
     _, torch_memory, _ = _child("import torch")
     results["import_torch_peak_mb"] = round(torch_memory["VmHWM"])
     print(f"baseline process (import torch): peak {torch_memory['VmHWM']:,.0f} MB\n")
+    if "prepare" in args.only:
+        results["prepare"] = bench_prepare(big, size_mb, work, env)
+    if "load_corpus" in args.only:
+        results["load_corpus_56mb"] = bench_load_corpus(shakespeare, work)
+    if "train_big" in args.only:
+        results["train_big"] = train_big(big, work, env, args)
+    if "token_file" in args.only:
+        results["token_file_vs_memory"] = token_file_vs_memory(timemachine, work, env, args.quick)
+    if "eval_share" in args.only:
+        results["eval_share_shakespeare"] = eval_share(shakespeare, work, env, args.quick)
+    return results
 
+
+def bench_prepare(big: Path, size_mb: float, work: Path, env: dict) -> dict:
+    import shutil
+
+    results = {}
     print("| preprocess | prepare MB/s | peak memory (VmHWM) | cache hit (whole process) |")
     print("|---|---:|---:|---:|")
     for mode in ("raw", "lower", "letters"):
         cache = work / "cache"
         for entry in cache.glob(f"{big.name}-{mode}-*"):  # measure a build, not a hit
-            import shutil
-
             shutil.rmtree(entry)
         seconds, memory, out = _cli(["prepare", str(big), "--preprocess", mode, "--quiet"], env)
         hit_s, _, hit_out = _cli(["prepare", str(big), "--preprocess", mode, "--quiet"], env)
@@ -109,7 +125,10 @@ def main(argv=None) -> dict:
         results[f"prepare_{mode}"] = {"mb_per_s": round(size_mb / seconds, 1), "peak_mb": round(memory["VmHWM"]),
                                       "hit_s": round(hit_s, 2), "line": out.strip()}
         print(f"| {mode} | {size_mb / seconds:,.1f} | {memory['VmHWM']:,.0f} MB | {hit_s:.2f} s |")
+    return results
 
+
+def bench_load_corpus(shakespeare: Path, work: Path) -> dict:
     mixed = work / "shakespeare-x50-mixed.txt"
     with open(mixed, "w", encoding="utf-8") as f:
         f.write(shakespeare.read_text(encoding="utf-8") * 50 + MIXED_LINE)
@@ -117,42 +136,42 @@ def main(argv=None) -> dict:
             f"print(time.perf_counter()-t)")
     _, memory, out = _child(code)
     mb = mixed.stat().st_size / 1e6
-    results["load_corpus_56mb"] = {"mb_per_s": round(mb / float(out), 1), "peak_mb": round(memory["VmHWM"])}
     print(f"\nload_corpus of {mb:.0f} MB with one mixed line: {mb / float(out):,.1f} MB/s (peak {memory['VmHWM']:,.0f} MB)")
-
-    results["train_big"] = train_big(big, work, env, args)
-    results["token_file_vs_memory"] = token_file_vs_memory(timemachine, work, env, args.quick)
-    results["eval_share_shakespeare"] = eval_share(shakespeare, work, env, args.quick)
-    return results
+    return {"mb_per_s": round(mb / float(out), 1), "peak_mb": round(memory["VmHWM"])}
 
 
 def train_big(big: Path, work: Path, env: dict, args) -> dict:
     steps = args.train_steps
+    early = max(10, min(50, steps // 20 * 10))  # the step whose resident memory is the reference
     model = "hidden_size=32, embedding_dim=8, num_layers=1," if args.quick else ""
     code = f"""
 import json
 from charlm import TrainConfig, train
 rss = {{}}
 def watch(event, info):
-    if event == "step" and info["step"] in (50, {steps}):
+    if event == "step" and info["step"] in ({early}, {steps}):
         rss[info["step"]] = [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
 r = train(TrainConfig(corpus={str(big)!r}, out={str(work / 'run-big')!r}, {model} max_steps={steps},
                       time_limit={args.train_time_limit}), overwrite=True, callback=watch)
-print(json.dumps({{"rss": rss, "elapsed": r.elapsed_s, "eval_s": r.eval_s, "steps": r.steps,
+print(json.dumps({{"rss": rss, "elapsed": r.elapsed_s, "eval_s": r.eval_s, "final_eval_s": r.final_eval_s,
+                  "steps": r.steps,
                   "best_tokens": r.best.tokens, "val_chars": r.val_chars, "eval_chars": r.eval_chars,
                   "bpc": r.best.bits_per_char}}))
 """
     seconds, memory, out = _child(code, env)
     r = json.loads(out.strip().splitlines()[-1])
     rss = {int(k): v for k, v in r["rss"].items()}
-    first, last = rss.get(50), rss.get(steps)
-    share = r["eval_s"] / r["elapsed"]
-    print(f"\ntrain on the big corpus, {r['steps']} steps: peak {memory['VmHWM']:,.0f} MB; resident at step 50 "
-          f"{first:,.0f} MB, at step {steps} {last:,.0f} MB; evaluation {r['eval_s']:.1f} s of {r['elapsed']:.1f} s "
-          f"({share:.1%}: periodic ones on {r['eval_chars']:,} chars, the final one on {r['best_tokens']:,} of "
-          f"{r['val_chars']:,}); process {seconds:.0f} s")
-    return {"peak_mb": round(memory["VmHWM"]), "rss_step_50": first, "rss_last": last, "eval_share": round(share, 4),
-            **{k: r[k] for k in ("elapsed", "eval_s", "steps", "best_tokens", "val_chars", "eval_chars", "bpc")}}
+    first, last = rss.get(early), rss.get(steps)
+    periodic = r["eval_s"] - r["final_eval_s"]
+    share = periodic / (r["elapsed"] - r["final_eval_s"])
+    print(f"\ntrain on the big corpus, {r['steps']} steps: peak {memory['VmHWM']:,.0f} MB; resident at step {early} "
+          f"{first:,.0f} MB, at step {steps} {last:,.0f} MB; periodic evaluations (on {r['eval_chars']:,} chars) "
+          f"{periodic:.1f} s = {share:.1%} of the {r['elapsed'] - r['final_eval_s']:.1f} s before the final one; "
+          f"the final one on {r['best_tokens']:,} of {r['val_chars']:,} held-out chars took {r['final_eval_s']:.1f} s; "
+          f"process {seconds:.0f} s")
+    return {"peak_mb": round(memory["VmHWM"]), "rss_early": first, "early_step": early, "rss_last": last, "eval_share": round(share, 4),
+            **{k: r[k] for k in ("elapsed", "eval_s", "final_eval_s", "steps", "best_tokens", "val_chars",
+                                 "eval_chars", "bpc")}}
 
 
 def token_file_vs_memory(timemachine: Path, work: Path, env: dict, quick: bool) -> dict:
@@ -198,7 +217,7 @@ def eval_share(shakespeare: Path, work: Path, env: dict, quick: bool) -> dict:
     seconds, _, out = _cli(args, env)
     line = out.strip().splitlines()[-1]
     elapsed = float(line.split(" in ")[1].split("s (")[0])
-    evaluation = float(line.split("held-out evaluation ")[1].split("s,")[0])
+    evaluation = float(line.split("held-out evaluation ")[1].split("s")[0])
     print(f"\nTiny Shakespeare, --time-limit {limit}: process {seconds:.0f} s; {line}")
     print(f"evaluation share: {evaluation / elapsed:.1%}")
     return {"elapsed": elapsed, "eval_s": evaluation, "share": round(evaluation / elapsed, 4), "process_s": seconds,

@@ -1,5 +1,8 @@
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,23 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_disk():
+    """Run ``command`` with a ``size``-byte tmpfs mounted at ``where``, in a private mount namespace
+    (``unshare -rm``): a real full disk that vanishes with the process. Skips where Linux does not
+    allow it. Returns the ``subprocess.CompletedProcess``."""
+    if sys.platform != "linux" or not shutil.which("unshare"):
+        pytest.skip("needs Linux's unshare")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    if probe.returncode:
+        pytest.skip("user and mount namespaces are not allowed here")
+
+    def run(where: Path, size: str, command: str) -> subprocess.CompletedProcess:
+        script = f"mount -t tmpfs -o size={size} tmpfs {where} && {command}"
+        return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    return run

@@ -2,9 +2,6 @@
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -79,26 +76,14 @@ def test_unwritable_place_is_one_line(saved, tmp_path):
         ck.save_checkpoint(tmp_path / "a-file" / "ckpt", c.model, c.vocab)
 
 
-def _tiny_disk_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-                           capture_output=True, timeout=30)
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(sys.platform != "linux" or not _tiny_disk_works(),
-                    reason="needs unshare and a private tmpfs mount (Linux user and mount namespaces)")
-def test_full_disk_while_training_is_one_line_and_leaves_nothing_half_written(tmp_path):
-    """A real full disk: the run directory on a 96 KB tmpfs, in a private mount namespace."""
+def test_full_disk_while_training_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny_disk):
+    """A real full disk: the run directory on a 96 KB tmpfs."""
     (tmp_path / "corpus.txt").write_text(TEXT)
     disk = tmp_path / "disk"
     disk.mkdir()
     train = (f"{sys.executable} -m charlm train {tmp_path / 'corpus.txt'} --out {disk / 'run'} --quiet "
              f"--hidden-size 64 --embedding-dim 8 --batch-size 4 --num-steps 10 --max-steps 4 --eval-every 2")
-    script = f"mount -t tmpfs -o size=96k tmpfs {disk} && {train}; echo rc=$?; ls -a {disk / 'run'}"
-    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    p = tiny_disk(disk, "96k", f"{train}; echo rc=$?; ls -a {disk / 'run'}")
     assert "rc=1" in p.stdout, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]

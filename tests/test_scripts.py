@@ -121,3 +121,18 @@ def test_perplexity_table_equals_charlm_eval(tmp_path, capsys, load_script):
     with pytest.raises(SystemExit) as err:
         load_script("scripts/perplexity.py").main([str(tmp_path / "nowhere"), "--files", str(text)])
     assert err.value.code == 1
+
+
+@pytest.mark.slow
+def test_bench_corpus_quick_runs_its_parts(mirror, tmp_path, capsys, load_script):
+    bench = load_script("scripts/bench_corpus.py")
+    r = bench.main(["--workdir", str(tmp_path), "--size-mb", "3", "--quick", "--train-steps", "20",
+                    "--train-time-limit", "30", "--only", "prepare", "train_big", "token_file"])
+    for mode in ("raw", "lower", "letters"):
+        assert r["prepare"][f"prepare_{mode}"]["mb_per_s"] > 0
+        assert r["prepare"][f"prepare_{mode}"]["peak_mb"] >= r["import_torch_peak_mb"] * 0.5
+    assert r["train_big"]["steps"] == 20
+    assert r["train_big"]["rss_last"] > 0
+    assert r["token_file_vs_memory"]["ratio"] > 0
+    out = capsys.readouterr().out
+    assert "| raw |" in out

@@ -259,6 +259,21 @@ def test_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     assert r.output.count("\n") == 1
 
 
+def test_full_disk_while_preparing_is_one_line_and_leaves_no_cache(tmp_path, tiny_disk):
+    path = tmp_path / "c.txt"
+    path.write_text("abcdefgh\n" * 100_000)  # 900 KB of ids: more than the 512 KB disk
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    p = tiny_disk(cache, "512k", f"CHARLM_CACHE_DIR={cache} {sys.executable} -m charlm prepare {path} --quiet; "
+                                 f"echo rc=$?; ls -a {cache}")
+    assert "rc=1" in p.stdout, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert "cannot write the token cache" in p.stderr
+    assert "No space left on device" in p.stderr
+    assert [n for n in p.stdout.split() if n not in (".", "..", "rc=1") and not n.endswith(".lock")] == []
+
+
 def test_resume_refuses_a_changed_corpus(tmp_path):
     path = tmp_path / "c.txt"
     text = "the time traveller smiled and the machine was gone\n"

@@ -1,0 +1,155 @@
+"""The serve page in a real headless Chromium (Debian's), driven by Playwright.
+
+In CI (``CI=true``) a missing browser or driver fails these tests; elsewhere they skip with the reason.
+"""
+
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+from charlm import RNNLM, Vocab, generate, load_checkpoint, save_checkpoint
+from charlm.serve import ServeConfig, make_server
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the fixture skips (or fails in CI) with the reason
+    expect = None
+
+CHROMIUM = os.environ.get("CHARLM_CHROMIUM", "/usr/bin/chromium")
+TEXT = "the time traveller smiled and the machine was gone\n" * 4
+# Chromium as root in a container, and with no network: no sandbox, no background requests.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def _missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install playwright)"
+    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHARLM_CHROMIUM)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:  # the page's own Content-Security-Policy stays in force (no bypass_csp)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _serve(tmp_path, hidden, chunk):
+    vocab = Vocab.from_text(TEXT)
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), cell="gru", hidden_size=hidden, num_layers=2, embedding_dim=8)
+    meta = {"corpus": {"path": "tiny.txt", "preprocess": "raw"}, "progress": {"step": 3, "best_val_loss": 2.5}}
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "run" / "best", model, vocab, meta))
+    httpd = make_server(ckpt, ServeConfig(port=0, chunk=chunk), model_id="run", command_checkpoint="run")
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, ckpt
+
+
+@pytest.fixture
+def small(tmp_path):
+    httpd, ckpt = _serve(tmp_path, hidden=24, chunk=8)
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", ckpt, httpd
+    httpd.service.generator.stop()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _set_range(page, selector, value):
+    page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
+                          str(value))
+
+
+def test_generate_streams_the_librarys_text(browser, small):
+    url, ckpt, _ = small
+    page = browser.new_page()
+    page.goto(url)
+    expect(page.locator("#card")).to_contain_text("GRU")
+    page.fill("#prompt", "the ")
+    _set_range(page, "#temperature", 0.9)
+    _set_range(page, "#length", 120)
+    page.uncheck("#random-seed")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    expect(page.locator("#stats")).to_contain_text("seed 7")
+    expected = generate(ckpt.model, ckpt.vocab, "the ", 120, temperature=0.9, seed=7)
+    assert page.inner_text("#output .prompt") == "the "
+    assert page.eval_on_selector("#output", "el => el.textContent") == expected
+    assert int(page.get_attribute("#output", "data-chunks")) > 1  # it arrived in several pieces
+    command = page.inner_text("#command")
+    assert command == "charlm generate 'the ' --checkpoint 'run' --length 120 --temperature 0.9 --seed 7"
+    page.close()
+
+
+def test_unknown_characters_are_named_before_sending(browser, small):
+    url, _, _ = small
+    page = browser.new_page()
+    page.goto(url)
+    expect(page.locator("#card")).to_contain_text("GRU")
+    page.fill("#prompt", "the Zebra")
+    assert page.is_visible("#warning")
+    assert '"Z"' in page.inner_text("#warning")
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("U+005A")
+    assert "'Z' (U+005A)" in page.inner_text("#error")
+    page.fill("#prompt", "the ")
+    assert not page.is_visible("#warning")
+    page.close()
+
+
+def test_stop_ends_the_generation_and_frees_the_server(browser, tmp_path):
+    httpd, _ = _serve(tmp_path, hidden=1024, chunk=1)  # ~1 ms a character: 5,000 take seconds
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        expect(page.locator("#card")).to_contain_text("GRU")
+        _set_range(page, "#length", 5000)
+        page.click("#generate")
+        expect(page.locator("#stats")).to_contain_text("chars/s")  # streaming has begun
+        page.wait_for_timeout(100)
+        page.click("#stop")
+        expect(page.locator("#stats")).to_contain_text("stopped")
+        shown = len(page.eval_on_selector("#output span:last-child", "el => el.textContent"))
+        assert 20 < shown < 5000
+        assert page.is_enabled("#generate")
+        service = httpd.service
+        for _ in range(100):
+            if service.generator.running is None:
+                break
+            page.wait_for_timeout(50)
+        assert service.generator.running is None  # the server let go of the model
+        page.keyboard.press("Control+Enter")  # the shortcut starts another one
+        expect(page.locator("#stop")).to_be_enabled()
+        page.click("#stop")
+        page.close()
+    finally:
+        httpd.service.generator.stop()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_phone_width_layout(browser, small):
+    url, _, _ = small
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(url)
+    expect(page.locator("#card")).to_contain_text("GRU")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # no sideways scrolling
+    prompt, controls = page.locator("#prompt").bounding_box(), page.locator("#temperature").bounding_box()
+    assert controls["y"] > prompt["y"]  # one column: the controls come below
+    page.close()
