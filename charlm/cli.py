@@ -284,7 +284,7 @@ def _draw_curve(out: Path) -> float:
 
 def _summary(result, cfg) -> str:
     best = result.best
-    final = f" ({result.final_eval_s:.1f}s of it on the whole tail)" if result.final_eval_s else ""
+    final = f" ({result.final_eval_s:.1f}s of it for the final figure)" if result.final_eval_s else ""
     parts = [f"{result.steps:,} steps ({result.epochs_done:.1f} epochs) in {result.elapsed_s:.0f}s (held-out "
              f"evaluation {result.eval_s:.1f}s{final}, saving {result.save_s:.1f}s), {result.stop_reason}"]
     if best is not None:

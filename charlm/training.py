@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from charlm.checkpoint import save_checkpoint
+from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import TrainConfig
 from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
 from charlm.device import resolve_device
@@ -44,6 +44,7 @@ from charlm.rundir import RunDir, default_out
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
 STEP_EVENT_EVERY = 10  # steps between "step" events
 FINAL_EVAL_SHARE = 0.1  # of --time-limit, at most, for the final evaluation of the best weights on the whole tail
+RESERVE_MARGIN = 1.25  # the final work's estimate from earlier evaluations and saves, with room for noise
 
 
 @dataclass
@@ -196,6 +197,10 @@ class Trainer:
         self.model.load_state_dict(saved.model.state_dict())
         self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell)
         self.run_dir.truncate_metrics(self.state.step)
+        best = self.run_dir.checkpoint("best")
+        if len(self.eval_ids) < len(self.data.val_ids) and (best / "manifest.json").is_file():
+            # the final evaluation on the whole tail reads the best weights, which may predate this invocation
+            self.best_weights = load_checkpoint(best, device=self.device).model.state_dict()
 
     def checkpoint_state(self) -> dict:
         return self.state.to_dict(self.optimizer, self.device)
@@ -330,7 +335,7 @@ class Trainer:
         final_eval = 0 if self.last_eval_step == self.state.step else len(self.eval_ids)
         whole_tail = len(self.data.val_ids) if len(self.eval_ids) < len(self.data.val_ids) else 0
         whole_tail_s = min(whole_tail * self.eval_s_per_char, FINAL_EVAL_SHARE * (self.cfg.time_limit or 0))
-        return final_eval * self.eval_s_per_char + whole_tail_s + 2 * self.last_save_s
+        return RESERVE_MARGIN * (final_eval * self.eval_s_per_char + whole_tail_s + 2 * self.last_save_s)
 
     def evaluate_best_on_tail(self) -> None:
         """When periodic evaluations read only the tail's first part: the best weights on the whole tail,

@@ -70,6 +70,14 @@ def small(tmp_path):
     httpd.server_close()
 
 
+def _open(browser, url, **kwargs):
+    """A new page on ``url``, once it has loaded the model card."""
+    page = browser.new_page(**kwargs)
+    page.goto(url)
+    expect(page.locator("#card")).to_contain_text("GRU")
+    return page
+
+
 def _set_range(page, selector, value):
     page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
                           str(value))
@@ -77,9 +85,7 @@ def _set_range(page, selector, value):
 
 def test_generate_streams_the_librarys_text(browser, small):
     url, ckpt, _ = small
-    page = browser.new_page()
-    page.goto(url)
-    expect(page.locator("#card")).to_contain_text("GRU")
+    page = _open(browser, url)
     page.fill("#prompt", "the ")
     _set_range(page, "#temperature", 0.9)
     _set_range(page, "#length", 120)
@@ -98,9 +104,7 @@ def test_generate_streams_the_librarys_text(browser, small):
 
 def test_unknown_characters_are_named_before_sending(browser, small):
     url, _, _ = small
-    page = browser.new_page()
-    page.goto(url)
-    expect(page.locator("#card")).to_contain_text("GRU")
+    page = _open(browser, url)
     page.fill("#prompt", "the Zebra")
     assert page.is_visible("#warning")
     assert '"Z"' in page.inner_text("#warning")
@@ -115,9 +119,7 @@ def test_unknown_characters_are_named_before_sending(browser, small):
 def test_stop_ends_the_generation_and_frees_the_server(browser, tmp_path):
     httpd, _ = _serve(tmp_path, hidden=1024, chunk=1)  # ~1 ms a character: 5,000 take seconds
     try:
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
-        expect(page.locator("#card")).to_contain_text("GRU")
+        page = _open(browser, f"http://127.0.0.1:{httpd.server_address[1]}/")
         _set_range(page, "#length", 5000)
         page.click("#generate")
         expect(page.locator("#stats")).to_contain_text("chars/s")  # streaming has begun
@@ -145,9 +147,7 @@ def test_stop_ends_the_generation_and_frees_the_server(browser, tmp_path):
 
 def test_phone_width_layout(browser, small):
     url, _, _ = small
-    page = browser.new_page(viewport={"width": 390, "height": 844})
-    page.goto(url)
-    expect(page.locator("#card")).to_contain_text("GRU")
+    page = _open(browser, url, viewport={"width": 390, "height": 844})
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390  # no sideways scrolling
     prompt, controls = page.locator("#prompt").bounding_box(), page.locator("#temperature").bounding_box()

@@ -316,3 +316,26 @@ def test_missing_corpus_one_line(tmp_path):
     assert r.exit_code == 1
     assert "no such file" in r.output
     assert r.output.count("\n") == 1
+
+
+def test_periodic_evaluations_read_a_leading_part_and_the_summary_the_whole_tail(corpus, tmp_path):
+    import json
+
+    out = tmp_path / "r"
+    args = (corpus, "--out", out, "--hidden-size", 16, "--embedding-dim", 8, "--batch-size", 4, "--num-steps", 10,
+            "--eval-every", 4, "--eval-chars", 60, "--time-limit", 0, "--quiet")
+    r = invoke(*args, "--max-steps", 12)
+    assert r.exit_code == 0, r.output
+    c = ck.load_checkpoint(out / "best")
+    val_chars = c.corpus_info["val_chars"]
+    assert c.corpus_info["eval_chars"] == 60 < val_chars
+    assert f"on all {val_chars:,} held-out characters" in r.output
+    assert "of it for the final figure" in r.output
+    whole = json.loads(CliRunner().invoke(main, ["eval", str(out), "--json"]).output)
+    assert f"best held-out {whole['bits_per_char']:.3f} bits/char" in r.output  # the summary's figure is eval's
+    with open(out / "metrics.csv", newline="") as f:
+        periodic = [float(row["val_loss"]) for row in csv.DictReader(f)]
+    assert min(periodic) != pytest.approx(whole["loss"], abs=1e-6)  # those read only the first 60
+    r = invoke(*args, "--max-steps", 16, "--resume")  # resumed: the best weights come from best/
+    assert r.exit_code == 0, r.output
+    assert f"on all {val_chars:,} held-out characters" in r.output

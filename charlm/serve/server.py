@@ -472,14 +472,10 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     self._sse({"done": True, **item})
             return
-        parts = [[] for _ in range(n)]
-        for kind, item in self._relay(job):
-            if kind == "text":
-                for p, t in zip(parts, item):
-                    p.append(t)
-            else:
-                texts = ["".join(p) for p in parts]
-                self._json(HTTPStatus.OK, {"text": texts[0] if n == 1 else texts, **item})
+        collected = self._collect(job)
+        if collected is not None:
+            texts, done = collected
+            self._json(HTTPStatus.OK, {"text": texts[0] if n == 1 else texts, **done})
 
     def _post_completions(self):
         job, stream, usage = self.service.completions_request(self._body())
@@ -502,17 +498,14 @@ class _Handler(BaseHTTPRequestHandler):
                         self._sse({**base, "choices": [], "usage": _usage(counts)})
             self._write(b"data: [DONE]\n\n")
             return
-        parts = [[] for _ in range(n)]
-        for kind, item in self._relay(job):
-            if kind == "text":
-                for p, t in zip(parts, item):
-                    p.append(t)
-            else:
-                counts["completion_tokens"] = sum(len("".join(p)) for p in parts)
-                reason = _openai_reason(item["finish_reason"])
-                self._json(HTTPStatus.OK, {**base, "choices": [
-                    {"text": "".join(p), "index": i, "logprobs": None, "finish_reason": reason}
-                    for i, p in enumerate(parts)], "usage": _usage(counts)})
+        collected = self._collect(job)
+        if collected is not None:
+            texts, done = collected
+            counts["completion_tokens"] = sum(len(t) for t in texts)
+            reason = _openai_reason(done["finish_reason"])
+            self._json(HTTPStatus.OK, {**base, "choices": [
+                {"text": t, "index": i, "logprobs": None, "finish_reason": reason} for i, t in enumerate(texts)],
+                "usage": _usage(counts)})
 
     # -- streaming -----------------------------------------------------------------------------
     def _relay(self, job: Job):
@@ -534,6 +527,16 @@ class _Handler(BaseHTTPRequestHandler):
                     return
         finally:
             job.cancelled.set()  # a no-op once done; otherwise (a failed write, an exception) stop the job now
+
+    def _collect(self, job: Job) -> tuple[list[str], dict] | None:
+        """Every sample's whole text and the final info; None when the client left first."""
+        parts = [[] for _ in range(job.options.num_samples)]
+        for kind, item in self._relay(job):
+            if kind == "done":
+                return ["".join(p) for p in parts], item
+            for p, t in zip(parts, item):
+                p.append(t)
+        return None
 
     def _sse_start(self):
         self._headers(HTTPStatus.OK, "text/event-stream; charset=utf-8", None, {"X-Accel-Buffering": "no"})
