@@ -106,6 +106,8 @@ class _PrepareBar:
             total = sum(f.stat().st_size for f in source_files(self.corpus))
             self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="preparing", leave=False, disable=self.quiet)
         self.bar.update(nbytes)
+        if self.bar.n >= self.bar.total:  # read whole: gone before the training bar takes its line
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
