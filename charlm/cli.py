@@ -457,7 +457,7 @@ def info(checkpoint):
         f"corpus:       {corpus.get('path', '?')} (preprocess {corpus.get('preprocess', '?')}, "
         f"{corpus.get('val_fraction', 0):.0%} held out)",
         f"trained:      {progress.get('step', '?')} steps",
-        f"best val:     " + (f"{best / math.log(2):.4f} bits/char, perplexity {math.exp(best):.3f}" if best else "n/a"),
+        "best val:     " + (f"{best / math.log(2):.4f} bits/char, perplexity {math.exp(best):.3f}" if best else "n/a"),
         f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))

@@ -51,7 +51,6 @@ FORMAT_VERSION = 1
 CACHE_ENV = "CHARLM_CACHE_DIR"
 CHUNK_BYTES = 1 << 22  # bytes of text decoded at a time
 _UNSEEN = np.iinfo(np.uint32).max  # a code point's provisional id before it is seen
-_NOT_LETTERS = re.compile("[^A-Za-z]+")
 _LETTER = re.compile("[A-Za-z]")
 _LOWER_CONTEXT = 64  # characters of look-behind kept for lower(): a sigma's case-ignorable run back to a letter
 
