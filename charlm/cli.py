@@ -21,8 +21,8 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS, PREPROCESS_MODES, SAMPLINGS,
-                           SampleConfig, TrainConfig)
+from charlm.config import (CELLS, D2L_PRESET, DIST_BACKENDS, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS, PREPROCESS_MODES,
+                           SAMPLINGS, SampleConfig, TrainConfig)
 from charlm.device import DEVICE_CHOICES
 from charlm.errors import CharlmError, TrainingInterrupted, UnknownCharactersError
 
@@ -209,7 +209,11 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--patience", type=click.IntRange(min=0), default=_d("patience"),
               help="Stop after this many evaluations without improvement; 0 = never.")
 @click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
-@click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}.")
+@click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}; under torchrun, cuda means cuda:LOCAL_RANK.")
+@click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
+              help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
+              help="Under torchrun: seconds the other processes wait for one that died before they stop too.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
@@ -247,21 +251,33 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     if values.get("patience") == 0:
         values["patience"] = None
     cfg = TrainConfig(**values)
-    corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
+    from charlm.distributed import from_env
 
-    progress, prepare_bar = _TrainProgress(quiet), _PrepareBar(corpus, quiet)
+    main_rank = from_env().is_main  # under torchrun only rank 0 speaks; the others exit with its status
+    if main_rank:
+        corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
+
+    progress, prepare_bar = _TrainProgress(quiet, speak=main_rank), _PrepareBar(corpus, quiet or not main_rank)
     try:
         result = run_training(cfg, resume=resume, overwrite=overwrite, callback=progress,
                               prepare_progress=prepare_bar)
     except TrainingInterrupted as exc:
+        if not main_rank:
+            sys.exit(130)
         progress.close()
         _draw_curve(exc.result.out)
         click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
                    f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
         sys.exit(130)
+    except CharlmError:
+        if not main_rank:
+            sys.exit(1)
+        raise
     finally:
         prepare_bar.close()
         progress.close()
+    if not main_rank:
+        return
     result.save_s += _draw_curve(result.out)  # the summary's "saving": checkpoints and curve.png
     click.echo(_summary(result, cfg))
 
@@ -305,11 +321,11 @@ def _summary(result, cfg) -> str:
 class _TrainProgress:
     """A tqdm bar fed by the training callback."""
 
-    def __init__(self, quiet: bool):
-        self.quiet, self.bar, self.val_bpc = quiet, None, None
+    def __init__(self, quiet: bool, speak: bool = True):
+        self.quiet, self.speak, self.bar, self.val_bpc = quiet, speak, None, None
 
     def __call__(self, event, info):
-        if self.quiet:
+        if not self.speak or (self.quiet and event != "warning"):  # warnings print even with --quiet
             return
         from tqdm.auto import tqdm
 
@@ -328,6 +344,8 @@ class _TrainProgress:
                 if self.val_bpc is not None:
                     post["val_bpc"] = f"{self.val_bpc:.3f}"
                 self.bar.set_postfix(post, refresh=False)
+        elif event == "warning":
+            tqdm.write(f"Warning: {info['message']}", file=sys.stderr)
         elif event == "eval" and self.bar is not None:
             self.val_bpc = info["val_bpc"]
             self.bar.update(info["step"] - self.bar.n)

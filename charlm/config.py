@@ -21,6 +21,7 @@ IMPLS = ("torch", "scratch")
 PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
 SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
 OPTIMIZERS = ("sgd", "adam")
+DIST_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl with CUDA, gloo otherwise
 
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
@@ -117,6 +118,8 @@ class TrainConfig:
     patience: int | None = 5  # evaluations without improvement before stopping; None: never
     seed: int = 0
     device: str = "auto"
+    dist_backend: str = "auto"  # under torchrun: the process group's backend
+    dist_timeout: float = 300.0  # seconds a collective waits for a missing process before the run stops
     d2l: bool = False  # report training perplexity beside held-out perplexity (set by --d2l)
 
     def __post_init__(self):
@@ -139,6 +142,8 @@ class TrainConfig:
             (self.max_chars is None or self.max_chars >= 1, f"max chars must be >= 1, got {self.max_chars}"),
             (self.min_count >= 1, f"min count must be >= 1, got {self.min_count}"),
             (self.eval_chars is None or self.eval_chars >= 2, f"eval chars must be >= 2, got {self.eval_chars}"),
+            (self.dist_backend in DIST_BACKENDS, f"dist backend must be one of {', '.join(DIST_BACKENDS)}"),
+            (self.dist_timeout > 0, f"dist timeout must be > 0 seconds, got {self.dist_timeout}"),
         ])
         self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
 

@@ -40,11 +40,14 @@ class EvalResult:
                 "perplexity": self.perplexity}
 
 
-def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVAL_NUM_STEPS, device=None) -> EvalResult:
+def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVAL_NUM_STEPS, device=None,
+             dist=None) -> EvalResult:
     """Mean next-character cross-entropy of ``model`` over ``ids``.
 
     ``B = min(batch_size, (n-1) // 2)`` rows of ``(n-1) // B`` characters each; the last
-    ``(n-1) % B`` characters are not predicted (``tokens`` says how many were).
+    ``(n-1) % B`` characters are not predicted (``tokens`` says how many were). With ``dist`` (a
+    :class:`~charlm.distributed.Dist` of several processes) each rank reads every ``world_size``-th
+    row and the sums are reduced: every rank gets the figure one process would.
     """
     ids = _as_numpy(ids)
     n = len(ids)
@@ -54,13 +57,15 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     B = max(1, min(batch_size, (n - 1) // 2))
     cols = (n - 1) // B
     row_starts = cols * np.arange(B, dtype=np.int64)  # row r reads ids[r*cols : (r+1)*cols + 1]
+    if dist is not None and dist.enabled:
+        row_starts = row_starts[dist.rank::dist.world_size]
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with torch.inference_mode():
             state = None
-            for start in range(0, cols, num_steps):  # one block of columns at a time, never the whole stream
+            for start in range(0, cols if len(row_starts) else 0, num_steps):  # a block of columns at a time
                 width = min(num_steps, cols - start)
                 block = torch.from_numpy(windows(ids, row_starts + start, width + 1))  # (B, width+1)
                 X = block[:, :-1].to(device, non_blocking=True)
@@ -70,6 +75,8 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
                                          reduction="sum").double()
     finally:
         model.train(was_training)
+    if dist is not None:
+        dist.sum(total)
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
 
 

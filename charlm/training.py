@@ -36,7 +36,10 @@ from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import TrainConfig
 from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
 from charlm.device import resolve_device
-from charlm.errors import TrainError, TrainingInterrupted
+from charlm.distributed import Dist, from_env
+from charlm.distributed import close as close_distributed
+from charlm.distributed import init as init_distributed
+from charlm.errors import CharlmError, TrainError, TrainingInterrupted
 from charlm.evaluation import EvalResult, evaluate
 from charlm.models import RNNLM, detach_state
 from charlm.rundir import RunDir, default_out
@@ -77,25 +80,34 @@ class RunState:
     evals_since_best: int = 0
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
-    def to_dict(self, optimizer, device: torch.device) -> dict:
-        """The trainer state of a checkpoint (``trainer.pt``): plain values and tensors only."""
+    def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist()) -> dict:
+        """The trainer state of a checkpoint (``trainer.pt``): plain values and tensors only. Under
+        several processes the carried state is gathered whole and every rank's RNG state kept, so
+        the checkpoint does not depend on the number of processes (a collective: every rank calls it)."""
         hidden = self.hidden if isinstance(self.hidden, tuple) or self.hidden is None else (self.hidden,)
+        rng = torch.get_rng_state()
         return {"optimizer": optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "best_loss": self.best_loss,
-                "evals_since_best": self.evals_since_best, "torch_rng": torch.get_rng_state(),
+                "evals_since_best": self.evals_since_best, "torch_rng": rng,
+                "rank_rng": [r.clone() for r in dist.gather_rows(rng.unsqueeze(0), dim=0)] if dist.enabled else None,
+                "world_size": dist.world_size,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "state": None if hidden is None else tuple(s.detach().cpu() for s in hidden)}
+                "state": None if hidden is None else tuple(dist.gather_rows(s.detach()).cpu() for s in hidden)}
 
     @classmethod
-    def restore(cls, saved: dict, optimizer, device: torch.device, cell: str) -> "RunState":
-        """The inverse of :meth:`to_dict`: loads the optimizer and the RNG states as a side effect."""
+    def restore(cls, saved: dict, optimizer, device: torch.device, cell: str, dist: Dist = Dist()) -> "RunState":
+        """The inverse of :meth:`to_dict`: loads the optimizer and the RNG states as a side effect;
+        each rank takes its rows of the carried state."""
         optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
+        same_ranks = saved.get("world_size", 1) == dist.world_size
+        rank_rng = saved.get("rank_rng")
+        # a tensor of its own: torch.set_rng_state of a view with a storage offset crashed the process (torch 2.13)
+        torch.set_rng_state((rank_rng[dist.rank] if same_ranks and rank_rng else saved["torch_rng"]).clone())
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         hidden = saved.get("state")
         if hidden is not None:
-            hidden = tuple(s.to(device) for s in hidden)
+            hidden = tuple(dist.rows(s).to(device) for s in hidden)
             hidden = hidden if cell == "lstm" else hidden[0]
         return cls(lr=optimizer.param_groups[0]["lr"], step=saved["step"], epoch=saved["epoch"],
                    batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
@@ -162,11 +174,18 @@ def load_data(cfg: TrainConfig, progress=None) -> RunData:
 class Trainer:
     """One run: the model, its optimizer, the :class:`RunState`, and the steps between them."""
 
-    def __init__(self, cfg: TrainConfig, data: RunData, run: RunDir, device: torch.device, emit):
-        self.cfg, self.data, self.run_dir, self.device, self.emit = cfg, data, run, device, emit
+    def __init__(self, cfg: TrainConfig, data: RunData, run: RunDir, device: torch.device, emit,
+                 dist: Dist = Dist()):
+        self.cfg, self.data, self.run_dir, self.device, self.emit, self.dist = cfg, data, run, device, emit, dist
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config(len(data.vocab), len(data.train_ids))
         self.model = RNNLM.from_config(self.model_config).to(device)
+        self.net = self.model  # what the training step calls: the model, or DDP around it
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout stream (one process: unchanged)
         self.optimizer = _make_optimizer(cfg, self.model)
         self.state = RunState(lr=cfg.resolved_lr())
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
@@ -195,7 +214,13 @@ class Trainer:
     def restore(self, saved) -> None:
         """Continue from a checkpoint loaded with its trainer state (``last/``)."""
         self.model.load_state_dict(saved.model.state_dict())
-        self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell)
+        self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell,
+                                      self.dist)
+        saved_ranks = saved.trainer_state.get("world_size", 1)
+        if saved_ranks != self.dist.world_size:
+            self.emit("warning", {"message": f"resuming a run saved by {saved_ranks} process(es) with "
+                                             f"{self.dist.world_size}: the results will equal a run on "
+                                             f"{saved_ranks} only statistically (other dropout streams)"})
         self.run_dir.truncate_metrics(self.state.step)
         best = self.run_dir.checkpoint("best")
         if len(self.eval_ids) < len(self.data.val_ids) and (best / "manifest.json").is_file():
@@ -203,15 +228,19 @@ class Trainer:
             self.best_weights = load_checkpoint(best, device=self.device).model.state_dict()
 
     def checkpoint_state(self) -> dict:
-        return self.state.to_dict(self.optimizer, self.device)
+        return self.state.to_dict(self.optimizer, self.device, self.dist)
 
     def save(self, name: str, val: EvalResult | None) -> None:
+        """Every rank takes part (the state is gathered); only rank 0 writes."""
         t0 = time.perf_counter()
+        trainer_state = self.checkpoint_state()
+        if not self.dist.is_main:
+            return
         st = self.state
         meta = {**self.meta_base, "progress": {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
                                                "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
                                                "val_loss": val.loss if val else None}}
-        save_checkpoint(self.run_dir.checkpoint(name), self.model, self.data.vocab, meta, self.checkpoint_state())
+        save_checkpoint(self.run_dir.checkpoint(name), self.model, self.data.vocab, meta, trainer_state)
         self.last_save_s = time.perf_counter() - t0
         self.save_s += self.last_save_s
 
@@ -221,16 +250,19 @@ class Trainer:
         cfg, st = self.cfg, self.state
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
         # random windows are unrelated: fresh state; sequential ones continue: detach (TBPTT)
-        hidden = None if cfg.sampling == "random" else detach_state(st.hidden)
-        logits, new_hidden = self.model(X, hidden)
+        hidden = None if cfg.sampling == "random" else st.hidden  # (stored detached: truncated BPTT)
+        logits, new_hidden = self.net(X, hidden)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
-        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the step's one host sync
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the step's one host sync
+        if self.dist.enabled:  # one rank's non-finite loss skips the step on every rank
+            finite = not self.dist.any([not finite], self.device)[0]
+        if finite:
             self.nonfinite = 0
             self.optimizer.step()
-            st.hidden = new_hidden
+            st.hidden = detach_state(new_hidden)  # the next batch continues from it, without this graph
             self.interval.loss_sum += loss.detach()
             self.interval.norm_sum += grad_norm.detach()
         else:  # skip the update; give up after MAX_NONFINITE in a row
@@ -250,16 +282,17 @@ class Trainer:
         """Held-out loss -> metrics row -> best/ when better (else the lr decays) -> last/."""
         cfg, st, iv = self.cfg, self.state, self.interval
         now = time.perf_counter()
-        val = evaluate(self.model, self.eval_ids, device=self.device)
+        val = evaluate(self.model, self.eval_ids, device=self.device, dist=self.dist)
         spent = time.perf_counter() - now
         self.eval_s += spent
         self.eval_s_per_char = spent / val.tokens
         row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
                "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
-               "train_loss": iv.mean(iv.loss_sum), "val_loss": val.loss, "val_bpc": val.bits_per_char,
+               "train_loss": iv.mean(self.dist.sum(iv.loss_sum) / self.dist.world_size), "val_loss": val.loss, "val_bpc": val.bits_per_char,
                "val_ppl": val.perplexity, "lr": st.lr, "grad_norm": iv.mean(iv.norm_sum),
                "tokens_per_s": round(iv.tokens / (now - iv.t0), 1) if iv.steps else None}
-        self.run_dir.append_metrics(row)
+        if self.dist.is_main:
+            self.run_dir.append_metrics(row)
         self.last_val = val
         improved = val.loss < st.best_loss
         if improved:
@@ -283,7 +316,8 @@ class Trainer:
         """The rest of the current epoch's batches."""
         cfg, st = self.cfg, self.state
         batches = make_batches(cfg.sampling, self.data.train_ids, cfg.batch_size, cfg.num_steps,
-                               seed=cfg.seed, epoch=st.epoch, start=st.batch_in_epoch)
+                               seed=cfg.seed, epoch=st.epoch, start=st.batch_in_epoch, rank=self.dist.rank,
+                               world_size=self.dist.world_size)
         self.steps_per_epoch = batches.num_batches
         return batches
 
@@ -316,9 +350,12 @@ class Trainer:
             self.evaluate_and_save()
             if cfg.patience is not None and st.evals_since_best >= cfg.patience:
                 reason = f"no held-out improvement in {cfg.patience} evaluations"
-        if stop["signal"]:
+        time_up = cfg.time_limit is not None and self.elapsed() + self.reserve() >= cfg.time_limit
+        signalled, time_up = self.dist.any([bool(stop["signal"]), time_up], self.device)  # the same on every rank
+        if signalled:
+            stop["signal"] = stop["signal"] or "SIGTERM"  # a signal another rank received
             return stop["signal"]
-        if reason is None and cfg.time_limit is not None and self.elapsed() + self.reserve() >= cfg.time_limit:
+        if reason is None and time_up:
             reason = f"--time-limit {cfg.time_limit:g}s reached"
         return reason
 
@@ -348,9 +385,10 @@ class Trainer:
         if self.cfg.time_limit is not None and self.eval_s_per_char:
             room = min(self.cfg.time_limit - self.elapsed(), FINAL_EVAL_SHARE * self.cfg.time_limit)
             chars = min(chars, max(len(self.eval_ids), int(room / self.eval_s_per_char)))
+        chars = self.dist.broadcast_int(chars, self.device)  # rank 0's clock decides for all
         self.model.load_state_dict(self.best_weights)
         t0 = time.perf_counter()
-        self.best_val = evaluate(self.model, val_ids[:chars], device=self.device)
+        self.best_val = evaluate(self.model, val_ids[:chars], device=self.device, dist=self.dist)
         self.final_eval_s = time.perf_counter() - t0
         self.eval_s += self.final_eval_s
 
@@ -363,7 +401,8 @@ class Trainer:
                            epochs_done=st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch),
                            tokens=st.step * self.tokens_per_step, elapsed_s=time.perf_counter() - self.t_start,
                            stop_reason=stop_reason, best=best, last=self.last_val,
-                           train_loss=self.run_dir.last_train_loss(), eval_s=self.eval_s, save_s=self.save_s,
+                           train_loss=self.run_dir.last_train_loss() if self.dist.is_main else None,
+                           eval_s=self.eval_s, save_s=self.save_s,
                            final_eval_s=self.final_eval_s,
                            val_chars=len(self.data.val_ids), eval_chars=len(self.eval_ids))
 
@@ -386,20 +425,43 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     """
     emit = callback or (lambda event, info: None)
     device = resolve_device(cfg.device)
-    run = RunDir(cfg.out or default_out(cfg.corpus))
-    run.check(resume, overwrite)
-    saved = run.load_last(device, cfg) if resume else None
-    data = load_data(cfg, prepare_progress)
-    if saved is not None:
-        was = saved.corpus_info.get("sha256")
-        if was is not None and was != data.sha256:
-            raise TrainError(f"{cfg.corpus} changed since the run started (sha256 {was[:12]}..., now "
-                             f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
-        if saved.vocab != data.vocab:
-            raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
-    run.create(overwrite)
+    dist = from_env()
+    if dist.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)  # one GPU per process
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist = init_distributed(cfg.dist_backend, cfg.dist_timeout, device)
+    try:
+        return _train(cfg, resume, overwrite, emit, prepare_progress, device, dist)
+    finally:
+        close_distributed()
 
-    trainer = Trainer(cfg, data, run, device, emit)
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progress, device, dist: Dist) -> TrainResult:
+    run = RunDir(cfg.out or default_out(cfg.corpus))
+    error = None
+    try:  # every check on every rank, before anything is written; then all ranks agree to go on or stop
+        if cfg.batch_size % dist.world_size:
+            raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world_size} processes; "
+                             f"use a multiple of {dist.world_size}")
+        run.check(resume, overwrite)
+        saved = run.load_last(device, cfg) if resume else None
+        data = load_data(cfg, prepare_progress)
+        if saved is not None:
+            was = saved.corpus_info.get("sha256")
+            if was is not None and was != data.sha256:
+                raise TrainError(f"{cfg.corpus} changed since the run started (sha256 {was[:12]}..., now "
+                                 f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
+            if saved.vocab != data.vocab:
+                raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+    except CharlmError as exc:
+        error = exc
+    if dist.any([error is not None], device)[0]:
+        raise error or TrainError("another process of this run could not start (rank 0 says why)")
+    if dist.is_main:
+        run.create(overwrite)
+
+    trainer = Trainer(cfg, data, run, device, emit, dist)
     if saved is not None:
         trainer.restore(saved)
     st = trainer.state
