@@ -108,7 +108,7 @@ def _stream_text(files: list[Path], directory: bool, chunk_bytes: int, digest, p
                                       f"({exc.reason})") from None
                 done += len(data)
                 digest.update(data)
-                if progress is not None:
+                if progress is not None and data:
                     progress(len(data))
                 if first and text:
                     text = text.removeprefix("\ufeff")
