@@ -101,7 +101,7 @@ class _PrepareBar:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            from charlm.tokens import source_files
+            from charlm.corpus import source_files
 
             total = sum(f.stat().st_size for f in source_files(self.corpus))
             self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="preparing", leave=False, disable=self.quiet)

@@ -29,7 +29,7 @@ from charlm.errors import ConfigError, CorpusError
 from charlm.vocab import Vocab
 
 __all__ = ["KNOWN_CORPORA", "MIRROR_ENV", "PREPROCESS_MODES", "Corpus", "CorpusError", "download", "ensure_corpus",
-           "load_corpus", "normalize", "read_normalized", "read_text"]
+           "load_corpus", "normalize", "read_normalized", "read_source", "read_text", "source_files"]
 
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"
 
@@ -160,11 +160,35 @@ def ensure_corpus(path: str | os.PathLike, progress: bool = True, on_download=No
     return p
 
 
+def source_files(corpus: str | os.PathLike) -> list[Path]:
+    """The files a corpus is made of: itself, or every ``*.txt`` under a directory in sorted path order."""
+    path = Path(corpus)
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file or directory")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise CorpusError(f"{path} is a directory with no *.txt file under it")
+        return files
+    return [path]
+
+
+def read_source(corpus: str | os.PathLike) -> str:
+    """The whole text of a corpus in memory: a file's text, or a directory's files each followed by a
+    newline. A byte-order mark opening a file is dropped. (The streamed path gives the same text.)"""
+    files = source_files(corpus)
+    if len(files) == 1 and files[0] == Path(corpus):
+        return read_text(files[0])
+    texts = [read_text(f, allow_empty=True) for f in files]
+    text = "".join(t.removeprefix("\ufeff") + "\n" for t in texts)
+    if not any(texts):
+        raise CorpusError(f"{corpus}: every *.txt file under it is empty")
+    return text
+
+
 def read_normalized(path: str | os.PathLike, preprocess: str = "raw") -> str:
     """The text of ``path`` (a file, or a directory of ``*.txt`` files) after ``preprocess``; a text that
     preprocessing empties is an error."""
-    from charlm.tokens import read_source
-
     text = normalize(read_source(path), preprocess)
     if not text:
         raise CorpusError(f"{path} is empty after {preprocess!r} preprocessing")

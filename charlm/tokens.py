@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from charlm.config import PREPROCESS_MODES
+from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
 from charlm.vocab import Vocab
 
@@ -56,35 +57,7 @@ _LOWER_CONTEXT = 64  # characters of look-behind kept for lower(): a sigma's cas
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: a file, or every *.txt under a directory
-
-
-def source_files(corpus: str | os.PathLike) -> list[Path]:
-    """The files a corpus is made of: itself, or every ``*.txt`` under a directory in sorted path order."""
-    path = Path(corpus)
-    if not path.exists():
-        raise CorpusError(f"{path}: no such file or directory")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise CorpusError(f"{path} is a directory with no *.txt file under it")
-        return files
-    return [path]
-
-
-def read_source(corpus: str | os.PathLike) -> str:
-    """The whole text of a corpus in memory: a file's text, or a directory's files each followed by a
-    newline. A byte-order mark opening a file is dropped. (The streamed path gives the same text.)"""
-    from charlm.corpus import read_text
-
-    files = source_files(corpus)
-    if len(files) == 1 and files[0] == Path(corpus):
-        return read_text(files[0])
-    texts = [read_text(f, allow_empty=True) for f in files]
-    text = "".join(t.removeprefix("\ufeff") + "\n" for t in texts)
-    if not any(texts):
-        raise CorpusError(f"{corpus}: every *.txt file under it is empty")
-    return text
+# Streaming a corpus's files (charlm.corpus.source_files), decoded and normalised chunk by chunk
 
 
 def _stream_text(files: list[Path], directory: bool, chunk_bytes: int, digest, progress) -> Iterator[str]:
@@ -218,11 +191,6 @@ def _sources_key(files: list[Path], preprocess: str, min_count: int) -> tuple[li
     return sources, hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def dtype_for(vocab_size: int) -> np.dtype:
-    """The smallest unsigned type for ids below ``vocab_size``."""
-    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
-
-
 @dataclass
 class PreparedCorpus:
     """A corpus in the cache: its vocabulary, its ids (a :class:`TokenReader`) and its metadata."""
@@ -322,7 +290,7 @@ def _build(corpus, files, sources, preprocess, min_count, target: Path, chunk_by
         order = np.lexsort((np.arange(len(chars)), -counts))  # by count, then first occurrence
         order = order[counts[order] >= min_count]
         vocab = Vocab([chars[i] for i in order])
-        dtype = dtype_for(len(vocab))
+        dtype = vocab.dtype  # the smallest unsigned type for its ids
         final = np.zeros(len(chars), dtype=dtype)  # provisional id -> final id; dropped ones -> <unk>
         final[order] = np.arange(1, len(order) + 1, dtype=dtype)
         n = _remap(provisional, tmp / "tokens.bin", final, np.dtype(width))

@@ -170,10 +170,8 @@ _OPENAI_FIELDS = {"model": str, "prompt": (str, list), "max_tokens": (int, type(
 def _check_types(body: dict, fields: dict) -> None:
     for name, value in body.items():
         types = fields[name]
-        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"'{name}' must be {_type_names(types)}, got {value!r}",
-                           code="invalid_type")
-        if not isinstance(value, types):
+        bool_as_int = isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+        if bool_as_int or not isinstance(value, types):  # JSON true is no integer here
             raise ApiError(HTTPStatus.BAD_REQUEST, f"'{name}' must be {_type_names(types)}, got {value!r}",
                            code="invalid_type")
         if isinstance(value, float) and not math.isfinite(value):
