@@ -21,8 +21,8 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DIST_BACKENDS, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS, PREPROCESS_MODES,
-                           SAMPLINGS, SampleConfig, TrainConfig)
+from charlm.config import (CELLS, D2L_PRESET, DIST_BACKENDS, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS, PRECISIONS,
+                           PREPROCESS_MODES, SAMPLINGS, SampleConfig, TrainConfig)
 from charlm.device import DEVICE_CHOICES
 from charlm.errors import CharlmError, TrainingInterrupted, UnknownCharactersError
 
@@ -210,6 +210,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
               help="Stop after this many evaluations without improvement; 0 = never.")
 @click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
 @click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}; under torchrun, cuda means cuda:LOCAL_RANK.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_d("precision"),
+              help="Training steps in fp32, or under autocast: bf16 (CUDA GPUs that support it, CPUs) or fp16 "
+                   "(CUDA GPUs, with loss scaling). Weights, optimizer state and held-out evaluation stay fp32.")
 @click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
               help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
@@ -332,9 +335,14 @@ class _TrainProgress:
         if event == "start":
             self.bar = tqdm(total=info["total_steps"], initial=info["step"], unit="step", dynamic_ncols=True,
                             desc=f"{info['model_config'].cell} {info['model_config'].hidden_size}")
+            where = f"device {info['device']}"
+            if info.get("precision", "fp32") != "fp32":
+                where += f" ({info['precision']} autocast)"
+            if info.get("world_size", 1) > 1:
+                where += f" x {info['world_size']} processes"
             tqdm.write(f"{'resuming' if info['resumed'] else 'training'} {info['model'].num_parameters():,}-parameter "
                        f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
-                       f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), device {info['device']}, "
+                       f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), {where}, "
                        f"into {info['out']}", file=sys.stderr)
         elif event == "step" and self.bar is not None:
             self.bar.update(info["step"] - self.bar.n)

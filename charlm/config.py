@@ -22,6 +22,7 @@ PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
 SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
 OPTIMIZERS = ("sgd", "adam")
 DIST_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl with CUDA, gloo otherwise
+PRECISIONS = ("fp32", "bf16", "fp16")  # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast)
 
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
@@ -120,6 +121,7 @@ class TrainConfig:
     device: str = "auto"
     dist_backend: str = "auto"  # under torchrun: the process group's backend
     dist_timeout: float = 300.0  # seconds a collective waits for a missing process before the run stops
+    precision: str = "fp32"  # bf16/fp16: training steps under autocast (weights, optimizer, evaluation stay fp32)
     d2l: bool = False  # report training perplexity beside held-out perplexity (set by --d2l)
 
     def __post_init__(self):
@@ -144,6 +146,7 @@ class TrainConfig:
             (self.eval_chars is None or self.eval_chars >= 2, f"eval chars must be >= 2, got {self.eval_chars}"),
             (self.dist_backend in DIST_BACKENDS, f"dist backend must be one of {', '.join(DIST_BACKENDS)}"),
             (self.dist_timeout > 0, f"dist timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         ])
         self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
 

@@ -4,7 +4,7 @@
 Events:
 
 - ``"start"``: the run's facts (``out``, ``device``, ``model``, ``model_config``, ``vocab``,
-  ``train_chars``, ``val_chars``, ``step``, ``total_steps``, ``resumed``);
+  ``train_chars``, ``val_chars``, ``step``, ``total_steps``, ``resumed``, ``precision``, ``world_size``);
 - ``"step"``, every 10 steps: ``step``, ``loss_sum`` (a 0-d tensor on the training device, the
   summed loss since the last evaluation: reading it with ``.item()`` waits for the device),
   ``interval_steps``, ``tokens`` and ``elapsed`` (seconds) since the last evaluation;
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import TrainConfig
 from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
-from charlm.device import resolve_device
+from charlm.device import autocast, check_precision, grad_scaler, resolve_device
 from charlm.distributed import Dist, from_env
 from charlm.distributed import close as close_distributed
 from charlm.distributed import init as init_distributed
@@ -80,7 +80,7 @@ class RunState:
     evals_since_best: int = 0
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
-    def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist()) -> dict:
+    def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist(), scaler=None) -> dict:
         """The trainer state of a checkpoint (``trainer.pt``): plain values and tensors only. Under
         several processes the carried state is gathered whole and every rank's RNG state kept, so
         the checkpoint does not depend on the number of processes (a collective: every rank calls it)."""
@@ -92,13 +92,17 @@ class RunState:
                 "rank_rng": [r.clone() for r in dist.gather_rows(rng.unsqueeze(0), dim=0)] if dist.enabled else None,
                 "world_size": dist.world_size,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                 "state": None if hidden is None else tuple(dist.gather_rows(s.detach()).cpu() for s in hidden)}
 
     @classmethod
-    def restore(cls, saved: dict, optimizer, device: torch.device, cell: str, dist: Dist = Dist()) -> "RunState":
-        """The inverse of :meth:`to_dict`: loads the optimizer and the RNG states as a side effect;
-        each rank takes its rows of the carried state."""
+    def restore(cls, saved: dict, optimizer, device: torch.device, cell: str, dist: Dist = Dist(),
+                scaler=None) -> "RunState":
+        """The inverse of :meth:`to_dict`: loads the optimizer, the fp16 loss scale and the RNG states as
+        a side effect; each rank takes its rows of the carried state."""
         optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and scaler.is_enabled() and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         same_ranks = saved.get("world_size", 1) == dist.world_size
         rank_rng = saved.get("rank_rng")
         # a tensor of its own: torch.set_rng_state of a view with a storage offset crashed the process (torch 2.13)
@@ -112,6 +116,15 @@ class RunState:
         return cls(lr=optimizer.param_groups[0]["lr"], step=saved["step"], epoch=saved["epoch"],
                    batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
                    evals_since_best=saved["evals_since_best"], hidden=hidden)
+
+
+def _carried(state):
+    """The state the next sequential batch starts from: detached (truncated BPTT), and in fp32 whatever
+    precision produced it, so checkpoints and resumes do not depend on ``--precision``."""
+    state = detach_state(state)
+    if isinstance(state, tuple):
+        return tuple(s.float() for s in state)
+    return state.float()
 
 
 class _Interval:
@@ -187,6 +200,9 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
             torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout stream (one process: unchanged)
         self.optimizer = _make_optimizer(cfg, self.model)
+        self.autocast = lambda: autocast(cfg.precision, device)
+        self.scaler = grad_scaler(cfg.precision, device)  # fp16 only; otherwise it passes everything through
+        self.pin = device.type == "cuda"  # batches copied from page-locked memory, without waiting
         self.state = RunState(lr=cfg.resolved_lr())
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
@@ -215,7 +231,7 @@ class Trainer:
         """Continue from a checkpoint loaded with its trainer state (``last/``)."""
         self.model.load_state_dict(saved.model.state_dict())
         self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell,
-                                      self.dist)
+                                      self.dist, self.scaler)
         saved_ranks = saved.trainer_state.get("world_size", 1)
         if saved_ranks != self.dist.world_size:
             self.emit("warning", {"message": f"resuming a run saved by {saved_ranks} process(es) with "
@@ -228,7 +244,7 @@ class Trainer:
             self.best_weights = load_checkpoint(best, device=self.device).model.state_dict()
 
     def checkpoint_state(self) -> dict:
-        return self.state.to_dict(self.optimizer, self.device, self.dist)
+        return self.state.to_dict(self.optimizer, self.device, self.dist, self.scaler)
 
     def save(self, name: str, val: EvalResult | None) -> None:
         """Every rank takes part (the state is gathered); only rank 0 writes."""
@@ -246,32 +262,44 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        """batch -> reset or detach the state -> forward -> loss -> backward -> clip -> step."""
-        cfg, st = self.cfg, self.state
+        """batch -> reset or detach the state -> forward -> loss -> backward -> clip -> step.
+
+        Under fp16 the loss is scaled before the backward pass and the gradients unscaled before
+        clipping; a step whose scaled gradients overflowed is skipped by the scaler (which then
+        lowers the scale), not counted as non-finite: only a non-finite loss is."""
+        cfg, st, scaler = self.cfg, self.state, self.scaler
+        if self.pin:
+            X, Y = X.pin_memory(), Y.pin_memory()
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
         # random windows are unrelated: fresh state; sequential ones continue: detach (TBPTT)
         hidden = None if cfg.sampling == "random" else st.hidden  # (stored detached: truncated BPTT)
-        logits, new_hidden = self.net(X, hidden)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        with self.autocast():
+            logits, new_hidden = self.net(X, hidden)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))  # fp32 under autocast
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the step's one host sync
+        ok = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        finite = bool(ok)  # the step's one host sync
         if self.dist.enabled:  # one rank's non-finite loss skips the step on every rank
             finite = not self.dist.any([not finite], self.device)[0]
         if finite:
             self.nonfinite = 0
-            self.optimizer.step()
-            st.hidden = detach_state(new_hidden)  # the next batch continues from it, without this graph
+            scaler.step(self.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+            st.hidden = _carried(new_hidden)  # the next batch continues from it, without this graph
             self.interval.loss_sum += loss.detach()
+            if scaler.is_enabled():  # a step the scaler skipped has an infinite norm: count it as 0
+                grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
             self.interval.norm_sum += grad_norm.detach()
         else:  # skip the update; give up after MAX_NONFINITE in a row
             self.nonfinite += 1
-            if self.nonfinite >= MAX_NONFINITE:
-                self.save("last", self.last_val)
-                raise TrainError(
-                    f"the loss was not finite for {self.nonfinite} steps in a row at step {st.step + 1}; saved "
-                    f"{self.run_dir.checkpoint('last')} (weights from before those steps); try a lower --lr or --clip")
+        scaler.update()  # fp16: a lower scale after an overflow (a skipped step's too), a higher one after many without
+        if self.nonfinite >= MAX_NONFINITE:
+            self.save("last", self.last_val)
+            raise TrainError(
+                f"the loss was not finite for {self.nonfinite} steps in a row at step {st.step + 1}; saved "
+                f"{self.run_dir.checkpoint('last')} (weights from before those steps); try a lower --lr or --clip")
         st.step += 1
         st.batch_in_epoch += 1
         self.interval.steps += 1
@@ -425,6 +453,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     """
     emit = callback or (lambda event, info: None)
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     dist = from_env()
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
@@ -467,7 +496,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
     st = trainer.state
     emit("start", {"out": run.path, "device": device, "model": trainer.model, "model_config": trainer.model_config,
                    "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,
-                   "step": st.step, "total_steps": trainer.total_steps(), "resumed": saved is not None})
+                   "step": st.step, "total_steps": trainer.total_steps(), "resumed": saved is not None,
+                   "precision": cfg.precision, "world_size": dist.world_size})
     with _stop_on_signals() as stop:
         stop_reason = trainer.run(stop)
         if trainer.last_eval_step != st.step:

@@ -1,0 +1,131 @@
+"""--precision: bf16 autocast on CPUs, fp16 loss scaling (exercised on a CPU GRU, which has fp16
+kernels, although the CLI keeps fp16 for CUDA GPUs), and what stays fp32 whatever the precision."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charlm import checkpoint as ck
+from charlm import training
+from charlm.cli import main
+from charlm.config import TrainConfig
+from charlm.device import autocast, check_precision, grad_scaler
+from charlm.errors import ConfigError
+from charlm.training import train
+
+TEXT = ("the time traveller for so it will be convenient to speak of him was expounding a recondite "
+        "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated\n")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(TEXT * 12)
+    return path
+
+
+def tiny(corpus, out, **kw):
+    base = dict(corpus=str(corpus), out=str(out), cell="lstm", hidden_size=16, embedding_dim=8, dropout=0.2,
+                batch_size=4, num_steps=10, eval_every=5, time_limit=None, patience=None, epochs=100,
+                sampling="sequential")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def saved(out, name="last"):
+    return ck.load_checkpoint(Path(out) / name, with_trainer_state=True)
+
+
+def test_bf16_autocast_runs_in_bf16_and_leaves_weights_state_and_optimizer_fp32(corpus, tmp_path):
+    model = train(tiny(corpus, tmp_path / "fp32", max_steps=10))
+    bf16 = train(tiny(corpus, tmp_path / "bf16", max_steps=10, precision="bf16"))
+    assert bf16.steps == model.steps == 10
+    a, b = saved(tmp_path / "fp32"), saved(tmp_path / "bf16")
+    for k, v in b.model.state_dict().items():
+        assert v.dtype == torch.float32, k
+        assert not torch.equal(v, a.model.state_dict()[k]), f"{k}: bf16 steps gave fp32's weights exactly"
+        torch.testing.assert_close(v, a.model.state_dict()[k], atol=0.02, rtol=0.05)  # the same training, rounded
+    h, c = b.trainer_state["state"]
+    assert h.dtype == c.dtype == torch.float32  # the carried state is kept in fp32
+    moments = [t for s in b.trainer_state["optimizer"]["state"].values() for t in s.values() if t.dim()]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    assert b.trainer_state["scaler"] is None  # no loss scaling outside fp16
+    assert abs(bf16.best.loss - model.best.loss) < 0.05
+
+
+def test_bf16_resume_is_exact(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "whole", max_steps=20, precision="bf16"))
+    train(tiny(corpus, tmp_path / "parts", max_steps=10, precision="bf16"))
+    train(tiny(corpus, tmp_path / "parts", max_steps=20, precision="bf16"), resume=True)
+    a, b = saved(tmp_path / "whole").model.state_dict(), saved(tmp_path / "parts").model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_fp16_loss_scaling_skips_overflowed_steps_lowers_the_scale_and_resumes_it(corpus, tmp_path, monkeypatch):
+    # fp16 on a CPU GRU (the CLI refuses it: CPUs' LSTM has no fp16 kernel); a scale so large that the
+    # first steps' fp16 gradients overflow: the scaler skips them and halves the scale, the run goes on
+    monkeypatch.setattr(training, "check_precision", lambda precision, device: None)
+    monkeypatch.setattr(training, "grad_scaler",
+                        lambda precision, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 40,
+                                                                       enabled=precision == "fp16"))
+    kw = dict(cell="gru", dropout=0.0, precision="fp16")
+    whole = train(tiny(corpus, tmp_path / "whole", max_steps=30, **kw))
+    assert whole.steps == 30 and whole.stop_reason == "--max-steps 30 reached"  # more than 5 overflows in a row
+    state = saved(tmp_path / "whole").trainer_state
+    scale = state["scaler"]["scale"]
+    assert scale < 2.0 ** 40 / 2 ** 5  # halved once per overflowed step
+    train(tiny(corpus, tmp_path / "parts", max_steps=15, **kw))
+    part_scale = saved(tmp_path / "parts").trainer_state["scaler"]["scale"]
+    train(tiny(corpus, tmp_path / "parts", max_steps=30, **kw), resume=True)
+    assert saved(tmp_path / "parts").trainer_state["scaler"]["scale"] == scale != 2.0 ** 40
+    assert part_scale <= 2.0 ** 40 / 2 ** 5
+    a, b = saved(tmp_path / "whole").model.state_dict(), saved(tmp_path / "parts").model.state_dict()
+    for k in a:  # a resume that restarted from the initial scale would skip the first steps again
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_fp16_loss_is_what_counts_as_non_finite(corpus, tmp_path, monkeypatch):
+    """Overflowed fp16 gradients are the scaler's business; a non-finite loss still stops the run."""
+    monkeypatch.setattr(training, "check_precision", lambda precision, device: None)
+    cfg = tiny(corpus, tmp_path / "r", max_steps=30, cell="gru", precision="fp16", optimizer="sgd", lr=1e38, clip=0)
+    with pytest.raises(Exception, match="not finite"):
+        train(cfg)
+
+
+def test_precision_checks_name_the_device(tmp_path, corpus):
+    check_precision("fp32", torch.device("cpu"))
+    check_precision("bf16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPUs; use bf16 or fp32"):
+        check_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not supported on mps devices; use fp32"):
+        check_precision("bf16", torch.device("mps"))
+    with pytest.raises(ConfigError, match="unknown precision"):
+        check_precision("fp8", torch.device("cpu"))
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(tmp_path / "r"), "--precision", "fp16",
+                                  "--max-steps", "2", "--quiet"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == ("Error: --precision fp16 is not supported on CPUs; use bf16 or fp32 "
+                                                 "(fp16 needs a CUDA GPU)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_autocast_and_scaler_per_precision():
+    cpu = torch.device("cpu")
+    with autocast("fp32", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast("bf16", cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not grad_scaler("bf16", cpu).is_enabled() and grad_scaler("fp16", cpu).is_enabled()
+
+
+def test_cli_shows_the_precision(corpus, tmp_path):
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(tmp_path / "r"), "--precision", "bf16",
+                                  "--hidden-size", "16", "--batch-size", "4", "--num-steps", "10",
+                                  "--max-steps", "5", "--eval-every", "5"])
+    assert r.exit_code == 0, r.output
+    assert "device cpu (bf16 autocast)" in r.output
+    assert ck.load_checkpoint(tmp_path / "r").train_options["precision"] == "bf16"
