@@ -24,7 +24,7 @@ from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DIST_BACKENDS, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS, PRECISIONS,
                            PREPROCESS_MODES, SAMPLINGS, SampleConfig, TrainConfig)
 from charlm.device import DEVICE_CHOICES
-from charlm.errors import CharlmError, TrainingInterrupted, UnknownCharactersError
+from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
 _SAMPLE = SampleConfig()
@@ -272,8 +272,10 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
         click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
                    f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
         sys.exit(130)
-    except CharlmError:
-        if not main_rank:
+    except CharlmError as exc:
+        if not main_rank:  # rank 0 says why; a lost process group, which rank 0 may not live to report, each rank
+            if isinstance(exc, ProcessGroupError):
+                click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         raise
     finally:

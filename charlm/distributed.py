@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -95,15 +96,33 @@ def init(backend: str, timeout_s: float, device: torch.device) -> Dist:
     return d
 
 
-def close() -> None:
+def collective_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective: a peer that closed its connection or did not answer in
+    time. torch raises ``DistError`` subclasses for some of these and a bare ``RuntimeError`` carrying
+    gloo's or NCCL's message for others (gloo's receive timeout among them)."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "Gloo", "NCCL", "ProcessGroup"))
+
+
+def failure_line(exc: BaseException) -> str:
+    """The first line of a collective's error, without the source location gloo puts in front of it."""
+    lines = str(exc).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(exc).__name__)
+
+
+def close(barrier: bool = True) -> None:
     """Leave the process group; every rank waits for the others first (gloo aborted the process now
-    and then when one rank tore its connections down while another was still leaving)."""
+    and then when one rank tore its connections down while another was still leaving). After a
+    failed collective there is no one to wait for: ``barrier=False``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         import gc
 
         gc.collect()  # DDP's reducer goes before its process group, not at interpreter exit
-        try:
-            torch.distributed.barrier()
-        except RuntimeError:  # a rank that died: nothing to wait for
-            pass
+        if barrier:
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:  # a rank that died: nothing to wait for
+                pass
         torch.distributed.destroy_process_group()

@@ -42,6 +42,11 @@ class RunExistsError(TrainError):
     """``--out`` already holds a run and neither resuming nor overwriting was asked for."""
 
 
+class ProcessGroupError(TrainError):
+    """Under torchrun: a collective failed (another process died, or did not answer within
+    ``--dist-timeout``); the run stops on every rank that is still alive."""
+
+
 class TrainingInterrupted(TrainError):
     """SIGINT/SIGTERM: ``last/`` was saved; ``result`` says where the run stands."""
 

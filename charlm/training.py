@@ -36,10 +36,10 @@ from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import TrainConfig
 from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
 from charlm.device import autocast, check_precision, grad_scaler, resolve_device
-from charlm.distributed import Dist, from_env
+from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
 from charlm.distributed import init as init_distributed
-from charlm.errors import CharlmError, TrainError, TrainingInterrupted
+from charlm.errors import CharlmError, ProcessGroupError, TrainError, TrainingInterrupted
 from charlm.evaluation import EvalResult, evaluate
 from charlm.models import RNNLM, detach_state
 from charlm.rundir import RunDir, default_out
@@ -460,10 +460,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist = init_distributed(cfg.dist_backend, cfg.dist_timeout, device)
+    healthy = True
     try:
         return _train(cfg, resume, overwrite, emit, prepare_progress, device, dist)
+    except ProcessGroupError:
+        healthy = False
+        raise
     finally:
-        close_distributed()
+        close_distributed(barrier=healthy)
 
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progress, device, dist: Dist) -> TrainResult:
@@ -499,12 +503,20 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
                    "step": st.step, "total_steps": trainer.total_steps(), "resumed": saved is not None,
                    "precision": cfg.precision, "world_size": dist.world_size})
     with _stop_on_signals() as stop:
-        stop_reason = trainer.run(stop)
-        if trainer.last_eval_step != st.step:
-            trainer.evaluate_and_save()  # the final evaluation and checkpoint
-        if not stop["signal"]:
-            trainer.evaluate_best_on_tail()
-        result = trainer.result(stop_reason)
+        try:
+            stop_reason = trainer.run(stop)
+            if trainer.last_eval_step != st.step:
+                trainer.evaluate_and_save()  # the final evaluation and checkpoint
+            if not stop["signal"]:
+                trainer.evaluate_best_on_tail()
+            result = trainer.result(stop_reason)
+        except RuntimeError as exc:
+            if not (dist.enabled and collective_failed(exc)):
+                raise
+            raise ProcessGroupError(
+                f"rank {dist.rank} lost the other processes after step {st.step} ({failure_line(exc)}): one "
+                f"died or did not answer within --dist-timeout {cfg.dist_timeout:g}s; resume from "
+                f"{run.checkpoint('last')} with --resume") from None
         if stop["signal"]:
             raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result)
     emit("end", {"result": result})

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,26 +97,121 @@ def test_batch_that_does_not_split_is_one_line_naming_both_numbers(corpus, tmp_p
     assert not (tmp_path / "r").exists()
 
 
+# runs the charlm program as torchrun's worker and appends "RANK EXIT_STATUS" to $PROBE_FILE as it exits
+PROBE = """
+import os
+from charlm.cli import run
+code = 0
+try:
+    run()
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    raise
+finally:
+    with open(os.environ["PROBE_FILE"], "a") as f:
+        f.write(f"{os.environ['RANK']} {code}\\n")
+"""
+
+
+def launch(args, tmp_path, nproc=2, **env):
+    """torchrun in the background, in its own session (so a test can end the whole group)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    return subprocess.Popen(TORCHRUN + ["--nproc-per-node", str(nproc), str(probe)] + args[2:],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **ENV, "PROBE_FILE": str(tmp_path / "exit-status"), **env})
+
+
+def wait_for_checkpoint(out, p, timeout=120):
+    deadline = time.time() + timeout
+    while not (out / "last" / "manifest.json").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert (out / "last" / "manifest.json").exists(), "the run never reached its first checkpoint"
+
+
+def workers(launcher_pid) -> dict[int, int]:
+    """RANK -> pid of each worker torchrun started."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher_pid:
+                environ = (stat.parent / "environ").read_bytes().split(b"\0")
+                rank = next(int(e[5:]) for e in environ if e.startswith(b"RANK="))
+                found[rank] = int(stat.parent.name)
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return found
+
+
+def exit_statuses(tmp_path) -> dict[int, int]:
+    lines = (tmp_path / "exit-status").read_text().split()
+    return {int(r): int(c) for r, c in zip(lines[::2], lines[1::2])}
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_saves(corpus, tmp_path):
     out = tmp_path / "r"
-    args = train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5})
-    p = subprocess.Popen(TORCHRUN + ["--nproc-per-node", "2"] + args[1:], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV}, start_new_session=True)
+    p = launch(train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5}), tmp_path)
     try:
-        deadline = time.time() + 120
-        while not (out / "last" / "manifest.json").exists() and time.time() < deadline:
-            time.sleep(0.2)
-        assert (out / "last" / "manifest.json").exists(), "the run never reached its first checkpoint"
+        wait_for_checkpoint(out, p)
         time.sleep(0.5)
         p.send_signal(signal.SIGTERM)
         stdout, stderr = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+    assert exit_statuses(tmp_path) == {0: 130, 1: 130}  # every rank exits as one interrupted process does
     assert stderr.count("Resume with:") == 1, stderr[-3000:]
     saved = ck.load_checkpoint(out / "last", with_trainer_state=True).trainer_state
     assert f"stopped at step {saved['step']}" in stderr  # the step every rank stopped at is the saved one
     resumed = run(train_args(corpus, out, **{"max-steps": saved["step"] + 5, "resume": True}), nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{saved['step'] + 5:,} steps" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_answering_stops_the_others_within_dist_timeout(corpus, tmp_path):
+    out = tmp_path / "r"
+    p = launch(train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5, "dist-timeout": 4}), tmp_path)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in p.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_for_checkpoint(out, p)
+        ranks = workers(p.pid)
+        assert sorted(ranks) == [0, 1]
+        stopped = time.time()
+        os.kill(ranks[1], signal.SIGSTOP)  # alive, but silent: only the timeout can end the wait
+        deadline = stopped + 60
+        while time.time() < deadline and not any("Error: rank 0" in line for _, line in lines):
+            time.sleep(0.1)
+        said = [(t, line.strip()) for t, line in lines if line.startswith("Error:")]
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    assert said, "rank 0 did not give up: " + "".join(line for _, line in lines)[-3000:]
+    t, line = said[0]
+    assert line.startswith("Error: rank 0 lost the other processes after step ")
+    assert "did not answer within --dist-timeout 4s" in line and line.endswith(f"resume from {out / 'last'} with --resume")
+    assert 3.5 <= t - stopped < 4 + 30  # the timeout set, not torch's default of 30 minutes
+    assert exit_statuses(tmp_path) == {0: 1}
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_ends_the_run_and_it_resumes(corpus, tmp_path):
+    out = tmp_path / "r"
+    p = launch(train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5}), tmp_path)
+    try:
+        wait_for_checkpoint(out, p)
+        os.kill(workers(p.pid)[1], signal.SIGKILL)
+        _, stderr = p.communicate(timeout=90)  # torchrun notices, stops rank 0 and reports
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0
+    assert "Signal 9 (SIGKILL) received by PID" in stderr  # torchrun's report names the dead worker
+    step = ck.load_checkpoint(out / "last", with_trainer_state=True).trainer_state["step"]
+    resumed = run(train_args(corpus, out, **{"max-steps": step + 5, "resume": True}), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{step + 5:,} steps" in resumed.stdout
