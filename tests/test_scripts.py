@@ -136,3 +136,14 @@ def test_bench_corpus_quick_runs_its_parts(mirror, tmp_path, capsys, load_script
     assert r["token_file_vs_memory"]["ratio"] > 0
     out = capsys.readouterr().out
     assert "| raw |" in out
+
+
+@pytest.mark.slow
+def test_bench_distributed_quick_reports_every_layout(mirror, tmp_path, load_script):
+    results = load_script("scripts/bench_distributed.py").main([str(mirror / "timemachine.txt"), "--quick",
+                                                                 "--workdir", str(tmp_path)])
+    assert list(results) == ["1x2", "2x1", "1x1"]
+    for name, r in results.items():
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
+        assert len(r["peak_rss_mb"]) == int(name[0])  # one figure per rank
+        assert (r["allreduce_ms"] is not None) == (name == "2x1")
