@@ -216,7 +216,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
               help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
-              help="Under torchrun: seconds the other processes wait for one that died before they stop too.")
+              help="Under torchrun: seconds a process waits for another that stopped answering before the run "
+                   "stops (torchrun notices one that exits within a second).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
