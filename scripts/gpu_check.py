@@ -84,13 +84,22 @@ def train_and_resume(corpus: str, device: str, precision: str, steps: int, work:
     return {"result": whole, "out": work / f"{precision}-whole"}
 
 
+def epochs_of_batches(train_ids):
+    """``(first of an epoch?, X, Y)``, epoch after epoch (a small corpus has few batches of 128 x 100)."""
+    epoch = 0
+    while True:
+        for k, (X, Y) in enumerate(sequential_batches(train_ids, SPEED["batch_size"], SPEED["num_steps"], seed=0,
+                                                      epoch=epoch)):
+            yield k == 0, X, Y
+        epoch += 1
+
+
 def bare_loop(model, train_ids, device, precision, steps) -> float:
     """The plain loop: the same batches, pinned and copied without waiting; tokens/s after a warm-up."""
     opt = torch.optim.Adam(model.parameters(), lr=SPEED["lr"], foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    state, loss_sum, t0 = None, torch.zeros((), device=device), None
-    batches = sequential_batches(train_ids, SPEED["batch_size"], SPEED["num_steps"], seed=0, epoch=0)
-    for step, (X, Y) in enumerate(batches):
+    loss_sum, t0 = torch.zeros((), device=device), None
+    for step, (new_epoch, X, Y) in enumerate(epochs_of_batches(train_ids)):
         if step == WARMUP:
             sync(device)
             t0 = time.perf_counter()
@@ -99,7 +108,7 @@ def bare_loop(model, train_ids, device, precision, steps) -> float:
         if device.type == "cuda":
             X, Y = X.pin_memory(), Y.pin_memory()
         X, Y = X.to(device, non_blocking=True), Y.to(device, non_blocking=True)
-        state = None if state is None else tuple(s.detach() for s in state)
+        state = None if new_epoch else tuple(s.detach() for s in state)  # as charlm: a zero state each epoch
         with autocast(precision, device):
             logits, state = model(X, state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
