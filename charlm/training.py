@@ -510,6 +510,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
             if not stop["signal"]:
                 trainer.evaluate_best_on_tail()
             result = trainer.result(stop_reason)
+        except torch.OutOfMemoryError:
+            raise TrainError(f"{device} ran out of memory at step {st.step + 1}; use a smaller --batch-size, "
+                             f"--num-steps or --hidden-size, or --precision bf16; resume from "
+                             f"{run.checkpoint('last')} with --resume") from None
         except RuntimeError as exc:
             if not (dist.enabled and collective_failed(exc)):
                 raise

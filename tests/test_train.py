@@ -339,3 +339,23 @@ def test_periodic_evaluations_read_a_leading_part_and_the_summary_the_whole_tail
     r = invoke(*args, "--max-steps", 16, "--resume")  # resumed: the best weights come from best/
     assert r.exit_code == 0, r.output
     assert f"on all {val_chars:,} held-out characters" in r.output
+
+
+def test_out_of_device_memory_is_one_line_with_what_to_change(corpus, tmp_path, monkeypatch):
+    from charlm import training
+
+    def oom(self, X, Y):
+        if self.state.step == 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, X, Y)
+
+    real = training.Trainer.train_step
+    monkeypatch.setattr(training.Trainer, "train_step", oom)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(out), "--hidden-size", "16", "--batch-size", "4",
+                                  "--num-steps", "10", "--eval-every", "5", "--max-steps", "20", "--quiet"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: cpu ran out of memory at step 8; use a smaller --batch-size, --num-steps or --hidden-size, or "
+        f"--precision bf16; resume from {out / 'last'} with --resume")
+    assert ck.load_checkpoint(out / "last", with_trainer_state=True).trainer_state["step"] == 5
