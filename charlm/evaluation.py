@@ -53,7 +53,7 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     n = len(ids)
     if n < 2:
         raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     B = max(1, min(batch_size, (n - 1) // 2))
     cols = (n - 1) // B
     row_starts = cols * np.arange(B, dtype=np.int64)  # row r reads ids[r*cols : (r+1)*cols + 1]
@@ -68,6 +68,8 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
             for start in range(0, cols if len(row_starts) else 0, num_steps):  # a block of columns at a time
                 width = min(num_steps, cols - start)
                 block = torch.from_numpy(windows(ids, row_starts + start, width + 1))  # (B, width+1)
+                if device.type == "cuda":
+                    block = block.pin_memory()  # so that the copies below need not wait
                 X = block[:, :-1].to(device, non_blocking=True)
                 Y = block[:, 1:].to(device, non_blocking=True)
                 logits, state = model(X, state)

@@ -5,6 +5,9 @@ Not part of the test suite (CI has no GPU). Run it on a CUDA machine and keep it
     python scripts/gpu_check.py corpora/timemachine.txt                  # cuda, ~3-5 minutes
     python scripts/gpu_check.py corpora/timemachine.txt --device cpu --quick   # the script's own smoke run
 
+A GPU machine without internet access needs the corpus file beside the code (charlm cannot
+download it there): copy it into corpora/ first, which git ignores, and ship it with the tree.
+
 What it does, each part printing its figures:
 
 1. the machine: torch, CUDA, the GPU, bf16 support;
