@@ -38,6 +38,12 @@ def _from_dict(cls, data: dict):
     return cls(**data)
 
 
+def check_choice(what: str, value, choices) -> None:
+    """A ``ConfigError`` naming the choices, unless ``value`` is one of them."""
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
 def _check(checks) -> None:
     for ok, message in checks:
         if not ok:
@@ -61,8 +67,8 @@ class ModelConfig:
     impl: str = "torch"  # "torch": nn.RNN/GRU/LSTM kernels (cuDNN on GPUs); "scratch": charlm's own cells
 
     def __post_init__(self):
-        _check([(self.cell in CELLS, f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}"),
-                (self.impl in IMPLS, f"unknown impl {self.impl!r}; choose one of {', '.join(IMPLS)}")])
+        check_choice("cell", self.cell, CELLS)
+        check_choice("impl", self.impl, IMPLS)
         _check([(_is_int(getattr(self, name), 1), f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
                 for name in ("vocab_size", "hidden_size", "num_layers")])
         _check([(_is_int(self.embedding_dim, 0),
@@ -125,9 +131,8 @@ class TrainConfig:
     d2l: bool = False  # report training perplexity beside held-out perplexity (set by --d2l)
 
     def __post_init__(self):
+        check_choice("preprocessing", self.preprocess, PREPROCESS_MODES)
         _check([
-            (self.preprocess in PREPROCESS_MODES,
-             f"unknown preprocessing {self.preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}"),
             (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),

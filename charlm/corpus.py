@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.config import PREPROCESS_MODES
-from charlm.errors import ConfigError, CorpusError
+from charlm.config import PREPROCESS_MODES, check_choice
+from charlm.errors import CorpusError
 from charlm.vocab import Vocab
 
 __all__ = ["KNOWN_CORPORA", "MIRROR_ENV", "PREPROCESS_MODES", "Corpus", "CorpusError", "download", "ensure_corpus",
@@ -99,8 +99,7 @@ def normalize(text: str, preprocess: str = "raw") -> str:
       ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()`` and the lines are joined with nothing
       (so a line ending between two words fuses them, as in the book).
     """
-    if preprocess not in PREPROCESS_MODES:
-        raise ConfigError(f"unknown preprocessing {preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}")
+    check_choice("preprocessing", preprocess, PREPROCESS_MODES)
     if text.startswith("\ufeff"):
         text = text[1:]
     text = text.replace("\r\n", "\n")

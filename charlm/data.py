@@ -183,11 +183,10 @@ class sequential_batches(_Batches):  # noqa: N801
             yield window[:, :-1], window[:, 1:]
 
 
-def count_batches(sampling: str, num_tokens: int, batch_size: int, num_steps: int, offset: int = 0) -> int:
-    """Batches in an epoch of ``num_tokens`` ids at ``offset``, without building the iterator."""
-    if sampling == "random":
-        return (num_tokens - offset - 1) // num_steps // batch_size
-    return (num_tokens - offset - 1) // batch_size // num_steps
+def count_batches(num_tokens: int, batch_size: int, num_steps: int, offset: int = 0) -> int:
+    """Batches in an epoch of ``num_tokens`` ids at ``offset``, without building the iterator: the same
+    for both samplings (windows of ``T`` taken ``B`` at a time, or rows of ``B`` cut into blocks of ``T``)."""
+    return (num_tokens - offset - 1) // (batch_size * num_steps)
 
 
 def make_batches(sampling: str, ids, batch_size, num_steps, **kwargs) -> _Batches:

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from charlm.config import PRECISIONS
+from charlm.config import PRECISIONS, check_choice
 from charlm.errors import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -43,8 +43,7 @@ def resolve_device(name: str) -> torch.device:
 def check_precision(precision: str, device: torch.device) -> None:
     """``--precision`` on ``device``: fp32 anywhere; bf16 on CPUs and on CUDA GPUs that support it;
     fp16 on CUDA GPUs only (oneDNN has no fp16 LSTM kernel for CPUs)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     if precision == "fp32":
         return
     if device.type == "cuda":

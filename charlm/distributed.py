@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from charlm.config import DIST_BACKENDS as BACKENDS
+from charlm.config import check_choice
 from charlm.errors import ConfigError
 
 
@@ -86,8 +87,7 @@ def init(backend: str, timeout_s: float, device: torch.device) -> Dist:
     d = from_env()
     if not d.enabled or torch.distributed.is_initialized():
         return d
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_choice("distributed backend", backend, BACKENDS)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":

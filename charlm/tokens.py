@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.config import PREPROCESS_MODES
+from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
 from charlm.vocab import Vocab
@@ -100,8 +100,7 @@ class Normalizer:
     the caller drops it)."""
 
     def __init__(self, preprocess: str):
-        if preprocess not in PREPROCESS_MODES:
-            raise ConfigError(f"unknown preprocessing {preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}")
+        check_choice("preprocessing", preprocess, PREPROCESS_MODES)
         self.preprocess, self.held, self.at_start = preprocess, "", True
         self.before = ""  # lower: the last characters already emitted, as they were before lowering
 
@@ -213,8 +212,7 @@ def prepare(corpus: str | os.PathLike, preprocess: str = "raw", min_count: int =
     ``min_count``: characters seen fewer times become ``<unk>`` (id 0, never generated).
     ``progress(nbytes)`` is called as the source is read (only when it is built).
     """
-    if preprocess not in PREPROCESS_MODES:
-        raise ConfigError(f"unknown preprocessing {preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}")
+    check_choice("preprocessing", preprocess, PREPROCESS_MODES)
     if not isinstance(min_count, int) or min_count < 1:
         raise ConfigError(f"min count must be an integer >= 1, got {min_count!r}")
     files = source_files(corpus)

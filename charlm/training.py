@@ -437,7 +437,7 @@ class Trainer:
     def total_steps(self) -> int:
         """Steps in ``cfg.epochs`` epochs (an estimate: each epoch's random offset may drop a batch)."""
         cfg = self.cfg
-        per_epoch = count_batches(cfg.sampling, len(self.data.train_ids), cfg.batch_size, cfg.num_steps)
+        per_epoch = count_batches(len(self.data.train_ids), cfg.batch_size, cfg.num_steps)
         total = per_epoch * cfg.epochs
         return min(total, cfg.max_steps) if cfg.max_steps else total
 

@@ -101,7 +101,7 @@ def bare_loop(model, train_ids, device, precision, steps) -> float:
     """The plain loop: the same batches, pinned and copied without waiting; tokens/s after a warm-up."""
     opt = torch.optim.Adam(model.parameters(), lr=SPEED["lr"], foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_sum, t0 = torch.zeros((), device=device), None
+    loss_sum, t0, state = torch.zeros((), device=device), None, None
     for step, (new_epoch, X, Y) in enumerate(epochs_of_batches(train_ids)):
         if step == WARMUP:
             sync(device)

@@ -20,6 +20,29 @@ def mirror() -> Path:
     return path
 
 
+SENTENCE = ("the time traveller for so it will be convenient to speak of him was expounding a recondite "
+            "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated\n")
+
+
+@pytest.fixture
+def write_corpus(tmp_path):
+    """``write_corpus(repeats, name="tiny.txt", upper=False)``: a corpus file in ``tmp_path`` holding one
+    sentence of The Time Machine ``repeats`` times (the few KB that training tests run on)."""
+
+    def write(repeats: int, name: str = "tiny.txt", upper: bool = False) -> Path:
+        path = tmp_path / name
+        path.write_text((SENTENCE.upper() if upper else SENTENCE) * repeats)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def corpus(write_corpus):
+    """About 2.4 KB: the sentence 12 times."""
+    return write_corpus(12)
+
+
 @pytest.fixture(autouse=True)
 def _token_cache(monkeypatch, tmp_path_factory):
     """Tests prepare corpora into a cache of their own, never the user's ~/.cache/charlm."""

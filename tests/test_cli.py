@@ -10,15 +10,11 @@ from click.testing import CliRunner
 from charlm.cli import main
 from charlm.config import D2L_PRESET, TrainConfig
 
-TEXT = ("the time traveller for so it will be convenient to speak of him was expounding a recondite "
-        "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated\n")
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "Tiny Text.txt"
-    path.write_text(TEXT.upper() * 12)  # upper case: --d2l's letters preprocessing must lower it
-    return path
+def corpus(write_corpus):
+    return write_corpus(12, "Tiny Text.txt", upper=True)  # upper case: --d2l's letters preprocessing must lower it
 
 
 def run(*args):
@@ -41,7 +37,7 @@ def test_d2l_trains_the_books_model_and_explicit_options_win(corpus, tmp_path):
         assert train[key] == D2L_PRESET[key], key
     assert train["hidden_size"] == 16  # typed on the command line: wins over the preset
     assert model["embedding_dim"] == 0  # one-hot inputs
-    letters = {c for c in TEXT if c.isalpha()}
+    letters = {c for c in corpus.read_text().lower() if c.isalpha()}
     assert model["vocab_size"] == len(letters) + 2  # lower-case letters, space and <unk>, as in d2l
     assert saved["corpus"]["preprocess"] == "letters"
 

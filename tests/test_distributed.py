@@ -1,5 +1,6 @@
 """Training under torchrun: 2 gloo processes on loopback, one thread each, explicit timeouts."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,8 +14,6 @@ import torch
 
 from charlm import checkpoint as ck
 
-TEXT = ("the time traveller for so it will be convenient to speak of him was expounding a recondite "
-        "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated\n")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # gloo on the loopback interface only, one thread per process
 ENV = {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
@@ -24,10 +23,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "c.txt"
-    path.write_text(TEXT * 40)  # ~8 KB
-    return path
+def corpus(write_corpus):
+    return write_corpus(40, "c.txt")  # ~8 KB
 
 
 def train_args(corpus, out, **kw):
@@ -113,20 +110,33 @@ finally:
 """
 
 
-def launch(args, tmp_path, nproc=2, **env):
-    """torchrun in the background, in its own session (so a test can end the whole group)."""
+@contextlib.contextmanager
+def launched(corpus, out, tmp_path, **options):
+    """An endless 2-process run in the background, in its own session, once it has saved its first
+    checkpoint; whatever is left of it is killed at the end."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    return subprocess.Popen(TORCHRUN + ["--nproc-per-node", str(nproc), str(probe)] + args[2:],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **ENV, "PROBE_FILE": str(tmp_path / "exit-status"), **env})
+    args = train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5, **options})
+    p = subprocess.Popen(TORCHRUN + ["--nproc-per-node", "2", str(probe)] + args[2:],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, **ENV, "PROBE_FILE": str(tmp_path / "exit-status")})
+    try:
+        deadline = time.time() + 120
+        while not (out / "last" / "manifest.json").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert (out / "last" / "manifest.json").exists(), "the run never reached its first checkpoint"
+        yield p
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
 
 
-def wait_for_checkpoint(out, p, timeout=120):
-    deadline = time.time() + timeout
-    while not (out / "last" / "manifest.json").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert (out / "last" / "manifest.json").exists(), "the run never reached its first checkpoint"
+def assert_resumes(corpus, out, steps=5):
+    """The run in ``out`` continues from its last/ for ``steps`` more steps under 2 processes."""
+    step = ck.load_checkpoint(out / "last", with_trainer_state=True).trainer_state["step"]
+    resumed = run(train_args(corpus, out, **{"max-steps": step + steps, "resume": True}), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{step + steps:,} steps" in resumed.stdout
 
 
 def workers(launcher_pid) -> dict[int, int]:
@@ -152,33 +162,24 @@ def exit_statuses(tmp_path) -> dict[int, int]:
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_saves(corpus, tmp_path):
     out = tmp_path / "r"
-    p = launch(train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5}), tmp_path)
-    try:
-        wait_for_checkpoint(out, p)
+    with launched(corpus, out, tmp_path) as p:
         time.sleep(0.5)
         p.send_signal(signal.SIGTERM)
         stdout, stderr = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
     assert exit_statuses(tmp_path) == {0: 130, 1: 130}  # every rank exits as one interrupted process does
     assert stderr.count("Resume with:") == 1, stderr[-3000:]
     saved = ck.load_checkpoint(out / "last", with_trainer_state=True).trainer_state
     assert f"stopped at step {saved['step']}" in stderr  # the step every rank stopped at is the saved one
-    resumed = run(train_args(corpus, out, **{"max-steps": saved["step"] + 5, "resume": True}), nproc=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{saved['step'] + 5:,} steps" in resumed.stdout
+    assert_resumes(corpus, out)
 
 
 @pytest.mark.slow
 def test_a_worker_that_stops_answering_stops_the_others_within_dist_timeout(corpus, tmp_path):
     out = tmp_path / "r"
-    p = launch(train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5, "dist-timeout": 4}), tmp_path)
     lines = []
-    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in p.stderr), daemon=True)
-    reader.start()
-    try:
-        wait_for_checkpoint(out, p)
+    with launched(corpus, out, tmp_path, **{"dist-timeout": 4}) as p:
+        reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in p.stderr), daemon=True)
+        reader.start()
         ranks = workers(p.pid)
         assert sorted(ranks) == [0, 1]
         stopped = time.time()
@@ -187,7 +188,6 @@ def test_a_worker_that_stops_answering_stops_the_others_within_dist_timeout(corp
         while time.time() < deadline and not any("Error: rank 0" in line for _, line in lines):
             time.sleep(0.1)
         said = [(t, line.strip()) for t, line in lines if line.startswith("Error:")]
-    finally:
         os.killpg(p.pid, signal.SIGKILL)
         reader.join(timeout=10)
     assert said, "rank 0 did not give up: " + "".join(line for _, line in lines)[-3000:]
@@ -201,17 +201,9 @@ def test_a_worker_that_stops_answering_stops_the_others_within_dist_timeout(corp
 @pytest.mark.slow
 def test_a_worker_that_dies_ends_the_run_and_it_resumes(corpus, tmp_path):
     out = tmp_path / "r"
-    p = launch(train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5}), tmp_path)
-    try:
-        wait_for_checkpoint(out, p)
+    with launched(corpus, out, tmp_path) as p:
         os.kill(workers(p.pid)[1], signal.SIGKILL)
         _, stderr = p.communicate(timeout=90)  # torchrun notices, stops rank 0 and reports
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode != 0
     assert "Signal 9 (SIGKILL) received by PID" in stderr  # torchrun's report names the dead worker
-    step = ck.load_checkpoint(out / "last", with_trainer_state=True).trainer_state["step"]
-    resumed = run(train_args(corpus, out, **{"max-steps": step + 5, "resume": True}), nproc=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{step + 5:,} steps" in resumed.stdout
+    assert_resumes(corpus, out)

@@ -15,16 +15,6 @@ from charlm.device import autocast, check_precision, grad_scaler
 from charlm.errors import ConfigError
 from charlm.training import train
 
-TEXT = ("the time traveller for so it will be convenient to speak of him was expounding a recondite "
-        "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated\n")
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "tiny.txt"
-    path.write_text(TEXT * 12)
-    return path
-
 
 def tiny(corpus, out, **kw):
     base = dict(corpus=str(corpus), out=str(out), cell="lstm", hidden_size=16, embedding_dim=8, dropout=0.2,

@@ -64,6 +64,12 @@ class Server:
         status, body, _ = self.json("GET", "/health")
         return status == 200 and body["status"] == "ok"
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         self.httpd.service.generator.stop()
         self.httpd.shutdown()
@@ -201,20 +207,16 @@ def test_errors_have_a_status_and_one_sentence(server, method, path, body, heade
 
 
 def test_host_allow_list_takes_the_bound_address_and_extra_names(ckpt):
-    s = Server(ckpt, allow_hosts=("box.lan",))
-    try:
+    with Server(ckpt, allow_hosts=("box.lan",)) as s:
         for host in ("localhost", f"localhost:{s.port}", "127.0.0.1", "[::1]:8000", "box.lan:8000"):
             r, _ = s.request("GET", "/health", headers={"Host": host})
             assert r.status == 200, host
         r, _ = s.request("GET", "/health", headers={"Host": "attacker.example:8000"})
         assert r.status == 403
-    finally:
-        s.close()
 
 
 def test_cors_only_for_the_named_origin(ckpt):
-    s = Server(ckpt, cors_origin="http://app.example:3000")
-    try:
+    with Server(ckpt, cors_origin="http://app.example:3000") as s:
         r, _ = s.request("OPTIONS", "/generate", headers={"Origin": "http://app.example:3000"})
         assert r.status == 204
         assert r.getheader("Access-Control-Allow-Origin") == "http://app.example:3000"
@@ -224,13 +226,10 @@ def test_cors_only_for_the_named_origin(ckpt):
         assert r.getheader("Access-Control-Allow-Origin") == "http://app.example:3000"
         r, _ = s.request("OPTIONS", "/generate", headers={"Origin": "http://other.example"})
         assert r.status == 403
-    finally:
-        s.close()
 
 
 def test_api_key(ckpt):
-    s = Server(ckpt, api_key="sesame")
-    try:
+    with Server(ckpt, api_key="sesame") as s:
         assert s.request("GET", "/")[0].status == 200  # the page itself asks for the key
         assert s.healthy()
         status, body, r = s.json("GET", "/info")
@@ -242,8 +241,6 @@ def test_api_key(ckpt):
         status, _, _ = s.json("POST", "/generate", {"prompt": "the", "length": 3},
                               headers={"Authorization": "Bearer sesame"})
         assert status == 200
-    finally:
-        s.close()
 
 
 def _start_stream(server, body):
@@ -262,8 +259,7 @@ def _start_stream(server, body):
 
 
 def test_a_client_that_disconnects_frees_the_model_at_once(ckpt):
-    s = Server(ckpt, chunk=4)
-    try:
+    with Server(ckpt, chunk=4) as s:
         sock, status = _start_stream(s, {"prompt": "the", "length": 5000, "temperature": 1.0, "seed": 1})
         assert status == 200
         sock.close()  # gone mid-stream
@@ -275,8 +271,6 @@ def test_a_client_that_disconnects_frees_the_model_at_once(ckpt):
         assert waited < 2.0  # not behind the 5,000 characters nobody reads any more
         _, health, _ = s.json("GET", "/health")
         assert health["busy"] is False
-    finally:
-        s.close()
 
 
 def test_queue_limit_answers_503_with_retry_after(ckpt):
@@ -304,14 +298,11 @@ def test_queue_limit_answers_503_with_retry_after(ckpt):
 
 
 def test_time_cap_ends_a_generation(ckpt):
-    s = Server(ckpt, max_seconds=0.05, chunk=4)
-    try:
+    with Server(ckpt, max_seconds=0.05, chunk=4) as s:
         status, answer, _ = s.json("POST", "/generate", {"prompt": "the", "length": 5000, "temperature": 1.0})
         assert status == 200
         assert answer["finish_reason"] == "time"
         assert 0 < answer["chars"] < 5000
-    finally:
-        s.close()
 
 
 def test_bounded_load_every_request_answered(ckpt):

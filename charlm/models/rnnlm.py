@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.config import CELLS, IMPLS, ModelConfig
+from charlm.config import CELLS, IMPLS, ModelConfig, check_choice
 from charlm.errors import ConfigError
 from charlm.models.scratch import ScratchRecurrent
 
@@ -38,8 +38,7 @@ def recurrent_layer(cell: str, input_size: int, hidden_size: int, num_layers: in
     layers only, as in torch. This is what ``RNNLM`` uses, and what a model of real-valued sequences
     (see ``examples/``) builds on.
     """
-    if cell not in CELLS:
-        raise ConfigError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
+    check_choice("cell", cell, CELLS)
     if impl == "torch":
         return _TORCH_CORES[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
     if impl == "scratch":

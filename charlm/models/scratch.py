@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.config import GATES
-from charlm.errors import ConfigError
+from charlm.config import GATES, check_choice
 
 
 class ScratchRecurrent(nn.Module):
@@ -35,8 +34,7 @@ class ScratchRecurrent(nn.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
         super().__init__()
-        if cell not in GATES:
-            raise ConfigError(f"unknown cell {cell!r}; choose one of {', '.join(GATES)}")
+        check_choice("cell", cell, GATES)
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
         self.num_layers, self.dropout = num_layers, dropout
         G = GATES[cell]
