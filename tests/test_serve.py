@@ -2,7 +2,9 @@
 
 import http.client
 import json
+import os
 import socket
+import sys
 import threading
 import time
 
@@ -396,3 +398,28 @@ def test_cli_serve_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     assert r.exit_code == 1
     assert "no checkpoint found" in r.output
     assert r.output.count("\n") == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tgkill is Linux's")
+def test_cli_serve_stops_on_a_ctrl_c_that_another_thread_receives(ckpt):
+    """The kernel may hand a process's SIGINT to any of its threads; Python then only sets a flag that the
+    main thread acts on when it runs Python code again: a main thread blocked for good never stopped."""
+    import ctypes
+    import signal
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "tgkill"):
+        pytest.skip("this C library has no tgkill")
+    p = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(ckpt.path), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("Serving ")
+        others = sorted(int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid)
+        assert others, "the server runs its HTTP loop on a thread of its own"
+        assert libc.tgkill(p.pid, others[0], signal.SIGINT) == 0
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0
+        assert "Stopped." in err
+    finally:
+        p.kill()

@@ -103,7 +103,12 @@ class Generator:
         regions started from another thread are several times slower on a CPU (a 2 x LSTM 320 model
         sampled at a quarter of its main-thread speed), so HTTP gets the threads and the model the main one."""
         while True:
-            job = self.jobs.get()
+            try:
+                # Not a blocking get: a Ctrl-C that the kernel hands to another thread only sets a flag, which
+                # this thread acts on when it next runs Python code; a wait that never returned hung the server.
+                job = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if job is None:
                 return
             if not job.cancelled.is_set():
