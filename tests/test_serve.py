@@ -414,7 +414,13 @@ def test_cli_serve_stops_on_a_ctrl_c_that_another_thread_receives(ckpt):
     p = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(ckpt.path), "--port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline().startswith("Serving ")
+        line = p.stdout.readline()
+        assert line.startswith("Serving ")
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # a generation: the main thread is
+        conn.request("POST", "/generate", body=json.dumps({"prompt": "the ", "length": 3}),  # in its job loop
+                     headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
         others = sorted(int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid)
         assert others, "the server runs its HTTP loop on a thread of its own"
         assert libc.tgkill(p.pid, others[0], signal.SIGINT) == 0
