@@ -188,6 +188,9 @@ def test_a_worker_that_stops_answering_stops_the_others_within_dist_timeout(corp
         while time.time() < deadline and not any("Error: rank 0" in line for _, line in lines):
             time.sleep(0.1)
         said = [(t, line.strip()) for t, line in lines if line.startswith("Error:")]
+        status = tmp_path / "exit-status"  # rank 0 records its exit status after printing its line
+        while time.time() < deadline and said and not (status.exists() and status.read_text().strip()):
+            time.sleep(0.1)
         os.killpg(p.pid, signal.SIGKILL)
         reader.join(timeout=10)
     assert said, "rank 0 did not give up: " + "".join(line for _, line in lines)[-3000:]
