@@ -1,14 +1,86 @@
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _DEFAULT_MIRROR = REPO.parent / "shared" / "corpora"
+
+# Every process a test starts inherits this variable (tests pass {**os.environ, ...} to their children), so
+# the processes of this test run can be found at the end, orphans included (a torchrun worker lives in a
+# session of its own and outlives a killed torchrun), wherever they were reparented.
+RUN_MARK = "CHARLM_TEST_RUN"
+
+
+def marked_processes(name: str, value: str) -> list[int]:
+    """Live (not zombie) processes whose environment holds ``name=value``, this one excluded."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(proc.name) == os.getpid() or proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if needle in proc.joinpath("environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def kill_marked(name: str, value: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every process marked ``name=value`` (stopped ones too) and wait until none is left; the pids."""
+    pids = marked_processes(name, value)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while marked_processes(name, value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
+def stop_process(p: subprocess.Popen) -> None:
+    """Kill a process a test started, if it is still running, and reap it."""
+    if p.poll() is None:
+        p.kill()
+    p.wait(timeout=30)
+
+
+def pytest_configure(config):
+    os.environ[RUN_MARK] = str(os.getpid())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No process of this test run may outlive it: any left is killed, named, and fails the run."""
+    if sys.platform != "linux" or os.environ.get(RUN_MARK) != str(os.getpid()):
+        return
+    left = {pid: _command_line(pid) for pid in marked_processes(RUN_MARK, str(os.getpid()))}
+    if not left:
+        return
+    kill_marked(RUN_MARK, str(os.getpid()))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(f"FAILED: {len(left)} process(es) started by the tests were still running (now killed):",
+                            red=True)
+        for pid, command in left.items():
+            reporter.write_line(f"  {pid}: {command}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_marked
 
 from charlm import checkpoint as ck
 
@@ -113,13 +114,16 @@ finally:
 @contextlib.contextmanager
 def launched(corpus, out, tmp_path, **options):
     """An endless 2-process run in the background, in its own session, once it has saved its first
-    checkpoint; whatever is left of it is killed at the end."""
+    checkpoint; whatever is left of it is killed and reaped at the end: torchrun and each worker (torchrun
+    starts every worker in a session of its own, which a signal to torchrun's group does not reach, and a
+    worker stopped with SIGSTOP outlives torchrun), found by a mark in their environment."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     args = train_args(corpus, out, **{"max-steps": 10**6, "eval-every": 5, **options})
+    mark = str(tmp_path)
     p = subprocess.Popen(TORCHRUN + ["--nproc-per-node", "2", str(probe)] + args[2:],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env={**os.environ, **ENV, "PROBE_FILE": str(tmp_path / "exit-status")})
+                         env={**os.environ, **ENV, "PROBE_FILE": str(tmp_path / "exit-status"), "CHARLM_LAUNCH": mark})
     try:
         deadline = time.time() + 120
         while not (out / "last" / "manifest.json").exists() and time.time() < deadline and p.poll() is None:
@@ -127,8 +131,8 @@ def launched(corpus, out, tmp_path, **options):
         assert (out / "last" / "manifest.json").exists(), "the run never reached its first checkpoint"
         yield p
     finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+        kill_marked("CHARLM_LAUNCH", mark)
+        p.wait(timeout=30)
 
 
 def assert_resumes(corpus, out, steps=5):
@@ -191,7 +195,7 @@ def test_a_worker_that_stops_answering_stops_the_others_within_dist_timeout(corp
         status = tmp_path / "exit-status"  # rank 0 records its exit status after printing its line
         while time.time() < deadline and said and not (status.exists() and status.read_text().strip()):
             time.sleep(0.1)
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_marked("CHARLM_LAUNCH", str(tmp_path))  # the stopped worker too
         reader.join(timeout=10)
     assert said, "rank 0 did not give up: " + "".join(line for _, line in lines)[-3000:]
     t, line = said[0]

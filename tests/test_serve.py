@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import stop_process
 
 from charlm import RNNLM, Vocab, generate, load_checkpoint, save_checkpoint
 from charlm.serve import ServeConfig, make_server
@@ -385,7 +386,7 @@ def test_cli_serve_prints_the_url_serves_and_stops_on_ctrl_c(ckpt):
         assert "Stopped." in err
         assert "Traceback" not in err
     finally:
-        p.kill()
+        stop_process(p)
 
 
 def test_cli_serve_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
@@ -428,4 +429,4 @@ def test_cli_serve_stops_on_a_ctrl_c_that_another_thread_receives(ckpt):
         assert p.returncode == 0
         assert "Stopped." in err
     finally:
-        p.kill()
+        stop_process(p)
