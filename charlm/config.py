@@ -22,6 +22,7 @@ PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
 SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
 OPTIMIZERS = ("sgd", "adam")
 DIST_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl with CUDA, gloo otherwise
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (charlm.device.resolve_device)
 PRECISIONS = ("fp32", "bf16", "fp16")  # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast)
 
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)

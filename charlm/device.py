@@ -1,16 +1,33 @@
-"""Which torch device a command runs on (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``), and the
-precision its training steps run in (``fp32``, ``bf16``, ``fp16``)."""
+"""Which torch device a command runs on (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``), the
+precision its training steps run in (``fp32``, ``bf16``, ``fp16``), and what this machine can do.
+
+Users' CPUs differ: bf16 runs natively only with AVX-512 BF16 or AMX; elsewhere oneDNN refuses the
+LSTM in bf16 outright and the other cells run emulated, an order of magnitude slower than fp32. So
+a low precision is checked by trying it: :func:`probe_precision` runs one small forward and backward
+pass of the run's own cell under autocast (and, on a CPU, times it against fp32) before any work
+starts. The same probe tells the tests what to expect of the machine they run on.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, replace
 
 import torch
 
-from charlm.config import PRECISIONS, check_choice
+from charlm.config import DEVICE_CHOICES, PRECISIONS, ModelConfig, check_choice
 from charlm.errors import ConfigError
+from charlm.models import RNNLM
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+# A bf16 step of a 256-unit cell takes 0.6-1.1x an fp32 step with native bf16 and 10-15x emulated (this
+# project's CPU, as itself and as an AVX2 machine); a tiny model's steps are mostly overhead, whatever the CPU.
+EMULATED_RATIO = 3.0  # a low-precision probe step slower than this many fp32 ones: no native instructions
+_PROBE_HIDDEN, _PROBE_BATCH, _PROBE_STEPS, _PROBE_VOCAB = 256, 16, 16, 64  # one layer of the run's cell
 
 
 def _mps_available() -> bool:
@@ -40,22 +57,168 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_precision(precision: str, device: torch.device) -> None:
+@dataclass(frozen=True)
+class PrecisionProbe:
+    """What one forward and backward pass of a model under a precision's autocast showed."""
+
+    precision: str
+    device: str
+    cell: str
+    error: str | None = None  # the first line of the error, where it did not run
+    ratio: float | None = None  # its step time over fp32's (timed on CPUs only)
+
+    @property
+    def runs(self) -> bool:
+        return self.error is None
+
+    @property
+    def emulated(self) -> bool:
+        """It runs, but far slower than fp32: the CPU lacks the instructions and they are emulated."""
+        return self.ratio is not None and self.ratio > EMULATED_RATIO
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use here (``AVX2``, ``AVX512``, ...; ATEN_CPU_CAPABILITY
+    lowers it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _probe_step(model, X, precision: str, device: torch.device) -> None:
+    with autocast(precision, device):
+        logits, _ = model(X)
+        loss = logits.float().logsumexp(-1).mean()
+    loss.backward()
+
+
+def _timed(model, X, precision: str, device: torch.device, repeats: int = 2) -> float:
+    """The fastest of ``repeats`` steps, after one untimed step (first-call set-up)."""
+    _probe_step(model, X, precision, device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _probe_step(model, X, precision, device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def probe_precision(precision: str, device: str, model: ModelConfig) -> PrecisionProbe:
+    """Try ``precision`` on ``device`` (a string, e.g. ``"cpu"``) with one layer of ``model``'s cell, inputs
+    and implementation, 256 units wide (the kernels are chosen by cell and type, not size; a width at which
+    the arithmetic, not the overhead, decides the time). On a CPU, also time it against fp32.
+
+    It never touches the global RNG (the model and its batch come from private generators), so
+    probing does not change a run's results. Cached: each configuration is probed once a process."""
+    dev = torch.device(device)
+    config = replace(model, vocab_size=_PROBE_VOCAB, hidden_size=_PROBE_HIDDEN, num_layers=1, dropout=0.0)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0)
+        net = RNNLM.from_config(config).to(dev)
+        X = torch.randint(0, _PROBE_VOCAB, (_PROBE_BATCH, _PROBE_STEPS), device=dev)
+        try:
+            if dev.type != "cpu" or precision == "fp32":
+                _probe_step(net, X, precision, dev)
+                return PrecisionProbe(precision, device, config.cell)
+            fp32 = _timed(net, X, "fp32", dev)
+            return PrecisionProbe(precision, device, config.cell, ratio=_timed(net, X, precision, dev) / fp32)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return PrecisionProbe(precision, device, config.cell, error=first)
+
+
+def check_precision(precision: str, device: torch.device, model: ModelConfig | None = None) -> str | None:
     """``--precision`` on ``device``: fp32 anywhere; bf16 on CPUs and on CUDA GPUs that support it;
-    fp16 on CUDA GPUs only (oneDNN has no fp16 LSTM kernel for CPUs)."""
+    fp16 on CUDA GPUs only (oneDNN has no fp16 LSTM kernel for CPUs). Given the run's ``model``, a low
+    precision is also tried (:func:`probe_precision`): one that does not run here is a ``ConfigError``
+    naming the cell; one that runs only emulated returns a one-line warning (else ``None``)."""
     check_choice("precision", precision, PRECISIONS)
     if precision == "fp32":
-        return
+        return None
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
                               f"use fp16 or fp32")
-        return
-    if device.type == "cpu" and precision == "bf16":
-        return
-    where = "CPUs" if device.type == "cpu" else f"{device.type} devices"
-    ok = "bf16 or fp32" if device.type == "cpu" else "fp32"
-    raise ConfigError(f"--precision {precision} is not supported on {where}; use {ok} (fp16 needs a CUDA GPU)")
+    elif device.type != "cpu" or precision != "bf16":
+        where = "CPUs" if device.type == "cpu" else f"{device.type} devices"
+        ok = "bf16 or fp32" if device.type == "cpu" else "fp32"
+        raise ConfigError(f"--precision {precision} is not supported on {where}; use {ok} (fp16 needs a CUDA GPU)")
+    if model is None:
+        return None
+    probe = probe_precision(precision, str(device), model)
+    cell = model.cell.upper()
+    if device.type == "cpu":
+        if not probe.runs:
+            raise ConfigError(f"--precision {precision}: this CPU ({cpu_capability()}) has no {precision} kernel for "
+                              f"the {cell} (native bf16 needs AVX-512 BF16 or AMX); use --precision fp32")
+        if probe.emulated:
+            return (f"--precision {precision}: this CPU ({cpu_capability()}) has no native {precision}: a {precision} "
+                    f"step of a {cell} {_PROBE_HIDDEN} took {probe.ratio:.1f}x an fp32 step (emulated); "
+                    f"--precision fp32 is faster")
+        return None
+    if not probe.runs:
+        raise ConfigError(f"--precision {precision} does not run the {cell} on {device} ({probe.error}); use fp32")
+    return None
+
+
+def onednn_version() -> str | None:
+    """The oneDNN (MKL-DNN) version torch was built with, from its build configuration."""
+    found = re.search(r"MKL-DNN v([0-9.]+)", torch.__config__.show())
+    return found.group(1) if found else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_kernels() -> str:
+    """Which code runs each cell's recurrence on a CPU (torch's RNN dispatch: the LSTM goes to oneDNN's fused
+    primitive when oneDNN is enabled, the GRU and tanh RNN to ATen's cells over matrix products)."""
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    lstm = "oneDNN fused LSTM" if onednn else "ATen LSTM cell, a matmul per step"
+    return f"LSTM: {lstm}; GRU, RNN: ATen cells, a matmul per step; --impl scratch: charlm's cells, a matmul per step"
+
+
+def _bf16_line(probes: dict[str, PrecisionProbe]) -> str:
+    parts = []
+    for cell, probe in probes.items():
+        if not probe.runs:
+            parts.append(f"{cell.upper()} refused ({probe.error.split('. ')[0]})")
+        else:
+            parts.append(f"{cell.upper()} {'emulated' if probe.emulated else 'native'} ({probe.ratio:.1f}x fp32's time)")
+    return "; ".join(parts)
+
+
+def describe_machine() -> list[tuple[str, str]]:
+    """What this machine offers charlm, as (label, value) rows for ``charlm env``: torch and oneDNN, the CPU
+    and the instructions torch's kernels use, threads, bf16 per cell (probed), CUDA and MPS devices."""
+    rows = [("python", platform.python_version()),
+            ("torch", f"{torch.__version__} (oneDNN {onednn_version() or 'absent'})"),
+            ("cpu", f"{_cpu_name()}, {os.cpu_count()} logical cores"),
+            ("cpu kernels", f"{cpu_capability()} (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can lower it)"),
+            ("threads", f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op "
+                        f"(OMP_NUM_THREADS sets them)"),
+            ("recurrence", _cpu_kernels())]
+    base = ModelConfig(vocab_size=2, embedding_dim=64)
+    probes = {cell: probe_precision("bf16", "cpu", replace(base, cell=cell)) for cell in ("rnn", "gru", "lstm")}
+    rows.append(("bf16 on cpu", _bf16_line(probes)))
+    rows.append(("fp16 on cpu", "no (oneDNN has no fp16 LSTM for training; charlm offers fp16 on CUDA only)"))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            bf16 = "bf16 and fp16" if torch.cuda.is_bf16_supported() else "fp16 only"
+            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)}, {bf16}, cuDNN "
+                                      f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'absent'}"))
+    else:
+        rows.append(("cuda", f"no CUDA GPU visible (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
+                     else "no (this torch is built for CPUs only)"))
+    rows.append(("mps", "available" if _mps_available() else "no"))
+    return rows
 
 
 def autocast(precision: str, device: torch.device):

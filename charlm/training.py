@@ -453,12 +453,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     """
     emit = callback or (lambda event, info: None)
     device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
     dist = from_env()
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    slow_precision = check_precision(cfg.precision, device, cfg.model_config(2))  # tried before anything is written
+    if slow_precision:
+        emit("warning", {"message": slow_precision})
     dist = init_distributed(cfg.dist_backend, cfg.dist_timeout, device)
     healthy = True
     try:

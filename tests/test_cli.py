@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import subprocess
 import sys
 
 import pytest
@@ -9,7 +10,6 @@ from click.testing import CliRunner
 
 from charlm.cli import main
 from charlm.config import D2L_PRESET, TrainConfig
-
 
 
 @pytest.fixture
@@ -89,6 +89,49 @@ def test_a_bug_is_not_turned_into_one_line(monkeypatch, corpus):
 
 def test_help_lists_every_command():
     r = run("--help")
-    for command in ("download", "eval", "generate", "info", "stats", "train"):
-        assert command in r.output
-    assert sys.executable  # the console script is tested as a process in test_sample.py
+    assert r.exit_code == 0
+    listed = {line.split()[0] for line in r.output.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == set(main.commands) >= {"download", "env", "eval", "generate", "info", "prepare", "serve",
+                                             "stats", "train"}
+
+
+def test_help_and_version_do_not_import_torch():
+    """--help and --version answer at once: torch (seconds to import on a slow CPU) is loaded only by the
+    commands that use it, and only when they run."""
+    code = """
+import sys
+from charlm.cli import main
+for args in [["--help"], ["--version"]] + [[name, "--help"] for name in sorted(main.commands)]:
+    try:
+        main(args, prog_name="charlm")
+    except SystemExit as exc:
+        assert exc.code == 0, (args, exc.code)
+print("TORCH-LOADED" if "torch" in sys.modules else "NO-TORCH", sorted(main.commands))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("NO-TORCH") and "'train'" in last, last
+    import charlm
+
+    assert f"charlm, version {charlm.__version__}" in r.stdout
+
+
+def test_env_says_what_this_machine_can_do():
+    import torch
+
+    from charlm.config import ModelConfig
+    from charlm.device import cpu_capability, probe_precision
+
+    r = run("env")
+    assert r.exit_code == 0, r.output
+    rows = dict(line.split(":", 1) for line in r.output.splitlines())
+    rows = {k: v.strip() for k, v in rows.items()}
+    assert rows["torch"].startswith(torch.__version__ + " (oneDNN ")
+    assert rows["cpu kernels"].startswith(cpu_capability())
+    assert rows["threads"].startswith(f"{torch.get_num_threads()} intra-op")
+    for cell in ("rnn", "gru", "lstm"):  # the verdicts of the probe that charlm train runs
+        probe = probe_precision("bf16", "cpu", ModelConfig(vocab_size=2, cell=cell, embedding_dim=64))
+        verdict = "refused" if not probe.runs else "emulated" if probe.emulated else "native"
+        assert f"{cell.upper()} {verdict} (" in rows["bf16 on cpu"]
+    assert ("cuda" in rows) != any(k.startswith("cuda:") for k in rows)

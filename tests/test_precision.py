@@ -1,5 +1,10 @@
 """--precision: bf16 autocast on CPUs, fp16 loss scaling (exercised on a CPU GRU, which has fp16
-kernels, although the CLI keeps fp16 for CUDA GPUs), and what stays fp32 whatever the precision."""
+kernels, although the CLI keeps fp16 for CUDA GPUs), and what stays fp32 whatever the precision.
+
+Which of these a CPU can do differs (AVX-512 BF16 or AMX: bf16 natively; AVX2: oneDNN refuses the LSTM
+in bf16, the other cells run emulated). Each test takes its expectation from ``probe_precision``, the
+check ``charlm train`` makes itself: where bf16 does not run, it checks the one-line refusal instead.
+"""
 
 from pathlib import Path
 
@@ -11,9 +16,12 @@ from charlm import checkpoint as ck
 from charlm import training
 from charlm.cli import main
 from charlm.config import TrainConfig
-from charlm.device import autocast, check_precision, grad_scaler
+from charlm import device as device_mod
+from charlm.device import EMULATED_RATIO, PrecisionProbe, autocast, check_precision, grad_scaler, probe_precision
 from charlm.errors import ConfigError
 from charlm.training import train
+
+CPU = torch.device("cpu")
 
 
 def tiny(corpus, out, **kw):
@@ -28,7 +36,22 @@ def saved(out, name="last"):
     return ck.load_checkpoint(Path(out) / name, with_trainer_state=True)
 
 
+def bf16_here(cfg: TrainConfig) -> PrecisionProbe:
+    """What this machine does with bf16 for ``cfg``'s model (the probe charlm train runs)."""
+    return probe_precision("bf16", "cpu", cfg.model_config(2))
+
+
+def assert_refused(cfg: TrainConfig, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=rf"^--precision bf16: this CPU \(.+\) has no bf16 kernel for the "
+                                          rf"{cfg.cell.upper()} \(native bf16 needs AVX-512 BF16 or AMX\); "
+                                          rf"use --precision fp32$"):
+        train(cfg)
+    assert not Path(cfg.out).exists()  # refused before the run directory was written
+
+
 def test_bf16_autocast_runs_in_bf16_and_leaves_weights_state_and_optimizer_fp32(corpus, tmp_path):
+    if not bf16_here(tiny(corpus, tmp_path / "bf16")).runs:
+        return assert_refused(tiny(corpus, tmp_path / "bf16", max_steps=10, precision="bf16"), tmp_path)
     model = train(tiny(corpus, tmp_path / "fp32", max_steps=10))
     bf16 = train(tiny(corpus, tmp_path / "bf16", max_steps=10, precision="bf16"))
     assert bf16.steps == model.steps == 10
@@ -45,10 +68,13 @@ def test_bf16_autocast_runs_in_bf16_and_leaves_weights_state_and_optimizer_fp32(
     assert abs(bf16.best.loss - model.best.loss) < 0.05
 
 
-def test_bf16_resume_is_exact(corpus, tmp_path):
-    train(tiny(corpus, tmp_path / "whole", max_steps=20, precision="bf16"))
-    train(tiny(corpus, tmp_path / "parts", max_steps=10, precision="bf16"))
-    train(tiny(corpus, tmp_path / "parts", max_steps=20, precision="bf16"), resume=True)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_bf16_resume_is_exact(corpus, tmp_path, cell):
+    if not bf16_here(tiny(corpus, tmp_path, cell=cell)).runs:
+        return assert_refused(tiny(corpus, tmp_path / "whole", cell=cell, max_steps=20, precision="bf16"), tmp_path)
+    train(tiny(corpus, tmp_path / "whole", max_steps=20, precision="bf16", cell=cell))
+    train(tiny(corpus, tmp_path / "parts", max_steps=10, precision="bf16", cell=cell))
+    train(tiny(corpus, tmp_path / "parts", max_steps=20, precision="bf16", cell=cell), resume=True)
     a, b = saved(tmp_path / "whole").model.state_dict(), saved(tmp_path / "parts").model.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
@@ -57,7 +83,7 @@ def test_bf16_resume_is_exact(corpus, tmp_path):
 def test_fp16_loss_scaling_skips_overflowed_steps_lowers_the_scale_and_resumes_it(corpus, tmp_path, monkeypatch):
     # fp16 on a CPU GRU (the CLI refuses it: CPUs' LSTM has no fp16 kernel); a scale so large that the
     # first steps' fp16 gradients overflow: the scaler skips them and halves the scale, the run goes on
-    monkeypatch.setattr(training, "check_precision", lambda precision, device: None)
+    monkeypatch.setattr(training, "check_precision", lambda *args: None)
     monkeypatch.setattr(training, "grad_scaler",
                         lambda precision, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 40,
                                                                        enabled=precision == "fp16"))
@@ -79,7 +105,7 @@ def test_fp16_loss_scaling_skips_overflowed_steps_lowers_the_scale_and_resumes_i
 
 def test_fp16_loss_is_what_counts_as_non_finite(corpus, tmp_path, monkeypatch):
     """Overflowed fp16 gradients are the scaler's business; a non-finite loss still stops the run."""
-    monkeypatch.setattr(training, "check_precision", lambda precision, device: None)
+    monkeypatch.setattr(training, "check_precision", lambda *args: None)
     cfg = tiny(corpus, tmp_path / "r", max_steps=30, cell="gru", precision="fp16", optimizer="sgd", lr=1e38, clip=0)
     with pytest.raises(Exception, match="not finite"):
         train(cfg)
@@ -112,10 +138,64 @@ def test_autocast_and_scaler_per_precision():
     assert not grad_scaler("bf16", cpu).is_enabled() and grad_scaler("fp16", cpu).is_enabled()
 
 
-def test_cli_shows_the_precision(corpus, tmp_path):
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_cli_shows_the_precision_or_refuses_it_in_one_line(corpus, tmp_path, cell):
+    out = tmp_path / "r"
+    args = ["train", str(corpus), "--out", str(out), "--precision", "bf16", "--cell", cell, "--hidden-size", "16",
+            "--batch-size", "4", "--num-steps", "10", "--max-steps", "5", "--eval-every", "5"]
+    r = CliRunner().invoke(main, args)
+    if bf16_here(tiny(corpus, out, cell=cell)).runs:
+        assert r.exit_code == 0, r.output
+        assert "device cpu (bf16 autocast)" in r.output
+        assert ck.load_checkpoint(out).train_options["precision"] == "bf16"
+    else:
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert r.output.strip().splitlines() == [f"Error: --precision bf16: this CPU ({device_mod.cpu_capability()}) "
+                                                 f"has no bf16 kernel for the {cell.upper()} (native bf16 needs "
+                                                 f"AVX-512 BF16 or AMX); use --precision fp32"]
+        assert not out.exists()
+
+
+def test_emulated_bf16_is_a_one_line_warning(corpus, tmp_path):
+    """Where bf16 runs only emulated (a GRU on an AVX2 CPU: about 10x slower than fp32), the run goes on
+    after one warning line; whether bf16 is emulated here is the probe's word."""
+    cfg = tiny(corpus, tmp_path / "r", cell="gru", hidden_size=160, max_steps=2, eval_every=2)
+    probe = bf16_here(cfg)
     r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(tmp_path / "r"), "--precision", "bf16",
-                                  "--hidden-size", "16", "--batch-size", "4", "--num-steps", "10",
-                                  "--max-steps", "5", "--eval-every", "5"])
+                                  "--cell", "gru", "--hidden-size", "160", "--embedding-dim", "8", "--batch-size", "4",
+                                  "--num-steps", "10", "--max-steps", "2", "--eval-every", "2", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "device cpu (bf16 autocast)" in r.output
-    assert ck.load_checkpoint(tmp_path / "r").train_options["precision"] == "bf16"
+    warned = [line for line in r.output.splitlines() if line.startswith("Warning: --precision bf16")]
+    assert len(warned) == int(probe.emulated), (probe, r.output)
+    if probe.emulated:
+        assert warned[0].endswith("x an fp32 step (emulated); --precision fp32 is faster")
+
+
+def test_the_probe_verdict_decides_refusal_warning_or_silence(monkeypatch):
+    model = TrainConfig(corpus="x", cell="gru").model_config(2)
+    verdicts = {"none": PrecisionProbe("bf16", "cpu", "gru", error="could not create a primitive descriptor"),
+                "slow": PrecisionProbe("bf16", "cpu", "gru", ratio=EMULATED_RATIO * 7.5),
+                "native": PrecisionProbe("bf16", "cpu", "gru", ratio=0.6),
+                "even": PrecisionProbe("bf16", "cpu", "gru", ratio=EMULATED_RATIO)}
+    for name, verdict in verdicts.items():
+        monkeypatch.setattr(device_mod, "probe_precision", lambda *args, v=verdict: v)
+        if name == "none":
+            with pytest.raises(ConfigError, match="has no bf16 kernel for the GRU"):
+                check_precision("bf16", CPU, model)
+        elif name == "slow":
+            assert check_precision("bf16", CPU, model).endswith(
+                "a bf16 step of a GRU 256 took 22.5x an fp32 step (emulated); --precision fp32 is faster")
+        else:
+            assert check_precision("bf16", CPU, model) is None, name
+    assert check_precision("fp32", CPU, model) is None  # fp32 is never probed
+
+
+def test_the_probe_runs_the_cell_and_times_it_on_this_cpu():
+    for cell in ("rnn", "gru", "lstm"):
+        probe = probe_precision("bf16", "cpu", TrainConfig(corpus="x", cell=cell, hidden_size=32).model_config(2))
+        assert probe.cell == cell and probe.precision == "bf16"
+        if probe.runs:
+            assert probe.error is None and probe.ratio > 0
+        else:
+            assert probe.error and probe.ratio is None
+    assert probe_precision("fp32", "cpu", TrainConfig(corpus="x").model_config(2)).runs
