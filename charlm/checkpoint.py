@@ -207,7 +207,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         config = ModelConfig.from_dict(meta.pop("model"))
         vocab = Vocab.load(path / "tokenizer.json")
         state_dict = torch.load(path / "model.pt", map_location=device, weights_only=True)
-        model = RNNLM.from_config(config).to(device)
+        # Building the model initialises weights that the checkpoint then replaces: do it on an RNG of its
+        # own, so that loading never moves the global one (a resume that loads best/ after restoring the
+        # RNG state would otherwise shift every later dropout mask).
+        with torch.random.fork_rng(devices=[]):
+            model = RNNLM.from_config(config)
+        model = model.to(device)
         model.load_state_dict(state_dict)
         trainer_state = (torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
                          if with_trainer_state else None)

@@ -76,8 +76,10 @@ class RunState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already trained on
-    best_loss: float = math.inf  # lowest held-out loss so far
-    evals_since_best: int = 0
+    best_loss: float = math.inf  # lowest held-out loss of any evaluation: what best/ holds
+    plateau_loss: float = math.inf  # lowest of the scheduled evaluations (every eval_every steps) only
+    evals_since_best: int = 0  # scheduled evaluations since plateau_loss last fell: the lr decay and patience
+    nonfinite: int = 0  # consecutive steps whose loss was not finite
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
     def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist(), scaler=None) -> dict:
@@ -88,7 +90,8 @@ class RunState:
         rng = torch.get_rng_state()
         return {"optimizer": optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "best_loss": self.best_loss,
-                "evals_since_best": self.evals_since_best, "torch_rng": rng,
+                "plateau_loss": self.plateau_loss, "evals_since_best": self.evals_since_best,
+                "nonfinite": self.nonfinite, "torch_rng": rng,
                 "rank_rng": [r.clone() for r in dist.gather_rows(rng.unsqueeze(0), dim=0)] if dist.enabled else None,
                 "world_size": dist.world_size,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -115,7 +118,8 @@ class RunState:
             hidden = hidden if cell == "lstm" else hidden[0]
         return cls(lr=optimizer.param_groups[0]["lr"], step=saved["step"], epoch=saved["epoch"],
                    batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
-                   evals_since_best=saved["evals_since_best"], hidden=hidden)
+                   plateau_loss=saved.get("plateau_loss", saved["best_loss"]),  # older checkpoints: the same
+                   evals_since_best=saved["evals_since_best"], nonfinite=saved.get("nonfinite", 0), hidden=hidden)
 
 
 def _carried(state):
@@ -128,7 +132,9 @@ def _carried(state):
 
 
 class _Interval:
-    """Training loss and gradient norm since the last evaluation, summed on the device (no sync per step)."""
+    """Training loss and gradient norm since the last scheduled evaluation, summed on the device (no sync
+    per step). Saved in checkpoints, so the first row after a resume averages the same steps as a run
+    that was never stopped."""
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
@@ -142,6 +148,19 @@ class _Interval:
 
     def mean(self, total: torch.Tensor) -> float | None:
         return (total / self.steps).item() if self.steps else None
+
+    def to_dict(self, dist: Dist) -> dict:
+        """The sums so far; the loss averaged over ranks (each rank restores that average as its own sum,
+        and the rows average the ranks' sums: a collective, like the rest of the trainer state)."""
+        return {"loss_sum": (dist.sum(self.loss_sum) / dist.world_size).item(), "norm_sum": self.norm_sum.item(),
+                "steps": self.steps}
+
+    def restore(self, saved: dict | None) -> None:
+        """The sums and their step count; the tokens per second start afresh (they measure this invocation)."""
+        if saved:  # checkpoints before the interval was saved start an empty one
+            self.loss_sum.fill_(saved["loss_sum"])
+            self.norm_sum.fill_(saved["norm_sum"])
+            self.steps = saved["steps"]
 
 
 @contextmanager
@@ -207,7 +226,6 @@ class Trainer:
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
         self.interval = _Interval(device)
-        self.nonfinite = 0  # consecutive steps whose loss or gradient norm was not finite
         self.steps_per_epoch = 0
         self.last_eval_step = None
         self.best_val: EvalResult | None = None
@@ -232,6 +250,7 @@ class Trainer:
         self.model.load_state_dict(saved.model.state_dict())
         self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell,
                                       self.dist, self.scaler)
+        self.interval.restore(saved.trainer_state.get("interval"))
         saved_ranks = saved.trainer_state.get("world_size", 1)
         if saved_ranks != self.dist.world_size:
             self.emit("warning", {"message": f"resuming a run saved by {saved_ranks} process(es) with "
@@ -241,10 +260,12 @@ class Trainer:
         best = self.run_dir.checkpoint("best")
         if len(self.eval_ids) < len(self.data.val_ids) and (best / "manifest.json").is_file():
             # the final evaluation on the whole tail reads the best weights, which may predate this invocation
+            # (loading them leaves the RNG state just restored as it is: see load_checkpoint)
             self.best_weights = load_checkpoint(best, device=self.device).model.state_dict()
 
     def checkpoint_state(self) -> dict:
-        return self.state.to_dict(self.optimizer, self.device, self.dist, self.scaler)
+        return {**self.state.to_dict(self.optimizer, self.device, self.dist, self.scaler),
+                "interval": self.interval.to_dict(self.dist)}
 
     def save(self, name: str, val: EvalResult | None) -> None:
         """Every rank takes part (the state is gathered); only rank 0 writes."""
@@ -285,7 +306,7 @@ class Trainer:
         if self.dist.enabled:  # one rank's non-finite loss skips the step on every rank
             finite = not self.dist.any([not finite], self.device)[0]
         if finite:
-            self.nonfinite = 0
+            st.nonfinite = 0
             scaler.step(self.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
             st.hidden = _carried(new_hidden)  # the next batch continues from it, without this graph
             self.interval.loss_sum += loss.detach()
@@ -293,12 +314,12 @@ class Trainer:
                 grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
             self.interval.norm_sum += grad_norm.detach()
         else:  # skip the update; give up after MAX_NONFINITE in a row
-            self.nonfinite += 1
+            st.nonfinite += 1
         scaler.update()  # fp16: a lower scale after an overflow (a skipped step's too), a higher one after many without
-        if self.nonfinite >= MAX_NONFINITE:
+        if st.nonfinite >= MAX_NONFINITE:
             self.save("last", self.last_val)
             raise TrainError(
-                f"the loss was not finite for {self.nonfinite} steps in a row at step {st.step + 1}; saved "
+                f"the loss was not finite for {st.nonfinite} steps in a row at step {st.step + 1}; saved "
                 f"{self.run_dir.checkpoint('last')} (weights from before those steps); try a lower --lr or --clip")
         st.step += 1
         st.batch_in_epoch += 1
@@ -306,8 +327,14 @@ class Trainer:
         self.interval.tokens += self.tokens_per_step
 
     # -- evaluation and checkpoints ------------------------------------------------------------
-    def evaluate_and_save(self) -> dict:
-        """Held-out loss -> metrics row -> best/ when better (else the lr decays) -> last/."""
+    def evaluate_and_save(self, scheduled: bool = True) -> dict:
+        """Held-out loss -> metrics row -> best/ when better -> last/.
+
+        A scheduled evaluation (every ``eval_every`` steps) also drives the plateau schedule: the lr
+        decays, and patience counts, when it did not improve on the scheduled ones before it; it then
+        starts a new interval of training figures. The final evaluation of an invocation that stopped
+        between two scheduled ones (a time limit, a signal, ``--max-steps`` off the schedule) only
+        reports and saves, so that a resumed run takes the same decisions as one never stopped."""
         cfg, st, iv = self.cfg, self.state, self.interval
         now = time.perf_counter()
         val = evaluate(self.model, self.eval_ids, device=self.device, dist=self.dist)
@@ -316,28 +343,37 @@ class Trainer:
         self.eval_s_per_char = spent / val.tokens
         row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
                "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
-               "train_loss": iv.mean(self.dist.sum(iv.loss_sum) / self.dist.world_size), "val_loss": val.loss, "val_bpc": val.bits_per_char,
-               "val_ppl": val.perplexity, "lr": st.lr, "grad_norm": iv.mean(iv.norm_sum),
-               "tokens_per_s": round(iv.tokens / (now - iv.t0), 1) if iv.steps else None}
+               "train_loss": iv.mean(self.dist.sum(iv.loss_sum) / self.dist.world_size), "val_loss": val.loss,
+               "val_bpc": val.bits_per_char, "val_ppl": val.perplexity, "lr": st.lr, "grad_norm": iv.mean(iv.norm_sum),
+               "tokens_per_s": round(iv.tokens / (now - iv.t0), 1) if iv.tokens else None}
         if self.dist.is_main:
             self.run_dir.append_metrics(row)
         self.last_val = val
+        if scheduled:  # before the checkpoints, which hold the interval and the schedule
+            iv.reset()
+            self.plateau_step(val.loss)
         improved = val.loss < st.best_loss
         if improved:
-            st.best_loss, st.evals_since_best, self.best_val = val.loss, 0, val
+            st.best_loss, self.best_val = val.loss, val
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.save("best", val)
-        else:
-            st.evals_since_best += 1
-            if cfg.lr_decay < 1.0:  # a plateau: smaller steps (depends on held-out loss only, so resumable)
-                st.lr *= cfg.lr_decay
-                for group in self.optimizer.param_groups:
-                    group["lr"] = st.lr
         self.save("last", val)
         self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
-        iv.reset()
         self.last_eval_step = st.step
         return row
+
+    def plateau_step(self, loss: float) -> None:
+        """After a scheduled evaluation: a new plateau best, or one more evaluation without it (the lr
+        decays). It depends on held-out losses only, so a resumed run repeats it."""
+        st = self.state
+        if loss < st.plateau_loss:
+            st.plateau_loss, st.evals_since_best = loss, 0
+            return
+        st.evals_since_best += 1
+        if self.cfg.lr_decay < 1.0:  # a plateau: smaller steps
+            st.lr *= self.cfg.lr_decay
+            for group in self.optimizer.param_groups:
+                group["lr"] = st.lr
 
     # -- the loop ------------------------------------------------------------------------------
     def batches(self):
@@ -508,7 +544,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
         try:
             stop_reason = trainer.run(stop)
             if trainer.last_eval_step != st.step:
-                trainer.evaluate_and_save()  # the final evaluation and checkpoint
+                trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
             if not stop["signal"]:
                 trainer.evaluate_best_on_tail()
             result = trainer.result(stop_reason)
