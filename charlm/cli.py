@@ -21,8 +21,9 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, EVAL_BATCH_SIZE, IMPLS, OPTIMIZERS,
-                           PRECISIONS, PREPROCESS_MODES, SAMPLINGS, SampleConfig, TrainConfig)
+from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_DECAY, DYNAMIC_LR,
+                           DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
+                           PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -181,6 +182,14 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               show_default="0.5 for corpora under 500k characters, else 0.2",
               help="Dropout between layers and before the output layer.")
+@click.option("--weight-drop", type=click.FloatRange(0, 1, max_open=True), default=_d("weight_drop"),
+              help="DropConnect on each hidden-to-hidden matrix (AWD-LSTM): one mask per batch, training only.")
+@click.option("--dropout-input", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_input"),
+              help="Locked dropout on the recurrent core's input: one mask per sequence, the same at every step.")
+@click.option("--dropout-hidden", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_hidden"),
+              help="Locked dropout between recurrent layers.")
+@click.option("--dropout-output", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_output"),
+              help="Locked dropout on the last recurrent layer's output, before the output layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_d("batch_size"), help="Sequences per batch (B).")
 @click.option("--num-steps", type=click.IntRange(min=1), default=_d("num_steps"),
               help="Characters per sequence (T): the truncated-BPTT length.")
@@ -192,7 +201,13 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--clip", type=click.FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=_d("lr_decay"),
-              help="Multiply the learning rate by this after each evaluation without improvement; 1 = constant.")
+              help="plateau schedule: multiply the learning rate by this after each evaluation without improvement; "
+                   "1 = constant.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=_d("lr_schedule"),
+              help="plateau: --lr-decay after each evaluation without improvement; hold-decay: held for 60% of "
+                   "the planned steps, then linear to 0; cosine: half a cosine to 0. A planned schedule takes its "
+                   "length from --max-steps or --epochs, or under --time-limit from the step time measured at the "
+                   "first evaluation; the plan is saved, so a resume follows it, and the run stops at its end.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--time-limit", type=click.FloatRange(min=0), default=_d("time_limit"),
@@ -211,7 +226,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}; under torchrun, cuda means cuda:LOCAL_RANK.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_d("precision"),
               help="Training steps in fp32, or under autocast: bf16 (CUDA GPUs that support it, CPUs) or fp16 "
-                   "(CUDA GPUs, with loss scaling). Weights, optimizer state and held-out evaluation stay fp32.")
+                   "(CUDA GPUs, with loss scaling); auto: bf16 where the device has native bf16 (tried first), "
+                   "else fp32. Weights, optimizer state and held-out evaluation stay fp32.")
 @click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
               help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
@@ -319,6 +335,7 @@ def _summary(result, cfg) -> str:
         parts.append(f"best held-out {best.bits_per_char:.3f} bits/char, perplexity {best.perplexity:.2f}{scope}")
     if cfg.d2l and result.train_loss is not None:
         parts.append(f"training perplexity {math.exp(result.train_loss):.2f}")
+    parts.append(f"precision {result.precision}" + (" (auto)" if cfg.precision == "auto" else ""))
     parts.append(f"checkpoint: {result.out / 'best'}")
     return "; ".join(parts)
 
@@ -435,12 +452,23 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
               help="strict: characters outside the vocabulary are an error; skip: drop them and say how many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, a line each.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=EVAL_BATCH_SIZE, help="Rows evaluated in parallel.")
+@click.option("--dynamic", is_flag=True,
+              help="Also dynamic evaluation: each segment scored, then learned from (SGD), as the text is read "
+                   "in order. The checkpoint is not changed.")
+@click.option("--dynamic-lr", type=click.FloatRange(min=0, min_open=True), default=DYNAMIC_LR,
+              help="Dynamic evaluation's step size.")
+@click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=DYNAMIC_DECAY,
+              help="Dynamic evaluation: the share of the way back to the trained weights after each step.")
+@click.option("--dynamic-steps", type=click.IntRange(min=1), default=DYNAMIC_NUM_STEPS,
+              help="Dynamic evaluation: characters per segment (one step each).")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
-def eval_(checkpoint, files, errors, as_json, batch_size, device):
+def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_lr, dynamic_decay, dynamic_steps,
+          device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
     With no FILES, the run's own held-out split, re-read from the corpus its config names. Files
-    are read with the checkpoint's preprocessing.
+    are read with the checkpoint's preprocessing. --dynamic adds the figure of dynamic evaluation
+    (Krause et al., 2018) beside the static one.
     """
     import json
 
@@ -460,12 +488,40 @@ def eval_(checkpoint, files, errors, as_json, batch_size, device):
             r = evaluate(ckpt.model, ids, batch_size=batch_size)
         except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
+        d = s = None
+        if dynamic:  # beside the static figure of the text read the same way: one row, in order
+            s, d = evaluate(ckpt.model, ids, batch_size=1), _dynamic(ckpt.model, ids, dynamic_lr, dynamic_decay,
+                                                                     dynamic_steps, name)
         if as_json:
-            click.echo(json.dumps({"file": str(name), **r.to_dict(), **({"skipped": skipped} if skipped else {})}))
+            extra = {**({"skipped": skipped} if skipped else {}),
+                     **({"static_one_row": s.to_dict(), "dynamic": d.to_dict()} if d else {})}
+            click.echo(json.dumps({"file": str(name), **r.to_dict(), **extra}))
         else:
             note = f" ({skipped:,} unknown characters skipped)" if skipped else ""
             click.echo(f"{name}: {r.tokens:,} chars, loss {r.loss:.4f} nats/char, "
                        f"{r.bits_per_char:.4f} bits/char, perplexity {r.perplexity:.3f}{note}")
+            if d is not None:
+                click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
+                           f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
+                           f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; lr {dynamic_lr:g}, decay "
+                           f"{dynamic_decay:g}, {dynamic_steps}-char segments)")
+
+
+def _dynamic(model, ids, lr, decay, steps, name):
+    """Dynamic evaluation with a progress bar (on standard error, gone when done)."""
+    from tqdm.auto import tqdm
+
+    from charlm.evaluation import evaluate_dynamic
+
+    with tqdm(desc="dynamic evaluation", unit="segment", leave=False, disable=None, file=sys.stderr) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            return evaluate_dynamic(model, ids, lr=lr, decay=decay, num_steps=steps, on_segment=progress)
+        except CharlmError as exc:
+            raise click.ClickException(f"{name}: {exc}") from None
 
 
 @main.command()
@@ -479,7 +535,8 @@ def info(checkpoint):
     sample = "".join(ckpt.vocab.itos[1:41])
     lines = [
         f"checkpoint:   {ckpt.path}",
-        f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, impl {cfg.impl}",
+        f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, impl {cfg.impl}"
+        + "".join(f", {name.replace('_', '-')} {getattr(cfg, name):g}" for name in REGULARISERS if getattr(cfg, name)),
         f"parameters:   {ckpt.model.num_parameters():,}",
         f"vocabulary:   {len(ckpt.vocab)} symbols (with <unk>), most frequent: {sample!r}",
         f"corpus:       {corpus.get('path', '?')} (preprocess {corpus.get('preprocess', '?')}, "

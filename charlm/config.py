@@ -21,12 +21,18 @@ IMPLS = ("torch", "scratch")
 PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
 SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("plateau", "hold-decay", "cosine")  # see charlm.training.scheduled_lr
+HOLD_FRACTION = 0.6  # hold-decay: the lr is held for this share of the planned steps, then falls linearly to 0
 DIST_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl with CUDA, gloo otherwise
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (charlm.device.resolve_device)
-PRECISIONS = ("fp32", "bf16", "fp16")  # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where native (charlm.device.resolve_precision), else fp32
+REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options  # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast)
 
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
+DYNAMIC_NUM_STEPS = 50  # dynamic evaluation: characters per segment (one gradient step each)
+DYNAMIC_LR = 0.01  # its SGD step size on a segment's mean loss
+DYNAMIC_DECAY = 0.0  # the share of the way back to the trained weights after each step
 EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the held-out tail (when it has it)
 
 
@@ -66,6 +72,11 @@ class ModelConfig:
     embedding_dim: int = 0  # 0: one-hot inputs, as in d2l; > 0: a learned nn.Embedding of this size
     dropout: float = 0.0  # between recurrent layers and before the output layer (training only)
     impl: str = "torch"  # "torch": nn.RNN/GRU/LSTM kernels (cuDNN on GPUs); "scratch": charlm's own cells
+    # AWD-LSTM-style regularisation (Merity et al., 2017, https://arxiv.org/abs/1708.02182), training only:
+    weight_drop: float = 0.0  # DropConnect on each hidden-to-hidden matrix: one mask per batch, before the kernel
+    dropout_input: float = 0.0  # locked dropout on the recurrent core's input: one mask per sequence, every step
+    dropout_hidden: float = 0.0  # locked dropout between recurrent layers
+    dropout_output: float = 0.0  # locked dropout on the last layer's output, before the head
 
     def __post_init__(self):
         check_choice("cell", self.cell, CELLS)
@@ -75,6 +86,13 @@ class ModelConfig:
         _check([(_is_int(self.embedding_dim, 0),
                  f"embedding_dim must be an integer >= 0 (0 = one-hot), got {self.embedding_dim!r}"),
                 (0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout!r}")])
+        _check([(isinstance(getattr(self, name), (int, float)) and 0.0 <= getattr(self, name) < 1.0,
+                 f"{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)!r}") for name in REGULARISERS])
+
+    @property
+    def regularised(self) -> bool:
+        """Whether any AWD-style regulariser is on (training then runs the layers one at a time)."""
+        return any(getattr(self, name) for name in REGULARISERS)
 
     @property
     def input_size(self) -> int:
@@ -106,6 +124,10 @@ class TrainConfig:
     num_layers: int = 2
     embedding_dim: int = 64  # a learned embedding instead of d2l's one-hot input
     dropout: float | None = None  # None: 0.5 for corpora under 500k characters, else 0.2
+    weight_drop: float = 0.0  # these four: see ModelConfig
+    dropout_input: float = 0.0
+    dropout_hidden: float = 0.0
+    dropout_output: float = 0.0
     # data
     batch_size: int = 32
     num_steps: int = 64  # truncated BPTT length
@@ -117,7 +139,9 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float | None = None  # None: 1.0 for SGD (d2l), 3e-3 for Adam
     clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
-    lr_decay: float = 0.5  # multiply the lr by this after each evaluation without improvement; 1 = constant
+    lr_decay: float = 0.5  # plateau: multiply the lr by this after each evaluation without improvement; 1 = constant
+    lr_schedule: str = "plateau"  # plateau (lr_decay on held-out plateaus), or planned over the run's steps:
+    #   hold-decay (held, then linear to 0 over the last 40%) or cosine (half a cosine to 0)
     # stopping
     epochs: int = 50
     max_steps: int | None = None
@@ -136,6 +160,7 @@ class TrainConfig:
         _check([
             (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.num_steps >= 1, f"num steps must be >= 1, got {self.num_steps}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
@@ -177,7 +202,8 @@ class TrainConfig:
     def model_config(self, vocab_size: int, num_chars: int = 0) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size,
                            num_layers=self.num_layers, embedding_dim=self.embedding_dim,
-                           dropout=self.resolved_dropout(num_chars), impl=self.impl)
+                           dropout=self.resolved_dropout(num_chars), impl=self.impl,
+                           **{name: getattr(self, name) for name in REGULARISERS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

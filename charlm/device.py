@@ -28,6 +28,7 @@ from charlm.models import RNNLM
 # project's CPU, as itself and as an AVX2 machine); a tiny model's steps are mostly overhead, whatever the CPU.
 EMULATED_RATIO = 3.0  # a low-precision probe step slower than this many fp32 ones: no native instructions
 _PROBE_HIDDEN, _PROBE_BATCH, _PROBE_STEPS, _PROBE_VOCAB = 256, 16, 16, 64  # one layer of the run's cell
+_PROBE_EMBEDDING = 64  # embedded inputs of any size take the same kernels (one-hot ones the same as each other)
 
 
 def _mps_available() -> bool:
@@ -90,27 +91,35 @@ def _probe_step(model, X, precision: str, device: torch.device) -> None:
     loss.backward()
 
 
-def _timed(model, X, precision: str, device: torch.device, repeats: int = 2) -> float:
-    """The fastest of ``repeats`` steps, after one untimed step (first-call set-up)."""
-    _probe_step(model, X, precision, device)
-    best = float("inf")
+def _time_ratio(model, X, precision: str, device: torch.device, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` steps in ``precision`` over the fastest in fp32, after one untimed step of
+    each (first-call set-up); the two alternate, so that a busy machine slows both alike."""
+    best = {"fp32": float("inf"), precision: float("inf")}
+    for name in best:
+        _probe_step(model, X, name, device)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _probe_step(model, X, precision, device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for name in best:
+            t0 = time.perf_counter()
+            _probe_step(model, X, name, device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best[precision] / best["fp32"]
 
 
-@functools.lru_cache(maxsize=None)
 def probe_precision(precision: str, device: str, model: ModelConfig) -> PrecisionProbe:
     """Try ``precision`` on ``device`` (a string, e.g. ``"cpu"``) with one layer of ``model``'s cell, inputs
     and implementation, 256 units wide (the kernels are chosen by cell and type, not size; a width at which
     the arithmetic, not the overhead, decides the time). On a CPU, also time it against fp32.
 
     It never touches the global RNG (the model and its batch come from private generators), so
-    probing does not change a run's results. Cached: each configuration is probed once a process."""
+    probing does not change a run's results. Cached: each kind of model is probed once a process."""
+    config = ModelConfig(vocab_size=_PROBE_VOCAB, cell=model.cell, hidden_size=_PROBE_HIDDEN, impl=model.impl,
+                         embedding_dim=_PROBE_EMBEDDING if model.embedding_dim else 0)
+    return _probe(precision, device, config)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(precision: str, device: str, config: ModelConfig) -> PrecisionProbe:
     dev = torch.device(device)
-    config = replace(model, vocab_size=_PROBE_VOCAB, hidden_size=_PROBE_HIDDEN, num_layers=1, dropout=0.0)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(0)
         net = RNNLM.from_config(config).to(dev)
@@ -119,8 +128,7 @@ def probe_precision(precision: str, device: str, model: ModelConfig) -> Precisio
             if dev.type != "cpu" or precision == "fp32":
                 _probe_step(net, X, precision, dev)
                 return PrecisionProbe(precision, device, config.cell)
-            fp32 = _timed(net, X, "fp32", dev)
-            return PrecisionProbe(precision, device, config.cell, ratio=_timed(net, X, precision, dev) / fp32)
+            return PrecisionProbe(precision, device, config.cell, ratio=_time_ratio(net, X, precision, dev))
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return PrecisionProbe(precision, device, config.cell, error=first)
@@ -132,7 +140,7 @@ def check_precision(precision: str, device: torch.device, model: ModelConfig | N
     precision is also tried (:func:`probe_precision`): one that does not run here is a ``ConfigError``
     naming the cell; one that runs only emulated returns a one-line warning (else ``None``)."""
     check_choice("precision", precision, PRECISIONS)
-    if precision == "fp32":
+    if precision in ("fp32", "auto"):  # auto is resolved first (resolve_precision), to a precision that runs
         return None
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
@@ -158,6 +166,21 @@ def check_precision(precision: str, device: torch.device, model: ModelConfig | N
     if not probe.runs:
         raise ConfigError(f"--precision {precision} does not run the {cell} on {device} ({probe.error}); use fp32")
     return None
+
+
+def resolve_precision(precision: str, device: torch.device, model: ModelConfig) -> str:
+    """``auto`` -> ``bf16`` where this device runs the model's cell in bf16 natively (a CUDA GPU with bf16;
+    a CPU whose probe step ran at least as fast as EMULATED_RATIO allows), else ``fp32``; any other
+    precision as it is."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type != "cpu":
+        return "fp32"
+    probe = probe_precision("bf16", str(device), model)
+    return "bf16" if probe.runs and not probe.emulated else "fp32"
 
 
 def onednn_version() -> str | None:

@@ -3,10 +3,16 @@
 The stream is laid out as ``B`` rows (as ``sequential_batches`` does, offset 0) and read in
 chunks of ``T`` columns with the state carried from chunk to chunk, so every prediction sees all
 the text before it in its row. ``B`` rows make it fast; each row starts from a zero state.
+
+Dynamic evaluation (:func:`evaluate_dynamic`, Krause et al., 2018, https://arxiv.org/abs/1709.07432)
+reads the same way, segment by segment, and after scoring each segment takes a gradient step on it:
+the model keeps learning from the text it has already been scored on, which is still a fair
+prediction of every character before it is seen.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -15,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split
 from charlm.tokens import windows
@@ -79,6 +85,51 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
         model.train(was_training)
     if dist is not None:
         dist.sum(total)
+    return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def evaluate_dynamic(model, ids, lr: float = DYNAMIC_LR, decay: float = DYNAMIC_DECAY,
+                     num_steps: int = DYNAMIC_NUM_STEPS, batch_size: int = 1, device=None,
+                     on_segment=None) -> EvalResult:
+    """Mean next-character cross-entropy of ``model`` over ``ids`` under dynamic evaluation.
+
+    The text is read as :func:`evaluate` reads it (``batch_size`` rows, one by default: the text in its
+    order) in segments of ``num_steps`` characters. Each segment is scored first, then the model takes
+    one SGD step of size ``lr`` on that segment's mean loss (the state carried in from the segments
+    before it, detached), and moves ``decay`` of the way back towards the trained weights. Dropout is
+    off. The model is a copy: ``model`` and its checkpoint are never changed. ``on_segment(done, total)``
+    follows the progress.
+    """
+    ids = _as_numpy(ids)
+    n = len(ids)
+    if n < 2:
+        raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
+    params = [p for p in model.parameters() if p.requires_grad]
+    trained = [p.detach().clone() for p in params]
+    B = max(1, min(batch_size, (n - 1) // 2))
+    cols = (n - 1) // B
+    row_starts = cols * np.arange(B, dtype=np.int64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    state = None
+    segments = range(0, cols, num_steps)
+    for done, start in enumerate(segments, 1):
+        block = torch.from_numpy(windows(ids, row_starts + start, min(num_steps, cols - start) + 1)).to(device)
+        X, Y = block[:, :-1], block[:, 1:]
+        logits, state = model(X, state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum")
+        total += loss.detach().double()  # scored before the model learns from this segment
+        model.zero_grad(set_to_none=True)
+        (loss / Y.numel()).backward()
+        with torch.no_grad():
+            for p, p0 in zip(params, trained):
+                p.add_(p.grad, alpha=-lr)
+                if decay:
+                    p.add_(p0 - p, alpha=decay)  # back towards the trained weights
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        if on_segment is not None:
+            on_segment(done, len(segments))
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
 
 

@@ -20,11 +20,12 @@ import shutil
 from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
+from charlm.config import REGULARISERS
 from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
-MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout")
+MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout", *REGULARISERS)
 DATA_FIELDS = ("corpus", "preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
                "seed", "eval_chars")
 

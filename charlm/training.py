@@ -21,6 +21,7 @@ to step 60.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -33,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from charlm.checkpoint import load_checkpoint, save_checkpoint
-from charlm.config import TrainConfig
+from charlm.config import HOLD_FRACTION, TrainConfig
 from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
-from charlm.device import autocast, check_precision, grad_scaler, resolve_device
+from charlm.device import autocast, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
 from charlm.distributed import init as init_distributed
@@ -66,6 +67,7 @@ class TrainResult:
     final_eval_s: float = 0.0  # of eval_s: the best weights on the whole tail (when periodic ones read a part)
     val_chars: int = 0  # the held-out tail's length
     eval_chars: int = 0  # of it, what each periodic evaluation read (its first characters)
+    precision: str = "fp32"  # what the training steps ran in (--precision auto resolved)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RunState:
     plateau_loss: float = math.inf  # lowest of the scheduled evaluations (every eval_every steps) only
     evals_since_best: int = 0  # scheduled evaluations since plateau_loss last fell: the lr decay and patience
     nonfinite: int = 0  # consecutive steps whose loss was not finite
+    planned_steps: int | None = None  # a planned lr schedule's length, fixed once known (saved: a resume follows it)
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
     def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist(), scaler=None) -> dict:
@@ -91,7 +94,7 @@ class RunState:
         return {"optimizer": optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "best_loss": self.best_loss,
                 "plateau_loss": self.plateau_loss, "evals_since_best": self.evals_since_best,
-                "nonfinite": self.nonfinite, "torch_rng": rng,
+                "nonfinite": self.nonfinite, "planned_steps": self.planned_steps, "torch_rng": rng,
                 "rank_rng": [r.clone() for r in dist.gather_rows(rng.unsqueeze(0), dim=0)] if dist.enabled else None,
                 "world_size": dist.world_size,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -119,7 +122,21 @@ class RunState:
         return cls(lr=optimizer.param_groups[0]["lr"], step=saved["step"], epoch=saved["epoch"],
                    batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
                    plateau_loss=saved.get("plateau_loss", saved["best_loss"]),  # older checkpoints: the same
-                   evals_since_best=saved["evals_since_best"], nonfinite=saved.get("nonfinite", 0), hidden=hidden)
+                   evals_since_best=saved["evals_since_best"], nonfinite=saved.get("nonfinite", 0),
+                   planned_steps=saved.get("planned_steps"), hidden=hidden)
+
+
+def scheduled_lr(schedule: str, base: float, step: int, planned: int | None) -> float:
+    """The lr of step ``step`` (0-based) of a planned schedule ``planned`` steps long: ``hold-decay`` holds
+    ``base`` for the first HOLD_FRACTION of the steps, then falls linearly, reaching 0 at step ``planned``;
+    ``cosine`` follows half a cosine from ``base`` to 0. ``base`` until the plan is known (and for plateau)."""
+    if schedule == "plateau" or not planned:
+        return base
+    step = min(step, planned)
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * step / planned))
+    hold = HOLD_FRACTION * planned
+    return base if step < hold else base * (planned - step) / (planned - hold)
 
 
 def _carried(state):
@@ -222,7 +239,9 @@ class Trainer:
         self.autocast = lambda: autocast(cfg.precision, device)
         self.scaler = grad_scaler(cfg.precision, device)  # fp16 only; otherwise it passes everything through
         self.pin = device.type == "cuda"  # batches copied from page-locked memory, without waiting
-        self.state = RunState(lr=cfg.resolved_lr())
+        self.base_lr = cfg.resolved_lr()
+        self.state = RunState(lr=self.base_lr)
+        self.first_step = 0  # the step this invocation started from
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
         self.interval = _Interval(device)
@@ -281,6 +300,43 @@ class Trainer:
         self.last_save_s = time.perf_counter() - t0
         self.save_s += self.last_save_s
 
+    # -- the plan --------------------------------------------------------------------------------
+    @property
+    def planned(self) -> bool:
+        return self.cfg.lr_schedule != "plateau"
+
+    def plan(self) -> None:
+        """Fix a planned schedule's length once it is known: from --max-steps or --epochs at the start, or,
+        under --time-limit, at the first scheduled evaluation, from the time the steps (and that evaluation
+        and its checkpoints) took so far, rank 0's clock deciding. Never changed afterwards."""
+        st, cfg = self.state, self.cfg
+        if not self.planned or st.planned_steps is not None:
+            return
+        if cfg.time_limit is None:
+            st.planned_steps = self.total_steps()
+            return
+        if self.last_eval_step != st.step or st.step == self.first_step:
+            return  # not measured yet: the lr stays at its base until then
+        per_step = self.elapsed() / (st.step - self.first_step)
+        left = max(0.0, cfg.time_limit - self.elapsed() - self.reserve())
+        steps = self.dist.broadcast_int(st.step + int(left / per_step), self.device)
+        st.planned_steps = max(st.step + 1, min(steps, self.total_steps()))
+
+    def check_plan(self) -> None:
+        """On a resume: say when --max-steps asks for more than the saved plan, which the run will keep."""
+        st, cfg = self.state, self.cfg
+        if self.planned and st.planned_steps is not None and cfg.max_steps and cfg.max_steps > st.planned_steps:
+            self.emit("warning", {"message": f"the {cfg.lr_schedule} schedule was planned for {st.planned_steps:,} "
+                                             f"steps when the run started; the run ends there (--max-steps "
+                                             f"{cfg.max_steps:,} does not extend a plan)"})
+
+    def apply_lr(self) -> None:
+        """The planned lr of the step about to be taken."""
+        st = self.state
+        st.lr = scheduled_lr(self.cfg.lr_schedule, self.base_lr, st.step, st.planned_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = st.lr
+
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         """batch -> reset or detach the state -> forward -> loss -> backward -> clip -> step.
@@ -292,6 +348,8 @@ class Trainer:
         if self.pin:
             X, Y = X.pin_memory(), Y.pin_memory()
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
+        if self.planned:
+            self.apply_lr()
         # random windows are unrelated: fresh state; sequential ones continue: detach (TBPTT)
         hidden = None if cfg.sampling == "random" else st.hidden  # (stored detached: truncated BPTT)
         with self.autocast():
@@ -370,7 +428,7 @@ class Trainer:
             st.plateau_loss, st.evals_since_best = loss, 0
             return
         st.evals_since_best += 1
-        if self.cfg.lr_decay < 1.0:  # a plateau: smaller steps
+        if self.cfg.lr_decay < 1.0 and not self.planned:  # a plateau: smaller steps
             st.lr *= self.cfg.lr_decay
             for group in self.optimizer.param_groups:
                 group["lr"] = st.lr
@@ -389,6 +447,8 @@ class Trainer:
         """Train until a stopping rule fires; return why."""
         cfg, st = self.cfg, self.state
         self.t_start = self.interval.t0 = time.perf_counter()
+        self.first_step = st.step
+        self.plan()
         self.model.train()
         while st.epoch < cfg.epochs:
             for X, Y in self.batches():
@@ -412,8 +472,11 @@ class Trainer:
         reason = None
         if st.step % cfg.eval_every == 0:
             self.evaluate_and_save()
+            self.plan()
             if cfg.patience is not None and st.evals_since_best >= cfg.patience:
                 reason = f"no held-out improvement in {cfg.patience} evaluations"
+        if st.planned_steps is not None and st.step >= st.planned_steps and reason is None:
+            reason = f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done"
         time_up = cfg.time_limit is not None and self.elapsed() + self.reserve() >= cfg.time_limit
         signalled, time_up = self.dist.any([bool(stop["signal"]), time_up], self.device)  # the same on every rank
         if signalled:
@@ -468,7 +531,8 @@ class Trainer:
                            train_loss=self.run_dir.last_train_loss() if self.dist.is_main else None,
                            eval_s=self.eval_s, save_s=self.save_s,
                            final_eval_s=self.final_eval_s,
-                           val_chars=len(self.data.val_ids), eval_chars=len(self.eval_ids))
+                           val_chars=len(self.data.val_ids), eval_chars=len(self.eval_ids),
+                           precision=self.cfg.precision)
 
     def total_steps(self) -> int:
         """Steps in ``cfg.epochs`` epochs (an estimate: each epoch's random offset may drop a batch)."""
@@ -497,7 +561,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     slow_precision = check_precision(cfg.precision, device, cfg.model_config(2))  # tried before anything is written
     if slow_precision:
         emit("warning", {"message": slow_precision})
+    precision = resolve_precision(cfg.precision, device, cfg.model_config(2))
     dist = init_distributed(cfg.dist_backend, cfg.dist_timeout, device)
+    if cfg.precision == "auto" and dist.any([precision == "fp32"], device)[0]:
+        precision = "fp32"  # every process the same: fp32 if any one of them lacks native bf16
+    cfg = dataclasses.replace(cfg, precision=precision)  # saved as what ran, so a resume runs the same
     healthy = True
     try:
         return _train(cfg, resume, overwrite, emit, prepare_progress, device, dist)
@@ -535,6 +603,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
     trainer = Trainer(cfg, data, run, device, emit, dist)
     if saved is not None:
         trainer.restore(saved)
+        trainer.check_plan()
     st = trainer.state
     emit("start", {"out": run.path, "device": device, "model": trainer.model, "model_config": trainer.model_config,
                    "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,

@@ -199,3 +199,22 @@ def test_the_probe_runs_the_cell_and_times_it_on_this_cpu():
         else:
             assert probe.error and probe.ratio is None
     assert probe_precision("fp32", "cpu", TrainConfig(corpus="x").model_config(2)).runs
+
+
+def test_auto_is_bf16_where_native_and_fp32_elsewhere(corpus, tmp_path, monkeypatch):
+    cfg = tiny(corpus, tmp_path / "r", cell="gru", max_steps=5, precision="auto")
+    probe = bf16_here(cfg)
+    expected = "bf16" if probe.runs and not probe.emulated else "fp32"
+    assert device_mod.resolve_precision("auto", CPU, cfg.model_config(2)) == expected
+    assert device_mod.resolve_precision("fp32", CPU, cfg.model_config(2)) == "fp32"
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(tmp_path / "r"), "--precision", "auto",
+                                  "--cell", "gru", "--hidden-size", "16", "--batch-size", "4", "--num-steps", "10",
+                                  "--max-steps", "5", "--eval-every", "5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"; precision {expected} (auto); checkpoint: " in r.output  # the summary says what ran
+    assert ck.load_checkpoint(tmp_path / "r").train_options["precision"] == expected  # and a resume runs it again
+    for verdict, resolved in ((PrecisionProbe("bf16", "cpu", "gru", ratio=0.7), "bf16"),
+                              (PrecisionProbe("bf16", "cpu", "gru", ratio=9.0), "fp32"),
+                              (PrecisionProbe("bf16", "cpu", "lstm", error="no kernel"), "fp32")):
+        monkeypatch.setattr(device_mod, "probe_precision", lambda *args, v=verdict: v)
+        assert device_mod.resolve_precision("auto", CPU, cfg.model_config(2)) == resolved

@@ -17,6 +17,7 @@ import torch
 from charlm import checkpoint as ck
 from charlm import training
 from charlm.config import TrainConfig
+from charlm import device as device_mod
 from charlm.device import probe_precision
 from charlm.errors import ConfigError
 from charlm.evaluation import EvalResult
@@ -125,7 +126,7 @@ def test_loading_a_checkpoint_leaves_the_global_rng_alone(corpus, tmp_path):
 
 
 def test_probing_a_precision_leaves_the_global_rng_alone():
-    probe_precision.cache_clear()
+    device_mod._probe.cache_clear()  # a fresh probe, not a cached verdict
     torch.manual_seed(123)
     before = torch.get_rng_state()
     probe_precision("bf16", "cpu", config("x", "x", cell="gru", hidden_size=24).model_config(2))

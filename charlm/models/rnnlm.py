@@ -13,11 +13,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.config import CELLS, IMPLS, ModelConfig, check_choice
+from charlm.config import CELLS, IMPLS, REGULARISERS, ModelConfig, check_choice
 from charlm.errors import ConfigError
 from charlm.models.scratch import ScratchRecurrent
 
 _TORCH_CORES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+_TORCH_LAYER_KERNELS = {"rnn": torch.rnn_tanh, "gru": torch.gru}  # torch.lstm takes (h, c): see _torch_layer
+
+
+def locked_mask(batch: int, features: int, p: float, like: torch.Tensor) -> torch.Tensor | None:
+    """A locked (variational) dropout mask (B, 1, F): one draw per sequence and feature, the same at every
+    time step (Gal and Ghahramani, 2016), scaled by 1 / (1 - p); None when ``p`` is 0."""
+    if not p:
+        return None
+    return torch.empty(batch, 1, features, device=like.device, dtype=like.dtype).bernoulli_(1 - p) / (1 - p)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
+def _torch_layer(cell: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, weights: tuple):
+    """One layer of torch's fused kernel (oneDNN on CPUs, cuDNN on GPUs) with the weights given: what
+    ``nn.LSTM`` runs, but with a hidden-to-hidden matrix the caller may have dropped. ``x`` (B, T, I),
+    ``h``/``c`` (B, H). Returns ``(out (B, T, H), h, c)``."""
+    hx = h.unsqueeze(0)  # (1, B, H)
+    if cell == "lstm":
+        out, h, c = torch.lstm(x, (hx, c.unsqueeze(0)), weights, True, 1, 0.0, True, False, True)
+        return out, h[0], c[0]
+    out, h = _TORCH_LAYER_KERNELS[cell](x, hx, weights, True, 1, 0.0, True, False, True)
+    return out, h[0], None
 
 
 def detach_state(state):
@@ -57,11 +82,15 @@ class RNNLM(nn.Module):
     # The defaults are ModelConfig's (a frozen dataclass keeps each field's default as a class attribute).
     def __init__(self, vocab_size: int, cell: str = ModelConfig.cell, hidden_size: int = ModelConfig.hidden_size,
                  num_layers: int = ModelConfig.num_layers, embedding_dim: int = ModelConfig.embedding_dim,
-                 dropout: float = ModelConfig.dropout, impl: str = ModelConfig.impl):
+                 dropout: float = ModelConfig.dropout, impl: str = ModelConfig.impl,
+                 weight_drop: float = ModelConfig.weight_drop, dropout_input: float = ModelConfig.dropout_input,
+                 dropout_hidden: float = ModelConfig.dropout_hidden, dropout_output: float = ModelConfig.dropout_output):
         super().__init__()
         self.config = cfg = ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden_size,
                                         num_layers=num_layers, embedding_dim=embedding_dim,
-                                        dropout=dropout, impl=impl)
+                                        dropout=dropout, impl=impl, weight_drop=weight_drop,
+                                        dropout_input=dropout_input, dropout_hidden=dropout_hidden,
+                                        dropout_output=dropout_output)
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         # torch applies `dropout` only between layers (and warns when there is one layer).
         inter_layer_dropout = dropout if num_layers > 1 else 0.0
@@ -92,8 +121,57 @@ class RNNLM(nn.Module):
         """``X`` (B, T) int64 ids -> ``(logits (B, T, V), state)``; ``state=None`` means zeros."""
         if state is None:
             state = self.init_state(X.shape[0], device=X.device)
+        if self.training and self.config.regularised:
+            return self.regularised_forward(X, state, self.draw_masks(X.shape[0]))
         out, state = self.rnn(self.encode_inputs(X), state)  # out: (B, T, H)
         return self.head(self.dropout(out)), state
+
+    def draw_masks(self, batch: int) -> dict:
+        """This batch's regularisation masks: ``weight_hh_l{k}`` (G*H, H) DropConnect masks, ``input``,
+        ``hidden_l{k}`` (between layers k and k+1) and ``output`` locked masks (B, 1, F); absent when off."""
+        cfg, w = self.config, self.head.weight
+        masks = {}
+        if cfg.weight_drop:
+            for k in range(cfg.num_layers):
+                w_hh = getattr(self.rnn, f"weight_hh_l{k}")
+                masks[f"weight_hh_l{k}"] = torch.empty_like(w_hh).bernoulli_(1 - cfg.weight_drop) / (1 - cfg.weight_drop)
+        sizes = {"input": cfg.input_size, "output": cfg.hidden_size,
+                 **{f"hidden_l{k}": cfg.hidden_size for k in range(cfg.num_layers - 1)}}
+        rates = {"input": cfg.dropout_input, "output": cfg.dropout_output,
+                 **{f"hidden_l{k}": cfg.dropout_hidden for k in range(cfg.num_layers - 1)}}
+        for name, size in sizes.items():
+            mask = locked_mask(batch, size, rates[name], w)
+            if mask is not None:
+                masks[name] = mask
+        return masks
+
+    def regularised_forward(self, X: torch.Tensor, state, masks: dict):
+        """The forward pass under ``masks`` (see :meth:`draw_masks`): the layers run one at a time, each
+        through the same kernel as without regularisation, with its dropped hidden-to-hidden matrix.
+        ``--dropout`` keeps its meaning on top (between layers and before the head)."""
+        cfg = self.config
+        x = self.encode_inputs(X)
+        if "input" in masks:
+            if not x.is_floating_point():  # the scratch core's one-hot indices: make the vectors to drop from
+                x = F.one_hot(x, cfg.vocab_size).to(self.head.weight.dtype)
+            x = x * masks["input"]
+        h0, c0 = state if cfg.cell == "lstm" else (state, None)
+        hs, cs = [], []
+        for k in range(cfg.num_layers):
+            w_hh = getattr(self.rnn, f"weight_hh_l{k}")
+            w_hh = _masked(w_hh, masks.get(f"weight_hh_l{k}"))
+            c = None if c0 is None else c0[k]
+            if cfg.impl == "scratch":
+                x, h, c = self.rnn.run_layer(k, x, h0[k], c, w_hh=w_hh)
+            else:
+                weights = tuple(getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                x, h, c = _torch_layer(cfg.cell, x, h0[k], c, (weights[0], w_hh, *weights[2:]))
+            hs.append(h)
+            cs.append(c)
+            if k < cfg.num_layers - 1:
+                x = F.dropout(_masked(x, masks.get(f"hidden_l{k}")), self.rnn.dropout, training=True)
+        new_state = torch.stack(hs) if cfg.cell != "lstm" else (torch.stack(hs), torch.stack(cs))
+        return self.head(self.dropout(_masked(x, masks.get("output")))), new_state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -76,30 +76,39 @@ class ScratchRecurrent(nn.Module):
             h0, c0 = state, None
         h_last, c_last = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._params(layer)
-            # Input projection for every time step at once, laid out time-major for the loop.
-            # The RNN and LSTM add b_hh outside any gate product, so it joins b_ih here; the GRU's
-            # b_hn sits inside r * (W_hn h + b_hn) and must stay in the loop.
-            b = b_ih if self.cell == "gru" else b_ih + b_hh  # (G*H,)
-            if layer == 0 and not x.is_floating_point():
-                # One-hot input: W_ih @ onehot(k) is column k of W_ih, so look the columns up in a
-                # (V, G*H) table that already holds the bias: no one-hot tensor, no matmul.
-                xp = F.embedding(x.t(), w_ih.t() + b)  # (T, B, G*H)
-            else:
-                xp = F.linear(x.transpose(0, 1), w_ih, b)  # (T, B, G*H)
-            if self.cell == "gru":
-                out, h = _gru_layer(xp, h0[layer], w_hh, b_hh)
-            elif self.cell == "lstm":
-                out, (h, c) = _lstm_layer(xp, h0[layer], c0[layer], w_hh)
-                c_last.append(c)
-            else:
-                out, h = _rnn_layer(xp, h0[layer], w_hh)
+            out, h, c = self.run_layer(layer, x, h0[layer], None if c0 is None else c0[layer])
             h_last.append(h)
+            c_last.append(c)
             if self.training and self.dropout > 0 and layer < self.num_layers - 1:
                 out = F.dropout(out, self.dropout, training=True)  # between layers only, as torch does
             x = out  # (B, T, H): the next layer's input
         h_n = torch.stack(h_last)  # (L, B, H)
         return x, ((h_n, torch.stack(c_last)) if self.cell == "lstm" else h_n)
+
+    def run_layer(self, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None,
+                  w_hh: torch.Tensor | None = None):
+        """Layer ``layer`` over a whole sequence: ``x`` (B, T, I) floats, or (B, T) indices of one-hot
+        vectors; ``h`` (and the LSTM's ``c``) (B, H). ``w_hh`` stands in for the layer's hidden-to-hidden
+        matrix (a weight-dropped copy). Returns ``(out (B, T, H), h, c)``, ``c`` None but for the LSTM."""
+        w_ih, own_w_hh, b_ih, b_hh = self._params(layer)
+        w_hh = own_w_hh if w_hh is None else w_hh
+        # Input projection for every time step at once, laid out time-major for the loop.
+        # The RNN and LSTM add b_hh outside any gate product, so it joins b_ih here; the GRU's
+        # b_hn sits inside r * (W_hn h + b_hn) and must stay in the loop.
+        b = b_ih if self.cell == "gru" else b_ih + b_hh  # (G*H,)
+        if not x.is_floating_point():
+            # One-hot input: W_ih @ onehot(k) is column k of W_ih, so look the columns up in a
+            # (V, G*H) table that already holds the bias: no one-hot tensor, no matmul.
+            xp = F.embedding(x.t(), w_ih.t() + b)  # (T, B, G*H)
+        else:
+            xp = F.linear(x.transpose(0, 1), w_ih, b)  # (T, B, G*H)
+        if self.cell == "gru":
+            out, h = _gru_layer(xp, h, w_hh, b_hh)
+        elif self.cell == "lstm":
+            out, (h, c) = _lstm_layer(xp, h, c, w_hh)
+        else:
+            out, h = _rnn_layer(xp, h, w_hh)
+        return out, h, c
 
     def extra_repr(self) -> str:
         return (f"{self.cell}, input_size={self.input_size}, hidden_size={self.hidden_size}, "

@@ -1,0 +1,108 @@
+"""Planned learning-rate schedules (hold-decay, cosine): the lr at each step, the plan's length from
+--max-steps, --epochs or the measured step time under --time-limit, and exact resume of a planned run."""
+
+import csv
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import checkpoint as ck
+from charlm.config import HOLD_FRACTION, TrainConfig
+from charlm.errors import ConfigError, TrainingInterrupted
+from charlm.training import Trainer, scheduled_lr, train
+
+
+def config(corpus, out, **kw):
+    base = dict(corpus=str(corpus), out=str(out), cell="gru", hidden_size=16, embedding_dim=8, batch_size=4,
+                num_steps=10, eval_every=10, time_limit=None, patience=None, epochs=100, dropout=0.2,
+                optimizer="sgd", lr=0.5, lr_schedule="hold-decay")
+    return TrainConfig(**{**base, **kw})
+
+
+def lrs(out) -> dict[int, float]:
+    with open(Path(out) / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+
+
+def trainer_state(out):
+    return ck.load_checkpoint(Path(out) / "last", with_trainer_state=True).trainer_state
+
+
+def assert_same_weights(a, b):
+    wa, wb = (ck.load_checkpoint(Path(o) / "last").model.state_dict() for o in (a, b))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_the_lr_at_each_step():
+    assert [scheduled_lr("hold-decay", 1.0, s, 10) for s in range(11)] == [1.0] * 6 + [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert HOLD_FRACTION == 0.6
+    cos = [scheduled_lr("cosine", 2.0, s, 4) for s in range(5)]
+    assert cos == pytest.approx([2.0, 1.0 + math.sqrt(0.5), 1.0, 1.0 - math.sqrt(0.5), 0.0])
+    assert scheduled_lr("hold-decay", 0.3, 7, None) == scheduled_lr("plateau", 0.3, 7, 10) == 0.3  # no plan yet
+    assert scheduled_lr("cosine", 1.0, 12, 10) == 0.0  # past the plan: its end
+    with pytest.raises(ConfigError, match="lr schedule must be one of plateau, hold-decay, cosine"):
+        TrainConfig(corpus="x", lr_schedule="linear")
+
+
+@pytest.mark.parametrize("schedule", ["hold-decay", "cosine"])
+def test_a_plan_from_max_steps_reaches_the_optimizer_and_ends_the_run(corpus, tmp_path, schedule):
+    result = train(config(corpus, tmp_path / "r", max_steps=40, lr_schedule=schedule))
+    assert result.steps == 40 and trainer_state(tmp_path / "r")["planned_steps"] == 40
+    # each row shows the lr of the step just taken (step - 1, 0-based)
+    assert lrs(tmp_path / "r") == pytest.approx({s: scheduled_lr(schedule, 0.5, s - 1, 40) for s in (10, 20, 30, 40)})
+    assert trainer_state(tmp_path / "r")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        scheduled_lr(schedule, 0.5, 39, 40))
+
+
+def test_a_planned_schedule_ignores_plateaus_but_patience_still_stops(corpus, tmp_path):
+    result = train(config(corpus, tmp_path / "r", max_steps=200, eval_every=2, patience=1, lr=50.0, lr_decay=0.5))
+    assert result.stop_reason == "no held-out improvement in 1 evaluations"  # lr 50: the loss gets worse
+    assert all(lr == 50.0 for lr in lrs(tmp_path / "r").values())  # held: no plateau decay under a plan
+
+
+def test_a_planned_run_resumes_exactly(corpus, tmp_path):
+    """Stopped at step 20 of a 60-step plan (a signal), then resumed: the same lr at every step, the same
+    weights, as a run never stopped."""
+    def stop_at_20(event, info):
+        if event == "step" and info["step"] == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(config(corpus, tmp_path / "straight", max_steps=60))
+    with pytest.raises(TrainingInterrupted):
+        train(config(corpus, tmp_path / "parts", max_steps=60), callback=stop_at_20)
+    assert trainer_state(tmp_path / "parts")["planned_steps"] == 60
+    train(config(corpus, tmp_path / "parts", max_steps=60), resume=True)
+    assert lrs(tmp_path / "parts") == lrs(tmp_path / "straight")
+    assert_same_weights(tmp_path / "parts", tmp_path / "straight")
+
+
+def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tmp_path, monkeypatch):
+    """Under --time-limit the plan comes from the step time measured at the first evaluation. The clock is
+    faked (1/64 s a step, nothing reserved), so that the plan is known: 1 s = 64 steps. The resumed
+    invocation's clock would allow 64 more steps; the saved plan ends the run at 64, as a straight run."""
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: (self.state.step - self.first_step) / 64)
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    warnings = []
+
+    def stop_at_20(event, info):
+        if event == "warning":
+            warnings.append(info["message"])
+        if event == "step" and info["step"] == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    straight = train(config(corpus, tmp_path / "straight", time_limit=1.0))
+    assert straight.steps == 64 and trainer_state(tmp_path / "straight")["planned_steps"] == 64
+    with pytest.raises(TrainingInterrupted):
+        train(config(corpus, tmp_path / "parts", time_limit=1.0), callback=stop_at_20)
+    resumed = train(config(corpus, tmp_path / "parts", time_limit=1.0, max_steps=500), resume=True,
+                    callback=stop_at_20)
+    assert resumed.steps == 64 and resumed.stop_reason == "the hold-decay schedule's 64 planned steps done"
+    assert warnings == ["the hold-decay schedule was planned for 64 steps when the run started; the run ends "
+                        "there (--max-steps 500 does not extend a plan)"]
+    assert lrs(tmp_path / "parts") == lrs(tmp_path / "straight")
+    assert_same_weights(tmp_path / "parts", tmp_path / "straight")
