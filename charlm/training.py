@@ -305,17 +305,18 @@ class Trainer:
     def planned(self) -> bool:
         return self.cfg.lr_schedule != "plateau"
 
-    def plan(self) -> None:
+    def plan(self, at_evaluation: bool = False) -> None:
         """Fix a planned schedule's length once it is known: from --max-steps or --epochs at the start, or,
-        under --time-limit, at the first scheduled evaluation, from the time the steps (and that evaluation
-        and its checkpoints) took so far, rank 0's clock deciding. Never changed afterwards."""
+        under --time-limit, at the first scheduled evaluation (before its checkpoints, which keep the plan),
+        from the time the steps and that evaluation took so far, rank 0's clock deciding. Never changed
+        afterwards."""
         st, cfg = self.state, self.cfg
         if not self.planned or st.planned_steps is not None:
             return
         if cfg.time_limit is None:
             st.planned_steps = self.total_steps()
             return
-        if self.last_eval_step != st.step or st.step == self.first_step:
+        if not at_evaluation or st.step == self.first_step:
             return  # not measured yet: the lr stays at its base until then
         per_step = self.elapsed() / (st.step - self.first_step)
         left = max(0.0, cfg.time_limit - self.elapsed() - self.reserve())
@@ -393,7 +394,7 @@ class Trainer:
         starts a new interval of training figures. The final evaluation of an invocation that stopped
         between two scheduled ones (a time limit, a signal, ``--max-steps`` off the schedule) only
         reports and saves, so that a resumed run takes the same decisions as one never stopped."""
-        cfg, st, iv = self.cfg, self.state, self.interval
+        st, iv = self.state, self.interval
         now = time.perf_counter()
         val = evaluate(self.model, self.eval_ids, device=self.device, dist=self.dist)
         spent = time.perf_counter() - now
@@ -410,6 +411,7 @@ class Trainer:
         if scheduled:  # before the checkpoints, which hold the interval and the schedule
             iv.reset()
             self.plateau_step(val.loss)
+            self.plan(at_evaluation=True)
         improved = val.loss < st.best_loss
         if improved:
             st.best_loss, self.best_val = val.loss, val
@@ -472,7 +474,6 @@ class Trainer:
         reason = None
         if st.step % cfg.eval_every == 0:
             self.evaluate_and_save()
-            self.plan()
             if cfg.patience is not None and st.evals_since_best >= cfg.patience:
                 reason = f"no held-out improvement in {cfg.patience} evaluations"
         if st.planned_steps is not None and st.step >= st.planned_steps and reason is None:

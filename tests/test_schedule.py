@@ -83,24 +83,26 @@ def test_a_planned_run_resumes_exactly(corpus, tmp_path):
 
 def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tmp_path, monkeypatch):
     """Under --time-limit the plan comes from the step time measured at the first evaluation. The clock is
-    faked (1/64 s a step, nothing reserved), so that the plan is known: 1 s = 64 steps. The resumed
-    invocation's clock would allow 64 more steps; the saved plan ends the run at 64, as a straight run."""
+    faked (1/64 s a step, nothing reserved), so that the plan is known: 1 s = 64 steps. Stopped at step
+    10, the resumed invocation's clock would allow 64 more steps; the saved plan ends the run at 64, as
+    a straight run."""
     monkeypatch.setattr(Trainer, "elapsed", lambda self: (self.state.step - self.first_step) / 64)
     monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
     warnings = []
 
-    def stop_at_20(event, info):
+    def stop_at_10(event, info):  # the first evaluation's step: the plan must be in the checkpoint it saves
         if event == "warning":
             warnings.append(info["message"])
-        if event == "step" and info["step"] == 20:
+        if event == "step" and info["step"] == 10:
             os.kill(os.getpid(), signal.SIGINT)
 
     straight = train(config(corpus, tmp_path / "straight", time_limit=1.0))
     assert straight.steps == 64 and trainer_state(tmp_path / "straight")["planned_steps"] == 64
     with pytest.raises(TrainingInterrupted):
-        train(config(corpus, tmp_path / "parts", time_limit=1.0), callback=stop_at_20)
+        train(config(corpus, tmp_path / "parts", time_limit=1.0), callback=stop_at_10)
+    assert trainer_state(tmp_path / "parts")["step"] == 10 and trainer_state(tmp_path / "parts")["planned_steps"] == 64
     resumed = train(config(corpus, tmp_path / "parts", time_limit=1.0, max_steps=500), resume=True,
-                    callback=stop_at_20)
+                    callback=stop_at_10)
     assert resumed.steps == 64 and resumed.stop_reason == "the hold-decay schedule's 64 planned steps done"
     assert warnings == ["the hold-decay schedule was planned for 64 steps when the run started; the run ends "
                         "there (--max-steps 500 does not extend a plan)"]
