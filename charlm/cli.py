@@ -535,7 +535,8 @@ def info(checkpoint):
     sample = "".join(ckpt.vocab.itos[1:41])
     lines = [
         f"checkpoint:   {ckpt.path}",
-        f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, impl {cfg.impl}"
+        f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, "
+        f"impl {cfg.impl}"
         + "".join(f", {name.replace('_', '-')} {getattr(cfg, name):g}" for name in REGULARISERS if getattr(cfg, name)),
         f"parameters:   {ckpt.model.num_parameters():,}",
         f"vocabulary:   {len(ckpt.vocab)} symbols (with <unk>), most frequent: {sample!r}",

@@ -25,8 +25,10 @@ LR_SCHEDULES = ("plateau", "hold-decay", "cosine")  # see charlm.training.schedu
 HOLD_FRACTION = 0.6  # hold-decay: the lr is held for this share of the planned steps, then falls linearly to 0
 DIST_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl with CUDA, gloo otherwise
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (charlm.device.resolve_device)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where native (charlm.device.resolve_precision), else fp32
-REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options  # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast)
+# training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast); auto: bf16 where the device has it
+# natively, else fp32 (charlm.device.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options
 
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk

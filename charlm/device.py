@@ -214,7 +214,8 @@ def _bf16_line(probes: dict[str, PrecisionProbe]) -> str:
         if not probe.runs:
             parts.append(f"{cell.upper()} refused ({probe.error.split('. ')[0]})")
         else:
-            parts.append(f"{cell.upper()} {'emulated' if probe.emulated else 'native'} ({probe.ratio:.1f}x fp32's time)")
+            verdict = "emulated" if probe.emulated else "native"
+            parts.append(f"{cell.upper()} {verdict} ({probe.ratio:.1f}x fp32's time)")
     return "; ".join(parts)
 
 
@@ -235,8 +236,8 @@ def describe_machine() -> list[tuple[str, str]]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             bf16 = "bf16 and fp16" if torch.cuda.is_bf16_supported() else "fp16 only"
-            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)}, {bf16}, cuDNN "
-                                      f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'absent'}"))
+            cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "absent"
+            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)}, {bf16}, cuDNN {cudnn}"))
     else:
         rows.append(("cuda", f"no CUDA GPU visible (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
                      else "no (this torch is built for CPUs only)"))

@@ -65,7 +65,8 @@ def test_weight_drop_changes_what_the_kernel_sees_in_training_only(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), plain.state_dict().values()))
     seen = []
     real = rnnlm._torch_layer
-    monkeypatch.setattr(rnnlm, "_torch_layer", lambda cell, x, h, c, w: seen.append(w[1].detach()) or real(cell, x, h, c, w))
+    monkeypatch.setattr(rnnlm, "_torch_layer",
+                        lambda cell, x, h, c, w: seen.append(w[1].detach()) or real(cell, x, h, c, w))
     X = torch.randint(0, 13, (4, 6))
     m.train()
     m(X)

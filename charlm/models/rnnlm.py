@@ -84,7 +84,8 @@ class RNNLM(nn.Module):
                  num_layers: int = ModelConfig.num_layers, embedding_dim: int = ModelConfig.embedding_dim,
                  dropout: float = ModelConfig.dropout, impl: str = ModelConfig.impl,
                  weight_drop: float = ModelConfig.weight_drop, dropout_input: float = ModelConfig.dropout_input,
-                 dropout_hidden: float = ModelConfig.dropout_hidden, dropout_output: float = ModelConfig.dropout_output):
+                 dropout_hidden: float = ModelConfig.dropout_hidden,
+                 dropout_output: float = ModelConfig.dropout_output):
         super().__init__()
         self.config = cfg = ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden_size,
                                         num_layers=num_layers, embedding_dim=embedding_dim,
@@ -166,8 +167,8 @@ class RNNLM(nn.Module):
             if cfg.impl == "scratch":
                 x, h, c = self.rnn.run_layer(k, x, h0[k], c, w_hh=w_hh)
             else:
-                weights = tuple(getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                x, h, c = _torch_layer(cfg.cell, x, h0[k], c, (weights[0], w_hh, *weights[2:]))
+                w_ih, b_ih, b_hh = (getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "bias_ih", "bias_hh"))
+                x, h, c = _torch_layer(cfg.cell, x, h0[k], c, (w_ih, w_hh, b_ih, b_hh))
             hs.append(h)
             cs.append(c)
             if k < cfg.num_layers - 1:
