@@ -110,7 +110,7 @@ def probe_precision(precision: str, device: str, model: ModelConfig) -> Precisio
     and implementation, 256 units wide (the kernels are chosen by cell and type, not size; a width at which
     the arithmetic, not the overhead, decides the time). On a CPU, also time it against fp32.
 
-    It never touches the global RNG (the model and its batch come from private generators), so
+    It leaves the global RNG as it found it (the model and its batch are drawn on a forked RNG), so
     probing does not change a run's results. Cached: each kind of model is probed once a process."""
     config = ModelConfig(vocab_size=_PROBE_VOCAB, cell=model.cell, hidden_size=_PROBE_HIDDEN, impl=model.impl,
                          embedding_dim=_PROBE_EMBEDDING if model.embedding_dim else 0)
