@@ -26,6 +26,7 @@ from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split
 from charlm.tokens import windows
 from charlm.errors import CheckpointError, ConfigError, CorpusError
+from charlm.models import detach_state
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ class EvalResult:
                 "perplexity": self.perplexity}
 
 
+def _rows(n: int, batch_size: int) -> tuple[int, int, np.ndarray]:
+    """How ``n`` ids are read: ``B = min(batch_size, (n-1) // 2)`` rows of ``cols = (n-1) // B`` predictions,
+    row r reading ``ids[r*cols : (r+1)*cols + 1]``; returns ``(B, cols, row starts)``."""
+    if n < 2:
+        raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
+    B = max(1, min(batch_size, (n - 1) // 2))
+    cols = (n - 1) // B
+    return B, cols, cols * np.arange(B, dtype=np.int64)
+
+
 def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVAL_NUM_STEPS, device=None,
              dist=None) -> EvalResult:
     """Mean next-character cross-entropy of ``model`` over ``ids``.
@@ -56,13 +67,8 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     row and the sums are reduced: every rank gets the figure one process would.
     """
     ids = _as_numpy(ids)
-    n = len(ids)
-    if n < 2:
-        raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
+    B, cols, row_starts = _rows(len(ids), batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    B = max(1, min(batch_size, (n - 1) // 2))
-    cols = (n - 1) // B
-    row_starts = cols * np.arange(B, dtype=np.int64)  # row r reads ids[r*cols : (r+1)*cols + 1]
     if dist is not None and dist.enabled:
         row_starts = row_starts[dist.rank::dist.world_size]
     was_training = model.training
@@ -101,16 +107,11 @@ def evaluate_dynamic(model, ids, lr: float = DYNAMIC_LR, decay: float = DYNAMIC_
     follows the progress.
     """
     ids = _as_numpy(ids)
-    n = len(ids)
-    if n < 2:
-        raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
+    B, cols, row_starts = _rows(len(ids), batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
-    B = max(1, min(batch_size, (n - 1) // 2))
-    cols = (n - 1) // B
-    row_starts = cols * np.arange(B, dtype=np.int64)
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = None
     segments = range(0, cols, num_steps)
@@ -127,7 +128,7 @@ def evaluate_dynamic(model, ids, lr: float = DYNAMIC_LR, decay: float = DYNAMIC_
                 p.add_(p.grad, alpha=-lr)
                 if decay:
                     p.add_(p0 - p, alpha=decay)  # back towards the trained weights
-        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        state = detach_state(state)
         if on_segment is not None:
             on_segment(done, len(segments))
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
