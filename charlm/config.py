@@ -104,7 +104,9 @@ class ModelConfig:
         return self.embedding_dim or self.vocab_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, less the regularisers that are off: a checkpoint of a model trained without them is
+        the file it was before they existed, which earlier charlm versions read (they refuse unknown fields)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in REGULARISERS or v}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -139,3 +139,14 @@ def test_options_are_checked_and_reach_the_model(write_corpus, tmp_path):
     saved = ck.load_checkpoint(tmp_path / "r")
     assert {k: getattr(saved.config, k) for k in AWD} == AWD
     assert math.isfinite(saved.progress["best_val_loss"])
+
+
+def test_a_checkpoint_without_regularisation_has_the_model_config_it_had_before():
+    """config.json of an unregularised model names no regulariser (charlm before them refuses unknown
+    fields); a regularised one names those in use, and both rebuild the same ModelConfig."""
+    plain = ModelConfig(vocab_size=5)
+    assert set(plain.to_dict()) == {"vocab_size", "cell", "hidden_size", "num_layers", "embedding_dim", "dropout",
+                                    "impl"}
+    awd = ModelConfig(vocab_size=5, weight_drop=0.25, dropout_output=0.1)
+    assert {"weight_drop", "dropout_output"} <= set(awd.to_dict()) and "dropout_input" not in awd.to_dict()
+    assert ModelConfig.from_dict(plain.to_dict()) == plain and ModelConfig.from_dict(awd.to_dict()) == awd
