@@ -576,26 +576,37 @@ def env_() -> None:
 @click.option("--max-length", type=click.IntRange(min=1), default=5000, help="Most characters one request may ask for.")
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
               help="Time cap of one generation.")
-@click.option("--queue-size", type=click.IntRange(min=0), default=4,
-              help="Requests that may wait behind the running one; more are answered 503.")
+@click.option("--slots", type=click.IntRange(min=1), default=16,
+              help="Sequences generated together, one batched step per character (a request for N samples "
+                   "takes N).")
+@click.option("--queue-size", type=click.IntRange(min=0), default=16,
+              help="Requests that may wait for a slot; more are answered 503.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
-def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length, max_seconds, queue_size, device):
+def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length, max_seconds, slots, queue_size,
+          device):
     """A local web page and a streaming HTTP API on CHECKPOINT (default: the newest run under ./checkpoints).
 
     \b
-    Endpoints: GET / (the page), GET /health, GET /info, POST /generate (JSON or Server-Sent Events),
-    POST /v1/completions and GET /v1/models (the OpenAI completions API: max_tokens counts characters).
+    Endpoints: GET / (the page), GET /health, GET /info, GET /metrics (Prometheus), POST /generate (JSON
+    or Server-Sent Events), POST /v1/completions and GET /v1/models (the OpenAI completions API:
+    max_tokens counts characters; stop, logprobs and echo work), and the API's own page at /docs.
+    Concurrent requests are generated together, up to --slots sequences at a time.
     """
     from charlm.rundir import newest_run
-    from charlm.serve import ServeConfig, make_server
 
+    try:
+        from charlm.serve import ServeConfig, make_server
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"charlm serve needs the serve extra ({exc.name} is missing): "
+                                   f"pip install 'charlm[serve]'") from None
     path = checkpoint if checkpoint is not None else newest_run()
     ckpt = _load(str(path), device)
     config = ServeConfig(host=host, port=port, allow_hosts=tuple(allow_hosts), cors_origin=cors_origin,
-                         api_key=api_key, max_length=max_length, max_seconds=max_seconds, queue_size=queue_size)
+                         api_key=api_key, max_length=max_length, max_seconds=max_seconds, slots=slots,
+                         queue_size=queue_size)
     run_dir = ckpt.path.parent if ckpt.path.name in ("best", "last") else ckpt.path
     try:
-        server = make_server(ckpt, config, model_id=run_dir.name, command_checkpoint=str(path), generator_thread=False)
+        server = make_server(ckpt, config, model_id=run_dir.name, command_checkpoint=str(path), engine_thread=False)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     shown = f"[{host}]" if ":" in host else host
@@ -608,7 +619,7 @@ def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length,
 
     threading.Thread(target=server.serve_forever, name="charlm-http", daemon=True).start()
     try:
-        server.service.generator.run()  # the model on the main thread (see Generator.run)
+        server.service.engine.run()  # the model on the main thread (see charlm.serve.engine)
     except KeyboardInterrupt:
         click.echo("\nStopped.", err=True)
     finally:

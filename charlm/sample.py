@@ -38,17 +38,56 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     The nucleus is the smallest set of most probable characters whose probabilities sum to at
     least ``top_p`` (ties at its edge are broken by index order).
     """
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (N, 1)
+    rows = logits.reshape(-1, logits.shape[-1])
+    params = DrawParams([(1.0, top_k, top_p)] * rows.shape[0], rows.shape[-1], logits.device)
+    return _filter_rows(rows, params).view_as(logits)
+
+
+class DrawParams:
+    """Each row's decoding settings (temperature, top-k, top-p) as tensors, so that rows with different
+    settings are drawn together: a row decodes exactly as it would in a batch of its own settings."""
+
+    def __init__(self, settings: list[tuple[float, int | None, float | None]], vocab_size: int, device):
+        temps = [t for t, _, _ in settings]
+        self.all_greedy = all(t == 0 for t in temps)
+        self.any_greedy = any(t == 0 for t in temps)
+        self.greedy = torch.tensor([t == 0 for t in temps], device=device)
+        self.temps = torch.tensor([[t if t > 0 else 1.0] for t in temps], dtype=torch.float32, device=device)
+        # top-k: the index of the k-th largest logit (the smallest one, for rows without top-k: no effect)
+        ks = [k for _, k, _ in settings]
+        self.kth = None if all(k is None or k >= vocab_size for k in ks) else torch.tensor(
+            [[min(k or vocab_size, vocab_size) - 1] for k in ks], device=device)
+        # top-p: a mass never reached (2) for rows without it, so nothing is dropped there
+        ps = [2.0 if p is None or p >= 1.0 else p for _, _, p in settings]
+        self.top_p = None if all(p == 2.0 for p in ps) else torch.tensor([[p] for p in ps], dtype=torch.float32,
+                                                                          device=device)
+
+
+def _filter_rows(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
+    if params.kth is not None:
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, params.kth)  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if params.top_p is not None:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # mass of the more probable characters
-        drop_sorted = mass_before >= top_p  # already reached p without this character
+        drop_sorted = mass_before >= params.top_p  # already reached p without this character
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def draw(logits: torch.Tensor, params: DrawParams, u: torch.Tensor | None) -> torch.Tensor:
+    """Next ids (N,) from logits (N, V): the argmax for greedy rows; for the others, the character where
+    the row's uniform ``u`` (float64, (N,)) falls in the cumulative distribution of its filtered,
+    temperature-scaled logits."""
+    if params.all_greedy:
+        return logits.argmax(-1)
+    logits_t = _filter_rows(logits.float() / params.temps, params)
+    cdf = logits_t.softmax(-1).double().cumsum(-1)  # (N, V)
+    idx = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)  # scaled: no drift past 1
+    idx = idx.clamp_(max=logits.shape[-1] - 1)
+    return torch.where(params.greedy, logits.argmax(-1), idx) if params.any_greedy else idx
 
 
 class _Uniforms:
@@ -78,17 +117,6 @@ def _no_unk(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.clone()
     logits[..., 0] = float("-inf")
     return logits
-
-
-def _draw(logits: torch.Tensor, temperature, top_k, top_p, uniforms: _Uniforms | None) -> torch.Tensor:
-    """Next ids (N,) from logits (N, V)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (N, V)
-    u = uniforms.next().unsqueeze(1) * cdf[:, -1:]  # scale by the total: no drift past 1
-    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
-    return idx.clamp_(max=logits.shape[-1] - 1)
 
 
 def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temperature: float = _DEFAULT.temperature,
@@ -128,6 +156,7 @@ def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temp
                 h = state[0] if isinstance(state, tuple) else state
                 logits = _no_unk(model.head(h[-1]))
             itos = vocab.itos
+            params = DrawParams([(temperature, top_k, top_p)] * N, logits.shape[-1], device)
             # A step on a few sequences is a handful of vector-sized ops: splitting each across
             # threads costs more than it saves, except one sequence's matmuls (see Stepper._matmul).
             if cpu and (1 < N <= _SINGLE_THREAD_MAX_N or (N == 1 and not fast)):
@@ -137,7 +166,7 @@ def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temp
                 return
             pending = []  # ids of the last few steps: decoded in one go, not one .tolist() per step
             for t in range(length):
-                ids = _draw(logits, temperature, top_k, top_p, uniforms)  # (N,)
+                ids = draw(logits, params, uniforms.next() if uniforms else None)  # (N,)
                 pending.append(ids)
                 if len(pending) == chunk or t + 1 == length:
                     block = torch.stack(pending, 1).tolist()  # (N, steps)

@@ -1,21 +1,24 @@
-"""What ``charlm serve`` adds: time to the first character and characters per second through the
-streaming API, against ``iter_generate`` in-process, for one checkpoint (default: the quickstart's).
+"""charlm serve under concurrent clients: aggregate characters per second and time to the first
+character with 1, 2, 4, 8 and 16 clients streaming at once, against ``charlm.generate`` in-process.
 
-The server runs as its own process (``python -m charlm serve``) on a free loopback port; the
-in-process figures come from this process. Runs alternate between the two, and the medians are
-reported.
+The server runs as its own process (``python -m charlm serve``) on a free loopback port; each
+client is a thread streaming ``POST /generate`` (SSE) with its own seed. Rounds interleave the
+client counts and the in-process figure; each figure is the median over the rounds. The texts of
+the first round are checked against ``charlm.generate`` with the same seeds.
 
-    python scripts/bench_serve.py --checkpoint checkpoints/timemachine --length 2000 --repeats 7
+    python scripts/bench_serve.py --checkpoint checkpoints/timemachine --length 2000 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -27,42 +30,63 @@ def free_port() -> int:
 
 def through_api(port: int, body: dict) -> tuple[float, float, str]:
     """(seconds to the first text chunk, seconds in all, the text) of one streamed /generate."""
-    data = json.dumps({**body, "stream": True}).encode()
     t0 = time.perf_counter()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/generate", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
     buffer, first, texts = b"", None, []
     while True:
-        more = sock.recv(65536)
+        more = response.read1(65536)  # what has arrived (the chunked encoding undone)
         if not more:
             break
         buffer += more
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
-            if not event.startswith(b"data: "):
-                event = event.split(b"\r\n\r\n", 1)[-1]  # the response headers precede the first event
-                if not event.startswith(b"data: "):
-                    continue
-            payload = json.loads(event[6:])
+            payload = json.loads(event.removeprefix(b"data: "))
             if "text" in payload:
                 first = first if first is not None else time.perf_counter() - t0
                 texts.append(payload["text"])
     total = time.perf_counter() - t0
-    sock.close()
+    conn.close()
     return first, total, "".join(texts)
 
 
-def in_process(model, vocab, body: dict, chunk: int) -> tuple[float, float, str]:
-    from charlm.sample import iter_generate
+def in_process(model, vocab, body: dict) -> tuple[float, str]:
+    """(seconds, the continuation) of ``charlm.generate`` on this process."""
+    from charlm import generate
 
     t0 = time.perf_counter()
-    first, texts = None, []
-    for (text,) in iter_generate(model, vocab, body["prompt"], body["length"], body["temperature"], None, None,
-                                 body["seed"], 1, chunk=chunk):
-        first = first if first is not None else time.perf_counter() - t0
-        texts.append(text)
-    return first, time.perf_counter() - t0, "".join(texts)
+    text = generate(model, vocab, body["prompt"], body["length"], body["temperature"], seed=body["seed"])
+    return time.perf_counter() - t0, text[len(body["prompt"]):]
+
+
+def clients_round(port: int, body: dict, clients: int, seed0: int) -> dict:
+    """``clients`` concurrent streams: aggregate chars/s, p50/p95 time to first character, the texts."""
+    results = [None] * clients
+
+    def client(i):
+        results[i] = through_api(port, {**body, "seed": seed0 + i})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    firsts = sorted(r[0] for r in results)
+    return {"rate": sum(len(r[2]) for r in results) / wall, "p50": _quantile(firsts, 0.5),
+            "p95": _quantile(firsts, 0.95), "texts": [r[2] for r in results]}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile with linear interpolation between the closest ranks."""
+    pos = (len(values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
 def main(argv=None) -> dict:
@@ -70,42 +94,55 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", default="checkpoints/timemachine")
     ap.add_argument("--length", type=int, default=2000)
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--clients", default="1,2,4,8,16", help="Client counts, comma-separated.")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",")]
 
     from charlm import load_checkpoint
-    from charlm.serve import ServeConfig
 
     ckpt = load_checkpoint(args.checkpoint)
-    chunk = ServeConfig.chunk
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "charlm", "serve", args.checkpoint, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "charlm", "serve", args.checkpoint, "--port", str(port),
+                               "--slots", str(max(counts)), "--queue-size", str(max(counts))],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    body = {"prompt": "The ", "length": args.length, "temperature": args.temperature}
+    runs = {c: [] for c in counts}
+    local = []
     try:
         server.stdout.readline()  # "Serving ... at http://..." once it listens
-        body = {"prompt": "The ", "length": args.length, "temperature": args.temperature, "seed": 1}
-        through_api(port, body)  # warm-up, both sides
-        in_process(ckpt.model, ckpt.vocab, body, chunk)
-        api, local = [], []
-        for r in range(args.repeats):
-            body["seed"] = r
-            api.append(through_api(port, body))
-            local.append(in_process(ckpt.model, ckpt.vocab, body, chunk))
-            assert api[-1][2] == local[-1][2], "the API and the library gave different text"
+        through_api(port, {**body, "seed": 0})  # warm-up, both sides
+        in_process(ckpt.model, ckpt.vocab, {**body, "seed": 0})
+        for r in range(args.rounds):
+            for c in counts:
+                runs[c].append(clients_round(port, body, c, seed0=1000 * r))
+                if r == 0:  # each client's text is the one charlm.generate gives with its seed
+                    for i, text in enumerate(runs[c][-1]["texts"][:4]):
+                        want = in_process(ckpt.model, ckpt.vocab, {**body, "seed": i})[1]
+                        assert text == want, f"{c} clients: client {i}'s text differs from charlm.generate's"
+            local.append(in_process(ckpt.model, ckpt.vocab, {**body, "seed": r})[0])
     finally:
         server.terminate()
         server.wait(timeout=30)
-    ttfc_api, ttfc_local = (statistics.median(x[0] for x in runs) * 1e3 for runs in (api, local))
-    rate_api, rate_local = (args.length / statistics.median(x[1] for x in runs) for runs in (api, local))
+    return report(args, ckpt, counts, runs, args.length / statistics.median(local))
+
+
+def report(args, ckpt, counts, runs, rate_local) -> dict:
+    med = lambda c, key: statistics.median(x[key] for x in runs[c])  # noqa: E731
+    one = med(counts[0], "rate")
     print(f"{args.checkpoint}: {ckpt.config.num_layers} x {ckpt.config.cell} {ckpt.config.hidden_size}, "
-          f"{args.length:,} characters at temperature {args.temperature}, chunks of {chunk}, median of {args.repeats}\n")
-    print("| path | first character | characters/s |")
-    print("|---|---:|---:|")
-    print(f"| in-process iter_generate | {ttfc_local:.1f} ms | {rate_local:,.0f} |")
-    print(f"| streamed API (POST /generate, SSE) | {ttfc_api:.1f} ms | {rate_api:,.0f} |")
-    print(f"\nthe API adds {ttfc_api - ttfc_local:+.1f} ms to the first character and keeps "
-          f"{rate_api / rate_local:.1%} of the rate")
-    return {"ttfc_api_ms": ttfc_api, "ttfc_local_ms": ttfc_local, "rate_api": rate_api, "rate_local": rate_local}
+          f"{args.length:,} characters per client at temperature {args.temperature}, streamed; "
+          f"median of {args.rounds} interleaved rounds\n")
+    print("| clients | characters/s (all clients) | vs 1 client | first character p50 | p95 |")
+    print("|---:|---:|---:|---:|---:|")
+    out = {"rate_local": rate_local, "clients": {}}
+    for c in counts:
+        rate, p50, p95 = med(c, "rate"), med(c, "p50") * 1e3, med(c, "p95") * 1e3
+        print(f"| {c} | {rate:,.0f} | {rate / one:.2f}x | {p50:.1f} ms | {p95:.1f} ms |")
+        out["clients"][c] = {"rate": rate, "p50_ms": p50, "p95_ms": p95}
+    print(f"\nin-process charlm.generate, one stream: {rate_local:,.0f} characters/s; one client through the "
+          f"server keeps {one / rate_local:.1%} of it")
+    return out
 
 
 if __name__ == "__main__":

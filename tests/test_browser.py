@@ -65,7 +65,6 @@ def _serve(tmp_path, hidden, chunk):
 def small(tmp_path):
     httpd, ckpt = _serve(tmp_path, hidden=24, chunk=8)
     yield f"http://127.0.0.1:{httpd.server_address[1]}/", ckpt, httpd
-    httpd.service.generator.stop()
     httpd.shutdown()
     httpd.server_close()
 
@@ -102,6 +101,23 @@ def test_generate_streams_the_librarys_text(browser, small):
     page.close()
 
 
+def test_stop_at_ends_the_text_before_the_string(browser, small):
+    url, ckpt, _ = small
+    full = generate(ckpt.model, ckpt.vocab, "the ", 120, temperature=0.9, seed=7)[4:]
+    stop = next(full[i:i + 3] for i in range(20, 100) if full.find(full[i:i + 3]) == i)
+    page = _open(browser, url)
+    page.fill("#prompt", "the ")
+    _set_range(page, "#temperature", 0.9)
+    _set_range(page, "#length", 120)
+    page.uncheck("#random-seed")
+    page.fill("#seed", "7")
+    page.fill("#stop-at", stop.replace("\n", "\\n"))
+    page.click("#generate")
+    expect(page.locator("#stats")).to_contain_text("· stop")
+    assert page.eval_on_selector("#output", "el => el.textContent") == "the " + full[:full.find(stop)]
+    page.close()
+
+
 def test_unknown_characters_are_named_before_sending(browser, small):
     url, _, _ = small
     page = _open(browser, url)
@@ -123,6 +139,7 @@ def test_stop_ends_the_generation_and_frees_the_server(browser, tmp_path):
         _set_range(page, "#length", 5000)
         page.click("#generate")
         expect(page.locator("#stats")).to_contain_text("chars/s")  # streaming has begun
+        expect(page.locator("#server-stats")).to_contain_text("1 sequence generating together")
         page.wait_for_timeout(100)
         page.click("#stop")
         expect(page.locator("#stats")).to_contain_text("stopped")
@@ -131,16 +148,15 @@ def test_stop_ends_the_generation_and_frees_the_server(browser, tmp_path):
         assert page.is_enabled("#generate")
         service = httpd.service
         for _ in range(100):
-            if service.generator.running is None:
+            if not service.engine.health()["busy"]:
                 break
             page.wait_for_timeout(50)
-        assert service.generator.running is None  # the server let go of the model
+        assert not service.engine.health()["busy"]  # the server let go of the model
         page.keyboard.press("Control+Enter")  # the shortcut starts another one
         expect(page.locator("#stop")).to_be_enabled()
         page.click("#stop")
         page.close()
     finally:
-        httpd.service.generator.stop()
         httpd.shutdown()
         httpd.server_close()
 

@@ -76,6 +76,23 @@ def test_bench_generate_small_runs_every_column(tmp_path, capsys, load_script):
     assert bench.flops_per_char(m) == 2 * 4 * 12 * (4 + 12) + 2 * 4 * 12 * (12 + 12) + 2 * 12 * 28
 
 
+def test_bench_serve_small_runs_every_client_count(tmp_path, capsys, load_script):
+    import torch
+
+    from charlm import RNNLM, Vocab, save_checkpoint
+
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz T")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run" / "best", RNNLM(len(vocab), "lstm", 12, 2, embedding_dim=4), vocab, {})
+    out = load_script("scripts/bench_serve.py").main(["--checkpoint", str(ckpt), "--length", "60", "--clients",
+                                                      "1,3", "--rounds", "2"])
+    assert set(out["clients"]) == {1, 3}
+    for figures in out["clients"].values():
+        assert figures["rate"] > 0 and 0 < figures["p50_ms"] <= figures["p95_ms"]
+    assert out["rate_local"] > 0
+    assert capsys.readouterr().out.count("\n| ") == 1 + 2  # header, then a row per client count
+
+
 def test_bench_models_small_runs_every_row(capsys, load_script):
     rows = load_script("scripts/bench_models.py").main(["--hidden-size", "8", "--batch-size", "2", "--num-steps", "3",
                                                         "--embedding-dim", "4", "--repeats", "1"])

@@ -9,74 +9,15 @@ import threading
 import time
 
 import pytest
-import torch
 from conftest import stop_process
+from serving import Server, make_checkpoint
 
-from charlm import RNNLM, Vocab, generate, load_checkpoint, save_checkpoint
-from charlm.serve import ServeConfig, make_server
-
-TEXT = "the time traveller smiled and the machine was gone\n" * 4
+from charlm import generate
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    vocab = Vocab.from_text(TEXT)
-    torch.manual_seed(0)
-    model = RNNLM(len(vocab), cell="gru", hidden_size=24, num_layers=2, embedding_dim=6)
-    meta = {"corpus": {"path": "corpus.txt", "preprocess": "lower", "val_fraction": 0.1},
-            "progress": {"step": 7, "best_val_loss": 2.0}}
-    path = save_checkpoint(tmp_path_factory.mktemp("serve") / "run" / "best", model, vocab, meta)
-    return load_checkpoint(path)
-
-
-class Server:
-    def __init__(self, ckpt, **config):
-        self.httpd = make_server(ckpt, ServeConfig(port=0, **config), model_id="run", command_checkpoint="run")
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def request(self, method, path, body=None, headers=None, raw=None, timeout=30):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        h = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
-        if body is not None:
-            raw = json.dumps(body).encode()
-            h.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=raw, headers=h)
-        r = conn.getresponse()
-        data = r.read()
-        conn.close()
-        return r, data
-
-    def json(self, method, path, body=None, **kw):
-        r, data = self.request(method, path, body, **kw)
-        return r.status, json.loads(data), r
-
-    def events(self, path, body):
-        r, data = self.request("POST", path, body)
-        assert r.status == 200, data
-        assert r.getheader("Content-Type").startswith("text/event-stream")
-        out = []
-        for block in data.decode().split("\n\n"):
-            if block.startswith("data: "):
-                payload = block[6:]
-                out.append(payload if payload == "[DONE]" else json.loads(payload))
-        return out
-
-    def healthy(self):
-        status, body, _ = self.json("GET", "/health")
-        return status == 200 and body["status"] == "ok"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self.httpd.service.generator.stop()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return make_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture
@@ -178,9 +119,9 @@ def test_openai_completions_and_stream_format(server, ckpt):
     ("POST", "/generate", {"prompt": "the", "bogus": 1}, {}, 400, "unknown_field", "unknown field(s): bogus"),
     ("POST", "/generate", {"prompt": "the", "length": "ten"}, {}, 400, "invalid_type", "'length' must be an integer"),
     ("POST", "/generate", {"prompt": "the", "length": True}, {}, 400, "invalid_type", "'length' must be an integer"),
-    ("POST", "/generate", {"prompt": "the", "temperature": -1}, {}, 400, "invalid_value", "temperature must be >= 0"),
-    ("POST", "/generate", {"prompt": "the", "top_p": 1.5}, {}, 400, "invalid_value", "top-p must lie in (0, 1]"),
-    ("POST", "/generate", {"prompt": "the", "top_k": 0}, {}, 400, "invalid_value", "top-k must be >= 1"),
+    ("POST", "/generate", {"prompt": "the", "temperature": -1}, {}, 400, "invalid_value", "'temperature' must be >= 0"),
+    ("POST", "/generate", {"prompt": "the", "top_p": 1.5}, {}, 400, "invalid_value", "'top_p' must be in (0, 1]"),
+    ("POST", "/generate", {"prompt": "the", "top_k": 0}, {}, 400, "invalid_value", "'top_k' must be >= 1"),
     ("POST", "/generate", {"prompt": "the", "length": 10**6}, {}, 400, "length_too_long", "over this server's limit"),
     ("POST", "/generate", {"prompt": "t" * 20_000}, {}, 400, "prompt_too_long", "at most 10,000"),
     ("POST", "/generate", {"prompt": "the", "num_samples": 50}, {}, 400, "too_many_samples", "limit of 8"),
@@ -194,7 +135,10 @@ def test_openai_completions_and_stream_format(server, ckpt):
     ("GET", "/nowhere", None, {}, 404, "not_found", "no such endpoint: /nowhere"),
     ("GET", "/generate", None, {}, 405, "method_not_allowed", "/generate takes POST"),
     ("POST", "/v1/completions", {"model": "gpt-4", "prompt": "a"}, {}, 404, "model_not_found", "'gpt-4' does not exist"),
-    ("POST", "/v1/completions", {"prompt": "the", "logprobs": 5}, {}, 400, "unsupported_value", "'logprobs'"),
+    ("POST", "/v1/completions", {"prompt": "the", "best_of": 3}, {}, 400, "unsupported_value", "'best_of'"),
+    ("POST", "/v1/completions", {"prompt": "the", "logprobs": 50}, {}, 400, "invalid_value", "'logprobs' must be in [0, 20]"),
+    ("POST", "/v1/completions", {"prompt": "the", "stop": ["a", "b", "c", "d", "e"]}, {}, 400, "invalid_value", "at most 4"),
+    ("POST", "/v1/completions", {"prompt": "the", "stop": 3}, {}, 400, "invalid_type", "'stop' must be a string"),
     ("POST", "/v1/completions", {"prompt": "the", "max_tokens": 10**6}, {}, 400, "length_too_long", "limit"),
 ])
 def test_errors_have_a_status_and_one_sentence(server, method, path, body, headers, status, code, message):
@@ -220,8 +164,9 @@ def test_host_allow_list_takes_the_bound_address_and_extra_names(ckpt):
 
 def test_cors_only_for_the_named_origin(ckpt):
     with Server(ckpt, cors_origin="http://app.example:3000") as s:
-        r, _ = s.request("OPTIONS", "/generate", headers={"Origin": "http://app.example:3000"})
-        assert r.status == 204
+        r, _ = s.request("OPTIONS", "/generate", headers={"Origin": "http://app.example:3000",
+                                                          "Access-Control-Request-Method": "POST"})
+        assert r.status == 200  # Starlette's CORSMiddleware answers the preflight
         assert r.getheader("Access-Control-Allow-Origin") == "http://app.example:3000"
         status, _, r = s.json("POST", "/generate", {"prompt": "the", "length": 3},
                               headers={"Origin": "http://app.example:3000"})
@@ -277,7 +222,7 @@ def test_a_client_that_disconnects_frees_the_model_at_once(ckpt):
 
 
 def test_queue_limit_answers_503_with_retry_after(ckpt):
-    s = Server(ckpt, queue_size=1, chunk=4, max_seconds=30)
+    s = Server(ckpt, slots=1, queue_size=1, chunk=4, max_seconds=30)
     socks = []
     try:
         socks.append(_start_stream(s, {"prompt": "the", "length": 5000, "temperature": 1.0})[0])  # running

@@ -38,41 +38,25 @@ class Stepper:
     over the CPU threads (see :meth:`_matmul`).
     """
 
-    def __init__(self, model: RNNLM, num_samples: int, threads: int = 1, never: int | None = 0):
+    def __init__(self, model: RNNLM, num_samples: int, threads: int = 1, never: int | None = 0,
+                 like: "Stepper | None" = None):
         cfg = model.config
         self.cell, L, V, H = cfg.cell, cfg.num_layers, cfg.vocab_size, cfg.hidden_size
         N, GH = num_samples, GATES[cfg.cell] * cfg.hidden_size
         head = model.head.weight
         new = lambda *shape: torch.zeros(*shape, device=head.device, dtype=head.dtype)  # noqa: E731
-        order = None
-        if self.cell == "lstm":  # rows (i, f, g, o) -> (i, f, o, g)
-            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
-            order = order.to(head.device)
-
-        def param(name, k):
-            p = getattr(model.rnn, f"{name}_l{k}").detach()
-            return p if order is None else p[order]
-
-        inputs = (model.embedding.weight.detach() if model.embedding is not None
-                  else torch.eye(V, device=head.device, dtype=head.dtype))
-        self.table = torch.addmm(param("bias_ih", 0), inputs, param("weight_ih", 0).t())  # (V, GH)
+        # The prepared weights: from ``like`` (another Stepper of the same model, any N), or made here.
+        self.weights = like.weights if like is not None else self._prepare(model, never)
+        self.table = self.weights[0]  # (V, GH): layer 0's input gates per character
         self.h = [new(N, H) for _ in range(L)]
         self.c = [new(N, H) for _ in range(L)] if self.cell == "lstm" else None
         self.out, self.blocks, self.mm, above = [], [], [], []  # mm: per layer, (op, inputs, out) of its matmul
-        for k in range(L):
-            if k + 1 < L:
-                w, b = param("weight_ih", k + 1), param("bias_ih", k + 1)
-            else:
-                w, b = head.detach(), model.head.bias.detach().clone()
-                if never is not None:
-                    b[never] = float("-inf")  # that id's logit: never the argmax, never drawn
-            above.append(w.shape[0])
-            C = w.shape[0] + GH
+        for k, (w, b) in enumerate(self.weights[1]):  # w: (H, C), b: (C,)
+            C = w.shape[1]
+            above.append(C - GH)
             blocks = max(1, min(threads, H * C * head.element_size() // MIN_BLOCK_BYTES)) if N == 1 else 1  # _matmul
             self.blocks.append(blocks)
             self.out.append(new(N, C + -C % blocks))  # padded to a multiple of the blocks
-            w = torch.cat([w, param("weight_hh", k)]).t().contiguous()  # (H, C)
-            b = torch.cat([b, param("bias_hh", k)])
             self.mm.append(self._matmul(w, b, self.h[k], self.out[k], blocks))
         self.logits = self.out[-1][:, :V]  # (N, V): after start() or step(), the next prediction
         self.gi0 = new(N, GH)  # layer 0's input gates for a batch, gathered from the table
@@ -87,6 +71,36 @@ class Stepper:
             self.layers.append(self.gi_views(gi) + self._state_views(self.out[k][:, above[k]:above[k] + GH], k))
         self.upper = list(zip(self.layers[1:], self.mm[1:]))
         self.cell_step = {"rnn": self._rnn, "gru": self._gru, "lstm": self._lstm}[self.cell]
+
+    @staticmethod
+    def _prepare(model: RNNLM, never: int | None) -> tuple:
+        """(table, [(w, b) per layer]): layer 0's input-gate table, and each layer's ``[W_ih above | W_hh]``
+        (``[W_head | W_hh]`` at the top) transposed to (H, C) with its bias; LSTM gate rows as (i, f, o, g)."""
+        cfg = model.config
+        L, V, H = cfg.num_layers, cfg.vocab_size, cfg.hidden_size
+        head = model.head.weight
+        order = None
+        if cfg.cell == "lstm":  # rows (i, f, g, o) -> (i, f, o, g)
+            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+            order = order.to(head.device)
+
+        def param(name, k):
+            p = getattr(model.rnn, f"{name}_l{k}").detach()
+            return p if order is None else p[order]
+
+        inputs = (model.embedding.weight.detach() if model.embedding is not None
+                  else torch.eye(V, device=head.device, dtype=head.dtype))
+        table = torch.addmm(param("bias_ih", 0), inputs, param("weight_ih", 0).t())  # (V, GH)
+        layers = []
+        for k in range(L):
+            if k + 1 < L:
+                w, b = param("weight_ih", k + 1), param("bias_ih", k + 1)
+            else:
+                w, b = head.detach(), model.head.bias.detach().clone()
+                if never is not None:
+                    b[never] = float("-inf")  # that id's logit: never the argmax, never drawn
+            layers.append((torch.cat([w, param("weight_hh", k)]).t().contiguous(), torch.cat([b, param("bias_hh", k)])))
+        return table, layers
 
     @functools.cached_property
     def rows(self) -> list[tuple]:

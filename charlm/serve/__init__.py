@@ -1,5 +1,9 @@
-"""``charlm serve``: a local web playground and a streaming HTTP API (see :mod:`charlm.serve.server`)."""
+"""``charlm serve``: a local web playground and a streaming HTTP API (see :mod:`charlm.serve.app`).
 
-from charlm.serve.server import ServeConfig, make_server
+Importing this package needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client).
+"""
 
-__all__ = ["ServeConfig", "make_server"]
+from charlm.serve.host import Server, make_server
+from charlm.serve.server import ServeConfig
+
+__all__ = ["ServeConfig", "Server", "make_server"]

@@ -1,0 +1,145 @@
+"""The request bodies of ``charlm serve`` as pydantic models, and their errors as one sentence each.
+
+Strict types (JSON ``true`` is no integer, ``"10"`` no number), unknown fields refused, and the
+ranges of :class:`charlm.config.SampleConfig`. The per-server limits (length, prompt, samples) are
+checked afterwards, by :class:`charlm.serve.server.Service`. The OpenAI fields are those of the
+completions API; a few are accepted only at their neutral value (named in the error).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import annotated_types as at
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from charlm.config import SampleConfig
+
+_DEFAULTS = SampleConfig()
+_STRICT = ConfigDict(extra="forbid", strict=True)
+MAX_STOPS = 4  # stop strings per request, as in OpenAI's API
+MAX_LOGPROBS = 20  # top characters per position
+
+Stop = str | list[str] | None
+
+
+class GenerateBody(BaseModel):
+    """``POST /generate``."""
+
+    model_config = _STRICT
+    prompt: str = Field("", description="The prefix to continue (the model's characters only).")
+    length: int = Field(_DEFAULTS.length, ge=0, description="Characters to add.")
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="0: greedy.")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, description="The same seed gives the same text; omitted: the answer names one.")
+    num_samples: int = Field(1, ge=1)
+    normalize: bool = Field(False, description="Apply the model's preprocessing to the prompt first.")
+    stream: bool = Field(False, description="Server-Sent Events instead of one JSON answer.")
+    stop: Stop = Field(None, description="The text ends before the first of these strings to appear.")
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class CompletionBody(BaseModel):
+    """``POST /v1/completions``: OpenAI's completions API, with characters for tokens."""
+
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int | None = Field(16, ge=0, description="Characters to generate; 0 with echo and logprobs scores "
+                                                         "the prompt.")
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of each character "
+                                                                          "and of the top-N at each position.")
+    echo: bool = Field(False, description="The prompt comes back before the completion (with its logprobs).")
+    user: str | None = None
+    # accepted only at their neutral values
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    best_of: int | None = None
+    logit_bias: dict[str, Any] | None = None
+    suffix: str | None = None
+
+
+NEUTRAL = {"presence_penalty": (0.0,), "frequency_penalty": (0.0,), "best_of": (None, 1), "logit_bias": (None, {}),
+           "suffix": (None, "")}
+
+_TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+               "bool_type": "true or false", "list_type": "a list", "dict_type": "an object",
+               "model_type": "an object", "finite_number": "a finite number"}
+
+
+class BodyError(ValueError):
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse(model: type[BaseModel], body: dict) -> BaseModel:
+    """``model`` from ``body``; a ``ValueError`` with one sentence (and a code) when it does not fit."""
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        raise BodyError(*_describe(model, body, exc.errors())) from None
+    for name, neutral in (NEUTRAL.items() if model is CompletionBody else ()):
+        if getattr(parsed, name) not in neutral:
+            raise BodyError(f"'{name}' is not supported by this server (only {neutral[0]!r})", "unsupported_value")
+    return parsed
+
+
+def _describe(model: type[BaseModel], body: dict, errors: list[dict]) -> tuple[str, str]:
+    extra = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        return (f"unknown field(s): {', '.join(extra)}; known: {', '.join(model.model_fields)}", "unknown_field")
+    e = errors[0]
+    name = str(e["loc"][0])
+    value = body.get(name)
+    field = model.model_fields[name]
+    bounds = [m for m in field.metadata if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le))]
+    if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and bounds:
+        return f"'{name}' must be {_range(bounds)}, got {value!r}", "invalid_value"
+    if e["type"] == "finite_number":
+        return f"'{name}' must be a finite number, got {value!r}", "invalid_value"
+    kinds = [_TYPE_NAMES.get(x["type"], "valid") for x in errors if x["loc"][0] == name]
+    if name == "stop" or (name == "prompt" and model is CompletionBody):
+        kinds = ["a string", "a list of strings"] + (["null"] if name == "stop" else [])
+    elif field.default is None:
+        kinds.append("null")
+    return f"'{name}' must be {' or '.join(dict.fromkeys(kinds))}, got {value!r}", "invalid_type"
+
+
+def _range(bounds) -> str:
+    lo = next((b for b in bounds if isinstance(b, (at.Gt, at.Ge))), None)
+    hi = next((b for b in bounds if isinstance(b, (at.Lt, at.Le))), None)
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    if lo is not None and hi is not None:
+        left = "(" if isinstance(lo, at.Gt) else "["
+        right = ")" if isinstance(hi, at.Lt) else "]"
+        low = lo.gt if isinstance(lo, at.Gt) else lo.ge
+        high = hi.lt if isinstance(hi, at.Lt) else hi.le
+        return f"in {left}{fmt(low)}, {fmt(high)}{right}"
+    if lo is not None:
+        return f"> {fmt(lo.gt)}" if isinstance(lo, at.Gt) else f">= {fmt(lo.ge)}"
+    return f"< {fmt(hi.lt)}" if isinstance(hi, at.Lt) else f"<= {fmt(hi.le)}"
+
+
+def stops(value: Stop) -> tuple[str, ...]:
+    """The stop strings of a body: one string, or up to ``MAX_STOPS``, none empty."""
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    items = [s for s in items if s != ""] if isinstance(value, str) else items
+    if len(items) > MAX_STOPS:
+        raise BodyError(f"'stop' takes at most {MAX_STOPS} strings, got {len(items)}", "invalid_value")
+    if any(s == "" for s in items):
+        raise BodyError("'stop' strings must not be empty", "invalid_value")
+    return tuple(dict.fromkeys(items))
