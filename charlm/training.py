@@ -242,6 +242,7 @@ class Trainer:
         self.base_lr = cfg.resolved_lr()
         self.state = RunState(lr=self.base_lr)
         self.first_step = 0  # the step this invocation started from
+        self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see plan)
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
         self.interval = _Interval(device)
@@ -307,9 +308,11 @@ class Trainer:
 
     def plan(self, at_evaluation: bool = False) -> None:
         """Fix a planned schedule's length once it is known: from --max-steps or --epochs at the start, or,
-        under --time-limit, at the first scheduled evaluation (before its checkpoints, which keep the plan),
-        from the time the steps and that evaluation took so far, rank 0's clock deciding. Never changed
-        afterwards."""
+        under --time-limit, at the second scheduled evaluation of the invocation (before its checkpoints,
+        which keep the plan), from the time the steps and the evaluation between the first two took, rank
+        0's clock deciding. Not from the start: the first steps and the first evaluation run cold (a
+        first evaluation measured at several times its later cost made the final work's reserve eat 14%
+        of a 15-minute run). Never changed afterwards."""
         st, cfg = self.state, self.cfg
         if not self.planned or st.planned_steps is not None:
             return
@@ -318,7 +321,10 @@ class Trainer:
             return
         if not at_evaluation or st.step == self.first_step:
             return  # not measured yet: the lr stays at its base until then
-        per_step = self.elapsed() / (st.step - self.first_step)
+        if self.plan_mark is None:  # the first evaluation: the warm-up is over
+            self.plan_mark = (st.step, self.elapsed())
+            return
+        per_step = (self.elapsed() - self.plan_mark[1]) / (st.step - self.plan_mark[0])
         left = max(0.0, cfg.time_limit - self.elapsed() - self.reserve())
         steps = self.dist.broadcast_int(st.step + int(left / per_step), self.device)
         st.planned_steps = max(st.step + 1, min(steps, self.total_steps()))

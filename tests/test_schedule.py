@@ -82,29 +82,30 @@ def test_a_planned_run_resumes_exactly(corpus, tmp_path):
 
 
 def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tmp_path, monkeypatch):
-    """Under --time-limit the plan comes from the step time measured at the first evaluation. The clock is
-    faked (1/64 s a step, nothing reserved), so that the plan is known: 1 s = 64 steps. Stopped at step
-    10, the resumed invocation's clock would allow 64 more steps; the saved plan ends the run at 64, as
-    a straight run."""
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: (self.state.step - self.first_step) / 64)
+    """Under --time-limit the plan comes from the step time measured between the first two evaluations.
+    The clock is faked: 0.25 s of start-up, then 1/64 s a step, nothing reserved; so at step 20 the
+    0.4375 s left make 28 more steps: a plan of 48 (measured from the start, the start-up would have
+    made it 24). Stopped at step 20, the resumed invocation's clock would allow 48 more steps; the
+    saved plan ends the run at 48, as a straight run."""
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.25 + (self.state.step - self.first_step) / 64)
     monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
     warnings = []
 
-    def stop_at_10(event, info):  # the first evaluation's step: the plan must be in the checkpoint it saves
+    def stop_at_20(event, info):  # the second evaluation's step: the plan must be in the checkpoint it saves
         if event == "warning":
             warnings.append(info["message"])
-        if event == "step" and info["step"] == 10:
+        if event == "step" and info["step"] == 20:
             os.kill(os.getpid(), signal.SIGINT)
 
     straight = train(config(corpus, tmp_path / "straight", time_limit=1.0))
-    assert straight.steps == 64 and trainer_state(tmp_path / "straight")["planned_steps"] == 64
+    assert straight.steps == 48 and trainer_state(tmp_path / "straight")["planned_steps"] == 48
     with pytest.raises(TrainingInterrupted):
-        train(config(corpus, tmp_path / "parts", time_limit=1.0), callback=stop_at_10)
-    assert trainer_state(tmp_path / "parts")["step"] == 10 and trainer_state(tmp_path / "parts")["planned_steps"] == 64
+        train(config(corpus, tmp_path / "parts", time_limit=1.0), callback=stop_at_20)
+    assert trainer_state(tmp_path / "parts")["step"] == 20 and trainer_state(tmp_path / "parts")["planned_steps"] == 48
     resumed = train(config(corpus, tmp_path / "parts", time_limit=1.0, max_steps=500), resume=True,
-                    callback=stop_at_10)
-    assert resumed.steps == 64 and resumed.stop_reason == "the hold-decay schedule's 64 planned steps done"
-    assert warnings == ["the hold-decay schedule was planned for 64 steps when the run started; the run ends "
+                    callback=stop_at_20)
+    assert resumed.steps == 48 and resumed.stop_reason == "the hold-decay schedule's 48 planned steps done"
+    assert warnings == ["the hold-decay schedule was planned for 48 steps when the run started; the run ends "
                         "there (--max-steps 500 does not extend a plan)"]
     assert lrs(tmp_path / "parts") == lrs(tmp_path / "straight")
     assert_same_weights(tmp_path / "parts", tmp_path / "straight")
