@@ -22,8 +22,8 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_DECAY, DYNAMIC_LR,
-                           DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
-                           PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig)
+                           DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, IMPLS, LEGACY_TRAIN, LR_SCHEDULES, OPTIMIZERS,
+                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -179,9 +179,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--num-layers", type=click.IntRange(min=1), default=_d("num_layers"), help="Stacked recurrent layers.")
 @click.option("--embedding-dim", type=click.IntRange(min=0), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              show_default="0.5 for corpora under 500k characters, else 0.2",
-              help="Dropout between layers and before the output layer.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout"),
+              help="Dropout between layers and before the output layer (the locked dropouts below replace it "
+                   "by default).")
 @click.option("--weight-drop", type=click.FloatRange(0, 1, max_open=True), default=_d("weight_drop"),
               help="DropConnect on each hidden-to-hidden matrix (AWD-LSTM): one mask per batch, training only.")
 @click.option("--dropout-input", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_input"),
@@ -220,7 +220,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
               show_default="an eighth of the characters trained on between evaluations, at least 20,000",
               help="Held-out characters each periodic evaluation reads (the tail's first ones, the same every "
                    "time); the final figure reads the whole tail.")
-@click.option("--patience", type=click.IntRange(min=0), default=_d("patience"),
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              show_default="5 under --lr-schedule plateau, else never: a planned schedule ends the run",
               help="Stop after this many evaluations without improvement; 0 = never.")
 @click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
 @click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}; under torchrun, cuda means cuda:LOCAL_RANK.")
@@ -260,7 +261,10 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     values = dict(_DEFAULTS)
     out = options["out"] or str(default_out(corpus))
     if resume:
-        values.update({k: v for k, v in saved_train_options(out).items() if k in _DEFAULTS})
+        saved = saved_train_options(out)
+        if saved:  # fields the saved run predates: what they meant then
+            values.update({k: v for k, v in LEGACY_TRAIN.items() if k not in saved})
+        values.update({k: v for k, v in saved.items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)
     values.update(explicit)
@@ -392,6 +396,18 @@ def _load(checkpoint: str | None, device: str = "cpu"):
     return load_checkpoint(checkpoint if checkpoint is not None else newest_run(), device=resolve_device(device))
 
 
+def _onnx_model(path: str | None):
+    """``--engine onnx``: the exported model at ``path``, or one line saying what is missing."""
+    if path is None:
+        raise click.ClickException("--engine onnx needs --checkpoint MODEL.onnx (made by charlm export)")
+    try:
+        from charlm.onnx_engine import OnnxModel
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"--engine onnx needs the onnx extra ({exc.name} is missing): "
+                                   f"pip install 'charlm[onnx]'") from None
+    return OnnxModel(path)
+
+
 def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.ClickException:
     """An unknown-character error, saying when the checkpoint's preprocessing would map them."""
     message = f"the prefix has {exc}"
@@ -417,18 +433,26 @@ def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.Click
               help="Samples, generated as one batch.")
 @click.option("--normalize", is_flag=True, help="Apply the checkpoint's preprocessing to the prefix first.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
-def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_samples, normalize, device):
+@click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",
+              help="torch: a checkpoint on PyTorch; onnx: a model from charlm export (--checkpoint MODEL.onnx, "
+                   "its tokenizer.json beside it) on onnxruntime: the same text for the same seed.")
+def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_samples, normalize, device, engine):
     """Continue PREFIX with a trained model, streaming the text as it comes."""
-    from charlm.sample import iter_generate
+    if engine == "onnx":
+        ckpt = _onnx_model(checkpoint)
+        make_stream = ckpt.iter_generate
+    else:
+        from charlm.sample import iter_generate
 
-    ckpt = _load(checkpoint, device)
+        ckpt = _load(checkpoint, device)
+        make_stream = lambda *a: iter_generate(ckpt.model, ckpt.vocab, *a)  # noqa: E731
     if normalize:
         prefix = corpus_mod.normalize(prefix, ckpt.preprocess)
     try:
         ckpt.vocab.encode(prefix)
     except UnknownCharactersError as exc:
         raise _prefix_error(exc, prefix, ckpt) from None
-    stream = iter_generate(ckpt.model, ckpt.vocab, prefix, length, temperature, top_k, top_p, seed, num_samples)
+    stream = make_stream(prefix, length, temperature, top_k, top_p, seed, num_samples)
     out = sys.stdout
     if num_samples == 1:
         out.write(prefix)
@@ -562,6 +586,33 @@ def env_() -> None:
     rows = [("charlm", charlm.__version__), *describe_machine()]
     width = max(len(label) for label, _ in rows) + 2
     click.echo("\n".join(f"{label + ':':<{width}}{value}" for label, value in rows))
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "web"]), default="onnx",
+              help="onnx: a one-step ONNX model (ids and state in; logits and state out), tokenizer.json beside "
+                   "it; web: a static folder that generates in the browser (onnxruntime-web, no CDN).")
+@click.option("--out", type=click.Path(), required=True, help="onnx: the model's file (NAME.onnx); web: a folder.")
+@click.option("--quiet", is_flag=True, help="No download progress bar.")
+def export(run, fmt, out, quiet):
+    """Export RUN (a run or checkpoint directory; its best/) for use without PyTorch.
+
+    \b
+    charlm export checkpoints/timemachine --out model.onnx
+    charlm generate --engine onnx --checkpoint model.onnx "The "
+    charlm export checkpoints/timemachine --format web --out site/   # then: python -m http.server -d site
+    """
+    try:
+        from charlm.export import export_onnx
+        from charlm.webexport import export_web
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"charlm export needs the onnx extra ({exc.name} is missing): "
+                                   f"pip install 'charlm[onnx]'") from None
+    ckpt = _load(run)
+    path = export_onnx(ckpt, out) if fmt == "onnx" else export_web(ckpt, out, progress=not quiet)
+    click.echo(f"Exported {ckpt.path} to {path}" + (f" (and {path.parent / 'tokenizer.json'})" if fmt == "onnx"
+                                                   else f": serve it with python -m http.server -d {path}"))
 
 
 @main.command()

@@ -169,3 +169,52 @@ def test_phone_width_layout(browser, small):
     prompt, controls = page.locator("#prompt").bounding_box(), page.locator("#temperature").bounding_box()
     assert controls["y"] > prompt["y"]  # one column: the controls come below
     page.close()
+
+
+def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tmp_path):
+    """charlm export --format web, served by Python's own static file server: the page's greedy text is
+    charlm generate's."""
+    import functools
+    import http.server
+
+    pytest.importorskip("onnxruntime")
+    from click.testing import CliRunner
+
+    from charlm.cli import main
+
+    vocab = Vocab.from_text(TEXT)
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), cell="lstm", hidden_size=48, num_layers=2, embedding_dim=8)
+    meta = {"corpus": {"path": "tiny.txt", "preprocess": "raw"}, "progress": {"step": 3, "best_val_loss": 2.5}}
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "run" / "best", model, vocab, meta))
+    site = tmp_path / "site"
+    r = CliRunner().invoke(main, ["export", str(ckpt.path), "--format", "web", "--out", str(site), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert {"index.html", "app.js", "model.onnx", "tokenizer.json", "charlm.json", "ort.wasm.min.js",
+            "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"} <= {p.name for p in site.iterdir()}
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda req: requests.append(req.url))
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/index.html")
+        expect(page.locator("#card")).to_contain_text("LSTM 48", timeout=30_000)
+        page.fill("#prompt", "the ")
+        _set_range(page, "#temperature", 0)
+        _set_range(page, "#length", 200)
+        page.click("#generate")
+        expect(page.locator("#stats")).to_contain_text("· length", timeout=30_000)
+        shown = page.eval_on_selector("#output", "el => el.textContent")
+        assert shown == generate(ckpt.model, ckpt.vocab, "the ", 200)
+        page.fill("#stop-at", shown[30:33])
+        page.click("#generate")
+        expect(page.locator("#stats")).to_contain_text("· stop", timeout=30_000)
+        assert page.eval_on_selector("#output", "el => el.textContent") == "the " + shown[4:][:shown[4:].find(
+            shown[30:33])]
+        assert all(u.startswith(f"http://127.0.0.1:{httpd.server_address[1]}/") for u in requests)  # no CDN
+        page.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,0 +1,198 @@
+"""``charlm export``: a trained model as a one-step ONNX graph (and a web page that runs it).
+
+The graph is what a generation loop needs: ``ids`` (N,) int64 and the carried state ``h`` (L, N, H)
+(and ``c`` for the LSTM) in; ``logits`` (N, V) and the new state ``h_out`` (and ``c_out``) out; N is
+dynamic. It is :class:`OneStep`: the cells' equations (those of ``nn.RNN``/``GRU``/``LSTM``, which
+charlm's scratch cells share) on the model's own weights, with layer 0's input gates looked up in a
+table (one row per character: a one-hot input picks a column of ``W_ih``, an embedding row is a
+constant), so every cell, input kind and implementation exports the same way. The logits are the
+model's own (``<unk>`` included: a generation loop leaves it out, as charlm's does).
+
+The vocabulary travels beside the model (``tokenizer.json``); the model's metadata holds its
+sha256, the cell and sizes, the preprocessing, the prediction from the zero state (for an empty
+prompt) and charlm's version. :func:`read_metadata` refuses an ONNX file that is not charlm's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from charlm.errors import CharlmError
+
+FORMATS = ("onnx", "web")
+OPSET = 18
+META_KEY = "charlm"  # the metadata entry (JSON) that marks a charlm model
+
+
+class ExportError(CharlmError):
+    """An export that cannot be made, or an ONNX file charlm cannot run."""
+
+
+class OneStep(nn.Module):
+    """One character for N sequences on an ``RNNLM``'s weights (copied: the model is not changed)."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.cell, self.L, self.H = cfg.cell, cfg.num_layers, cfg.hidden_size
+        rnn = model.rnn
+        w = lambda name: getattr(rnn, name).detach().clone().float()  # noqa: E731
+        with torch.no_grad():
+            inputs = (model.embedding.weight.detach().float() if model.embedding is not None
+                      else torch.eye(cfg.vocab_size))
+            self.register_buffer("table", inputs @ w("weight_ih_l0").t() + w("bias_ih_l0"))  # (V, G*H)
+        for k in range(self.L):
+            if k:
+                self.register_buffer(f"w_ih{k}", w(f"weight_ih_l{k}").t().contiguous())
+                self.register_buffer(f"b_ih{k}", w(f"bias_ih_l{k}"))
+            self.register_buffer(f"w_hh{k}", w(f"weight_hh_l{k}").t().contiguous())
+            self.register_buffer(f"b_hh{k}", w(f"bias_hh_l{k}"))
+        self.register_buffer("w_head", model.head.weight.detach().float().t().contiguous())
+        self.register_buffer("b_head", model.head.bias.detach().float().clone())
+
+    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None):
+        H = self.H
+        x = self.table[ids]  # layer 0's input gates (N, G*H)
+        hs, cs = [], []
+        for k in range(self.L):
+            if k:
+                x = hs[-1] @ getattr(self, f"w_ih{k}") + getattr(self, f"b_ih{k}")
+            gh = h[k] @ getattr(self, f"w_hh{k}") + getattr(self, f"b_hh{k}")
+            if self.cell == "rnn":
+                hs.append(torch.tanh(x + gh))
+            elif self.cell == "gru":
+                rz = torch.sigmoid(x[:, :2 * H] + gh[:, :2 * H])
+                r, z = rz[:, :H], rz[:, H:]
+                n = torch.tanh(x[:, 2 * H:] + r * gh[:, 2 * H:])
+                hs.append(n + z * (h[k] - n))
+            else:
+                g = x + gh
+                i, f = torch.sigmoid(g[:, :H]), torch.sigmoid(g[:, H:2 * H])
+                cand, o = torch.tanh(g[:, 2 * H:3 * H]), torch.sigmoid(g[:, 3 * H:])
+                cs.append(f * c[k] + i * cand)
+                hs.append(o * torch.tanh(cs[-1]))
+        logits = hs[-1] @ self.w_head + self.b_head
+        if self.cell == "lstm":
+            return logits, torch.stack(hs), torch.stack(cs)
+        return logits, torch.stack(hs)
+
+
+def _io_names(cell: str) -> tuple[list[str], list[str]]:
+    if cell == "lstm":
+        return ["ids", "h", "c"], ["logits", "h_out", "c_out"]
+    return ["ids", "h"], ["logits", "h_out"]
+
+
+def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = False) -> Path:
+    """Write ``out`` (the ONNX model) and ``tokenizer.json`` beside it; nothing is left half-written."""
+    import onnx
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"--out {out}: an ONNX model's file name ends in .onnx")
+    _check_writable(out.parent)
+    step = OneStep(ckpt.model).eval()
+    cfg = ckpt.model.config
+    inputs, outputs = _io_names(cfg.cell)
+    L, H = cfg.num_layers, cfg.hidden_size
+    args = (torch.tensor([1, 2]), torch.zeros(L, 2, H)) + ((torch.zeros(L, 2, H),) if cfg.cell == "lstm" else ())
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_model, tmp_vocab = Path(tmp) / out.name, Path(tmp) / "tokenizer.json"
+        ckpt.vocab.save(tmp_vocab)
+        _torch_export(step, args, inputs, outputs, tmp_model, dynamo)
+        model = onnx.load(str(tmp_model))
+        meta = metadata(ckpt, hashlib.sha256(tmp_vocab.read_bytes()).hexdigest())
+        del model.metadata_props[:]
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta)
+        model.producer_name = "charlm"
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp_model))
+        os.replace(tmp_vocab, out.parent / "tokenizer.json")
+        os.replace(tmp_model, out)
+    return out
+
+
+def _torch_export(step, args, inputs, outputs, path: Path, dynamo: bool) -> None:
+    import warnings
+
+    n = "N"
+    if dynamo:
+        shapes = {"ids": {0: torch.export.Dim(n)}, "h": {1: torch.export.Dim(n)}}
+        if len(args) == 3:
+            shapes["c"] = {1: torch.export.Dim(n)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(step, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                        dynamic_shapes=shapes, opset_version=OPSET, optimize=True, verbose=False)
+        program.save(str(path))
+        return
+    axes = {"ids": {0: n}, "h": {1: n}, "c": {1: n}, "logits": {0: n}, "h_out": {1: n}, "c_out": {1: n}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                          dynamic_axes={k: v for k, v in axes.items() if k in inputs + outputs},
+                          opset_version=OPSET)
+
+
+def metadata(ckpt, vocab_sha256: str) -> dict:
+    from charlm import __version__
+
+    cfg = ckpt.model.config
+    with torch.no_grad():
+        zero = ckpt.model.head.bias.detach().float().tolist()  # the head's answer to the zero state
+    return {"format": 1, "charlm_version": __version__, "cell": cfg.cell, "impl": cfg.impl,
+            "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "embedding_dim": cfg.embedding_dim,
+            "vocab_size": cfg.vocab_size, "preprocess": ckpt.preprocess, "tokenizer_sha256": vocab_sha256,
+            "zero_state_logits": zero, "inputs": _io_names(cfg.cell)[0], "outputs": _io_names(cfg.cell)[1]}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The charlm metadata of an ONNX model file; an ``ExportError`` (one line) for anything else."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such ONNX model file")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; one line for any of them
+        raise ExportError(f"{path} is not an ONNX model onnxruntime can load ({str(exc).splitlines()[0][:200]})") \
+            from None
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if raw is None:
+        raise ExportError(f"{path} is an ONNX model, but not one charlm exported (no '{META_KEY}' metadata)")
+    meta = json.loads(raw)
+    meta["session"] = session
+    return meta
+
+
+def _check_writable(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"--out: {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ExportError(f"--out: cannot write in {directory} ({exc.strerror or exc})") from None
+
+
+def copy_tree_atomically(src: Path, dest: Path) -> None:
+    """Move the finished folder ``src`` to ``dest`` (replacing an earlier export there)."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)

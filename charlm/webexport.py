@@ -1,0 +1,124 @@
+"""``charlm export --format web``: a static folder that generates in the browser with onnxruntime-web.
+
+The folder: ``index.html`` and ``app.js`` (the page), ``model.onnx`` and ``tokenizer.json`` (the
+export of :mod:`charlm.export`), ``charlm.json`` (what the page needs from the model's metadata),
+and onnxruntime-web's WebAssembly build (``ort.wasm.min.js``, ``ort-wasm-simd-threaded.mjs`` and
+``.wasm``), so nothing is loaded from a CDN and any static file server works (the page asks for one
+thread, which needs no cross-origin isolation headers).
+
+onnxruntime-web comes from the npm registry's package tarball, pinned by version and checksum, and
+is cached (``$CHARLM_CACHE_DIR``); ``$CHARLM_ORT_WEB`` may name a copy of that tarball instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+from charlm.export import ExportError, copy_tree_atomically, export_onnx, metadata
+
+ORT_WEB_VERSION = "1.30.0"
+ORT_WEB_URL = f"https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-{ORT_WEB_VERSION}.tgz"
+# sha256 of that tarball; the registry's integrity for it is sha512-q0y+JrrtukXSzsBWEMccVfqX25LRmosXHF+CaRJmg8pZ
+# ClzcV7svNc4rKY3jL02Vb7QmRMDs1SigqR4CXAfKYQ== (npm view onnxruntime-web@1.30.0 dist.integrity)
+ORT_WEB_SHA256 = "d2228df7e4616bc3348bf504ee888f3bec43789a273f0a63f3e68d203ce3bf71"
+ORT_WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+ORT_WEB_ENV = "CHARLM_ORT_WEB"
+PAGE_FILES = ("index.html", "app.js")
+
+
+def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
+    """Write the folder ``out`` (replacing an earlier export there); nothing half-written is left."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; a web export is a folder")
+    runtime = ort_web_files(progress)  # before anything is written: no fetch, no folder
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}."))
+    except OSError as exc:
+        raise ExportError(f"--out: cannot write in {parent} ({exc.strerror or exc})") from None
+    try:
+        export_onnx(ckpt, tmp / "model.onnx")
+        page_meta = {k: v for k, v in metadata(ckpt, "").items() if k != "tokenizer_sha256"}
+        page_meta["onnxruntime_web"] = ORT_WEB_VERSION
+        page_meta["held_out_bits_per_char"] = _bits(ckpt)
+        (tmp / "charlm.json").write_text(json.dumps(page_meta), encoding="utf-8")
+        for name, data in runtime.items():
+            (tmp / name).write_bytes(data)
+        for name in PAGE_FILES:
+            (tmp / name).write_text(resources.files("charlm.web").joinpath(name).read_text(encoding="utf-8"),
+                                    encoding="utf-8")
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        os.chmod(tmp, 0o755)
+        copy_tree_atomically(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _bits(ckpt) -> float | None:
+    import math
+
+    best = ckpt.progress.get("best_val_loss")
+    return None if best is None else best / math.log(2)
+
+
+def ort_web_files(progress: bool = True) -> dict[str, bytes]:
+    """onnxruntime-web's files the page needs, from the pinned tarball (fetched once, then cached)."""
+    from charlm.corpus import _copy_stream
+    from charlm.tokens import cache_root
+
+    local = os.environ.get(ORT_WEB_ENV, "").strip()
+    cached = cache_root() / f"onnxruntime-web-{ORT_WEB_VERSION}.tgz"
+    path = Path(local) if local else cached
+    if not path.is_file() or _sha256(path) != ORT_WEB_SHA256:
+        if local:
+            raise ExportError(f"${ORT_WEB_ENV}={local} is not onnxruntime-web {ORT_WEB_VERSION}'s npm tarball "
+                              f"(missing, or its sha256 differs)")
+        _fetch(cached, progress, _copy_stream)
+    with tarfile.open(path, "r:gz") as tar:
+        return {name: tar.extractfile(f"package/dist/{name}").read() for name in ORT_WEB_FILES}
+
+
+def _fetch(target: Path, progress: bool, copy_stream) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        raise ExportError(f"cannot write the onnxruntime-web cache in {target.parent} ({exc.strerror or exc})") \
+            from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ORT_WEB_URL, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            copy_stream(response, out, int(length) if length else None, f"onnxruntime-web {ORT_WEB_VERSION}",
+                        progress)
+        if _sha256(tmp) != ORT_WEB_SHA256:
+            raise ExportError(f"{ORT_WEB_URL} sent a file whose sha256 is not the pinned one; nothing was kept")
+        os.replace(tmp, target)
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ExportError(f"cannot fetch onnxruntime-web {ORT_WEB_VERSION} from the npm registry ({reason}); "
+                          f"offline, set ${ORT_WEB_ENV} to a copy of {ORT_WEB_URL.rsplit('/', 1)[1]}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
