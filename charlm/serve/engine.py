@@ -141,6 +141,10 @@ class Engine:
         self.params: DrawParams | None = None
         self.served = self.ticks = 0
         self.threads = 1
+        self.dirty = False  # a row ended: the batch is rebuilt before the next tick
+        self.requests: list[Request] = []  # of the rows, in order
+        self.wants_logprobs = False
+        self.uniform_parts: list = []
         self.stopping = False
 
     # -- any thread ------------------------------------------------------------------------------
@@ -186,18 +190,20 @@ class Engine:
             torch.set_num_threads(threads)
 
     def _loop_once(self) -> None:
-        with self.lock:
-            joining, self.admitted = self.admitted, []
-        for req in joining:
-            req.started = time.perf_counter()
-            self.warming.append(req)
+        if self.admitted:  # (read without the lock: a request seen one loop late waits one tick)
+            with self.lock:
+                joining, self.admitted = self.admitted, []
+            for req in joining:
+                req.started = time.perf_counter()
+                self.warming.append(req)
         if not self.warming and not self.rows:
             self.wake.wait(0.2)
             self.wake.clear()
             return
         try:
-            ready = [req for req in list(self.warming) if self._warm(req)]
-            self._update_batch(ready)
+            ready = [req for req in list(self.warming) if self._warm(req)] if self.warming else []
+            if ready or self.dirty:
+                self._update_batch(ready)
             if self.rows:
                 self._tick()
         except Exception as exc:  # noqa: BLE001 - reported to every request in flight; the engine goes on
@@ -261,6 +267,7 @@ class Engine:
 
     def _update_batch(self, joining: list[Request]) -> None:
         """Drop the rows that are done, add the joining requests' rows, and rebuild the batch if it changed."""
+        self.dirty = False
         keep = [r for r in self.rows if not r.done]
         if len(keep) == len(self.rows) and not joining:
             return
@@ -269,6 +276,12 @@ class Engine:
         for req in joining:
             req.rows = [r for r in rows if r.req is req]
         self.rows = rows
+        self.requests = list(dict.fromkeys(r.req for r in rows))
+        self.wants_logprobs = any(req.logprobs is not None for req in self.requests)
+        # per request, the rows' places in its own uniform vector (all of them, unless some samples ended)
+        self.uniform_parts = [(req, None if [r.index for r in rows if r.req is req] == list(range(req.n))
+                               else torch.tensor([r.index for r in rows if r.req is req], device=self.device))
+                              for req in self.requests]
         if not rows:
             self.stepper, self.params = None, None
             return
@@ -310,35 +323,35 @@ class Engine:
 
     def _tick(self) -> None:
         rows, st = self.rows, self.stepper
-        u = None if self.params.all_greedy else self._uniforms(rows)
+        u = None if self.params.all_greedy else self._uniforms()
         ids = draw(st.logits, self.params, u)
         ids_list = ids.tolist()
-        entries = self._generated_entries(st.logits, ids_list) if any(r.req.logprobs is not None for r in rows) \
-            else None
+        entries = self._generated_entries(st.logits, ids_list) if self.wants_logprobs else None
         itos = self.itos
         for i, (row, c) in enumerate(zip(rows, ids_list)):
             row.push(itos[c], None if entries is None else entries[i])
+            if row.done:
+                self.dirty = True
         now = time.perf_counter()
-        for req in dict.fromkeys(r.req for r in rows):
+        for req in self.requests:
             self._after_tick(req, now)
         if self.metrics is not None:
             self.metrics.tick(len(rows))
         self.ticks += 1
         st.step(ids_list[0] if len(rows) == 1 else ids)
 
-    def _uniforms(self, rows: list[_Row]) -> torch.Tensor:
+    def _uniforms(self) -> torch.Tensor:
         """This tick's uniform per row: each request's stream advances once for all its samples."""
-        per_req = {}
-        for r in rows:
-            req = r.req
-            if req not in per_req:
-                if req.options.temperature > 0:
-                    if req.uniforms is None:
-                        req.uniforms = _Uniforms(req.options.seed, req.n, self.device)
-                    per_req[req] = req.uniforms.next()
-                else:
-                    per_req[req] = torch.zeros(req.n, dtype=torch.float64, device=self.device)
-        return torch.stack([per_req[r.req][r.index] for r in rows])
+        parts = []
+        for req, places in self.uniform_parts:
+            if req.options.temperature > 0:
+                if req.uniforms is None:
+                    req.uniforms = _Uniforms(req.options.seed, req.n, self.device)
+                u = req.uniforms.next()
+            else:
+                u = torch.zeros(req.n, dtype=torch.float64, device=self.device)
+            parts.append(u if places is None else u[places])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _generated_entries(self, logits: torch.Tensor, ids: list[int]) -> list:
         """Per row, (char, log-probability, top-N) under the model's whole distribution, as charlm eval
@@ -366,6 +379,7 @@ class Engine:
         if reason is not None:
             for r in req.rows:
                 r.finish(reason)
+            self.dirty = True
         done = all(r.done for r in req.rows)
         if done or req.steps % self.chunk == 0:
             self._flush(req)

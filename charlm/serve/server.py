@@ -149,9 +149,9 @@ class Service:
             sample = SampleConfig(**options)
             self.ckpt.vocab.encode(prompt)
         except UnknownCharactersError as exc:
-            hint = ""
-            if self.ckpt.preprocess != "raw" and not self.ckpt.vocab.unknown_chars(normalize(prompt, self.ckpt.preprocess)):
-                hint = f"; the model was trained with {self.ckpt.preprocess!r} preprocessing: set normalize to apply it"
+            hint, pre = "", self.ckpt.preprocess
+            if pre != "raw" and not self.ckpt.vocab.unknown_chars(normalize(prompt, pre)):
+                hint = f"; the model was trained with {pre!r} preprocessing: set normalize to apply it"
             raise ApiError(HTTPStatus.BAD_REQUEST, f"the prompt has {exc}{hint}", code="unknown_characters") from None
         except CharlmError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc), code="invalid_value") from None
