@@ -480,8 +480,9 @@ class Trainer:
         reason = None
         if st.step % cfg.eval_every == 0:
             self.evaluate_and_save()
-            if cfg.patience is not None and st.evals_since_best >= cfg.patience:
-                reason = f"no held-out improvement in {cfg.patience} evaluations"
+            patience = cfg.resolved_patience()
+            if patience is not None and st.evals_since_best >= patience:
+                reason = f"no held-out improvement in {patience} evaluations"
         if st.planned_steps is not None and st.step >= st.planned_steps and reason is None:
             reason = f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done"
         time_up = cfg.time_limit is not None and self.elapsed() + self.reserve() >= cfg.time_limit
