@@ -22,7 +22,9 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
+from charlm.corpus import _copy_stream, _sha256_file
 from charlm.export import ExportError, copy_tree_atomically, export_onnx, metadata
+from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"
 ORT_WEB_URL = f"https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-{ORT_WEB_VERSION}.tgz"
@@ -75,22 +77,19 @@ def _bits(ckpt) -> float | None:
 
 def ort_web_files(progress: bool = True) -> dict[str, bytes]:
     """onnxruntime-web's files the page needs, from the pinned tarball (fetched once, then cached)."""
-    from charlm.corpus import _copy_stream
-    from charlm.tokens import cache_root
-
     local = os.environ.get(ORT_WEB_ENV, "").strip()
     cached = cache_root() / f"onnxruntime-web-{ORT_WEB_VERSION}.tgz"
     path = Path(local) if local else cached
-    if not path.is_file() or _sha256(path) != ORT_WEB_SHA256:
+    if not path.is_file() or _sha256_file(path) != ORT_WEB_SHA256:
         if local:
             raise ExportError(f"${ORT_WEB_ENV}={local} is not onnxruntime-web {ORT_WEB_VERSION}'s npm tarball "
                               f"(missing, or its sha256 differs)")
-        _fetch(cached, progress, _copy_stream)
+        _fetch(cached, progress)
     with tarfile.open(path, "r:gz") as tar:
         return {name: tar.extractfile(f"package/dist/{name}").read() for name in ORT_WEB_FILES}
 
 
-def _fetch(target: Path, progress: bool, copy_stream) -> None:
+def _fetch(target: Path, progress: bool) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -101,9 +100,9 @@ def _fetch(target: Path, progress: bool, copy_stream) -> None:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ORT_WEB_URL, timeout=60) as response:
             length = response.headers.get("Content-Length")
-            copy_stream(response, out, int(length) if length else None, f"onnxruntime-web {ORT_WEB_VERSION}",
-                        progress)
-        if _sha256(tmp) != ORT_WEB_SHA256:
+            _copy_stream(response, out, int(length) if length else None, f"onnxruntime-web {ORT_WEB_VERSION}",
+                         progress)
+        if _sha256_file(tmp) != ORT_WEB_SHA256:
             raise ExportError(f"{ORT_WEB_URL} sent a file whose sha256 is not the pinned one; nothing was kept")
         os.replace(tmp, target)
     except (OSError, urllib.error.URLError, ValueError) as exc:
@@ -112,13 +111,3 @@ def _fetch(target: Path, progress: bool, copy_stream) -> None:
                           f"offline, set ${ORT_WEB_ENV} to a copy of {ORT_WEB_URL.rsplit('/', 1)[1]}") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

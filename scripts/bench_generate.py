@@ -15,6 +15,11 @@ and, for the batched case, the arithmetic limit: the fp32 matmul peak measured i
 divided by the FLOPs one character costs. With ``--process`` it also times whole
 ``charlm generate --length 200000`` processes (start-up included) on each model's checkpoint.
 
+With ``--onnx`` it exports each model (``charlm export``, both exporters: TorchScript-based and
+``dynamo``) and compares onnxruntime with the PyTorch path: single-stream greedy characters/s as
+whole ``charlm generate`` processes (``--engine onnx`` against the default), interleaved, median of
+``--repeats``, and in-process; and batched sampling (``--onnx-batch`` samples, T 0.8).
+
     python scripts/bench_generate.py
     python scripts/bench_generate.py --cells gru --process
     python scripts/bench_generate.py --cells "" --checkpoint checkpoints/timemachine
@@ -110,6 +115,48 @@ def measure(label, model, vocab, checkpoint, args, peak):
     return row
 
 
+def onnx_rows(label, model, vocab, checkpoint, args) -> dict:
+    """onnxruntime against the PyTorch path on one model (see the module's docstring)."""
+    from charlm.export import export_onnx
+    from charlm.onnx_engine import OnnxModel
+
+    prefix = "".join(c for c in "time traveller " if c in vocab.stoi)
+    ck = load_checkpoint(checkpoint)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: export_onnx(ck, Path(tmp) / name / "model.onnx", dynamo=name == "dynamo")
+                 for name in ("torchscript", "dynamo")}
+        engines = {name: OnnxModel(p) for name, p in paths.items()}
+        n, N, L = args.length, args.onnx_batch, args.batched_length
+        for name, engine in engines.items():
+            text = "".join(c for (c,) in engine.iter_generate(prefix, 300))
+            if prefix + text != generate(model, vocab, prefix, 300):
+                raise SystemExit(f"{label}: the {name} ONNX model's greedy text differs from PyTorch's")
+            out[f"{name}_greedy"] = rate(lambda: [None for _ in engine.iter_generate(prefix, n)], n)
+        out["torch_greedy"] = rate(lambda: generate(model, vocab, prefix, n), n)
+        best = max(engines, key=lambda k: out[f"{k}_greedy"])
+        out["onnx_batched"] = rate(lambda: [None for _ in engines[best].iter_generate(
+            prefix, L, temperature=0.8, seed=0, num_samples=N)], N * L)
+        out["torch_batched"] = rate(lambda: generate(model, vocab, prefix, L, temperature=0.8, seed=0,
+                                                     num_samples=N), N * L)
+        base = [sys.executable, "-m", "charlm", "generate", prefix.strip(), "--length", str(args.process_length)]
+        commands = {"torch": base + ["--checkpoint", str(checkpoint)],
+                    "onnx": base + ["--checkpoint", str(paths[best]), "--engine", "onnx"]}
+        walls = {k: [] for k in commands}
+        for _ in range(args.repeats):  # interleaved
+            for k, cmd in commands.items():
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                walls[k].append(time.perf_counter() - t0)
+        for k in commands:
+            out[f"{k}_process"] = args.process_length / statistics.median(walls[k])
+    print(f"| {label} | {out['torch_greedy']:,.0f} | {out['torchscript_greedy']:,.0f} | {out['dynamo_greedy']:,.0f} | "
+          f"{out['torch_process']:,.0f} | {out['onnx_process']:,.0f} ({best}) | "
+          f"{out['onnx_process'] / out['torch_process']:.2f}x | {out['torch_batched']:,.0f} | "
+          f"{out['onnx_batched']:,.0f} |")
+    return {"cell": label, "best_exporter": best, **out}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default="rnn,gru,lstm", help="random one-hot models to time ('' for none)")
@@ -122,7 +169,11 @@ def main(argv=None):
     ap.add_argument("--process", action="store_true", help="also time whole `charlm generate` processes")
     ap.add_argument("--repeats", type=int, default=3, help="whole processes timed per model (the median is shown)")
     ap.add_argument("--process-length", type=int, default=200_000, help="characters each whole process generates")
+    ap.add_argument("--onnx", action="store_true", help="only the onnxruntime comparison (needs the onnx extra)")
+    ap.add_argument("--onnx-batch", type=int, default=64, help="samples of the batched onnxruntime comparison")
     args = ap.parse_args(argv)
+    if args.onnx:
+        return main_onnx(args)
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")  # 28 symbols with <unk>, as d2l's letters
     peak = matmul_peak()
     print(f"random models: one-hot, hidden {args.hidden_size}, vocabulary {len(vocab)}; torch {torch.__version__}, "
@@ -130,20 +181,34 @@ def main(argv=None):
     print("| model | d2l as written | d2l, no_grad | greedy | sampling T=0.8 | greedy / d2l no_grad | batched x{} "
           "| arithmetic limit | batched / limit |".format(args.num_samples))
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
+    return [measure(*model, args, peak) for model in models(args, vocab)]
+
+
+def models(args, vocab):
+    """(label, model, vocab, checkpoint path) of each random model (``--cells``), then each ``--checkpoint``."""
     with tempfile.TemporaryDirectory() as tmp:
         for cell in filter(None, args.cells.split(",")):
             torch.manual_seed(0)
             model = RNNLM(len(vocab), cell=cell, hidden_size=args.hidden_size, embedding_dim=0).eval()
-            ckpt = save_checkpoint(Path(tmp) / cell, model, vocab, {})
-            rows.append(measure(cell, model, vocab, ckpt, args, peak))
+            yield cell, model, vocab, save_checkpoint(Path(tmp) / cell, model, vocab, {})
     for path in args.checkpoint:
         ck = load_checkpoint(path)
         c = ck.model.config
         label = (f"{Path(path).name}: {c.num_layers} x {c.cell} {c.hidden_size}, "
                  + (f"embedding {c.embedding_dim}" if c.embedding_dim else "one-hot") + f", V={c.vocab_size}")
-        rows.append(measure(label, ck.model.eval(), ck.vocab, path, args, peak))
-    return rows
+        yield label, ck.model.eval(), ck.vocab, path
+
+
+def main_onnx(args):
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz ")
+    print(f"onnxruntime against PyTorch {torch.__version__} ({torch.get_num_threads()} threads); characters/s; "
+          f"single stream greedy over {args.length:,} characters in-process, whole `charlm generate --length "
+          f"{args.process_length:,}` processes interleaved (median of {args.repeats}); batched: "
+          f"x{args.onnx_batch}, T 0.8, {args.batched_length} characters each\n")
+    print("| model | PyTorch greedy | ONNX greedy (TorchScript exporter) | ONNX greedy (dynamo) | PyTorch process "
+          "| ONNX process | ONNX / PyTorch process | PyTorch batched | ONNX batched |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    return [onnx_rows(*model, args) for model in models(args, vocab)]
 
 
 if __name__ == "__main__":

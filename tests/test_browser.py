@@ -82,14 +82,18 @@ def _set_range(page, selector, value):
                           str(value))
 
 
+def _settings(page, prompt="the ", temperature=0.9, length=120, seed=7):
+    page.fill("#prompt", prompt)
+    _set_range(page, "#temperature", temperature)
+    _set_range(page, "#length", length)
+    page.uncheck("#random-seed")
+    page.fill("#seed", str(seed))
+
+
 def test_generate_streams_the_librarys_text(browser, small):
     url, ckpt, _ = small
     page = _open(browser, url)
-    page.fill("#prompt", "the ")
-    _set_range(page, "#temperature", 0.9)
-    _set_range(page, "#length", 120)
-    page.uncheck("#random-seed")
-    page.fill("#seed", "7")
+    _settings(page)
     page.click("#generate")
     expect(page.locator("#stats")).to_contain_text("seed 7")
     expected = generate(ckpt.model, ckpt.vocab, "the ", 120, temperature=0.9, seed=7)
@@ -106,11 +110,7 @@ def test_stop_at_ends_the_text_before_the_string(browser, small):
     full = generate(ckpt.model, ckpt.vocab, "the ", 120, temperature=0.9, seed=7)[4:]
     stop = next(full[i:i + 3] for i in range(20, 100) if full.find(full[i:i + 3]) == i)
     page = _open(browser, url)
-    page.fill("#prompt", "the ")
-    _set_range(page, "#temperature", 0.9)
-    _set_range(page, "#length", 120)
-    page.uncheck("#random-seed")
-    page.fill("#seed", "7")
+    _settings(page)
     page.fill("#stop-at", stop.replace("\n", "\\n"))
     page.click("#generate")
     expect(page.locator("#stats")).to_contain_text("· stop")

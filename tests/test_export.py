@@ -150,3 +150,21 @@ def test_an_export_replaces_an_earlier_one_whole(tmp_path):
     assert read_metadata(out)["cell"] == "lstm"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "tokenizer.json"]
     assert json.loads((out.parent / "tokenizer.json").read_text())["model"]["type"] == "WordLevel"
+
+
+def test_a_web_export_without_onnxruntime_web_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from charlm import webexport
+
+    ckpt = _checkpoint(tmp_path, "gru", "torch", 6, 1)
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(webexport, "ORT_WEB_URL", "http://127.0.0.1:9/onnxruntime-web.tgz")  # nothing listens
+    line = _one_line_error(CliRunner().invoke(main, ["export", str(ckpt.path), "--format", "web", "--out",
+                                                     str(tmp_path / "site"), "--quiet"]))
+    assert "cannot fetch onnxruntime-web 1.30.0" in line and "CHARLM_ORT_WEB" in line
+    (tmp_path / "wrong.tgz").write_bytes(b"not the package")
+    monkeypatch.setenv("CHARLM_ORT_WEB", str(tmp_path / "wrong.tgz"))
+    line = _one_line_error(CliRunner().invoke(main, ["export", str(ckpt.path), "--format", "web", "--out",
+                                                     str(tmp_path / "site"), "--quiet"]))
+    assert "sha256 differs" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run", "wrong.tgz"]  # no site, nothing partial
+    assert list((tmp_path / "cache").iterdir()) == []

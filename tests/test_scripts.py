@@ -93,6 +93,20 @@ def test_bench_serve_small_runs_every_client_count(tmp_path, capsys, load_script
     assert capsys.readouterr().out.count("\n| ") == 1 + 2  # header, then a row per client count
 
 
+def test_bench_generate_onnx_compares_both_engines(capsys, load_script):
+    pytest.importorskip("onnxruntime")
+    rows = load_script("scripts/bench_generate.py").main(["--onnx", "--cells", "gru", "--hidden-size", "8",
+                                                          "--length", "100", "--batched-length", "10",
+                                                          "--onnx-batch", "4", "--process-length", "50",
+                                                          "--repeats", "1"])
+    (row,) = rows
+    assert row["best_exporter"] in ("torchscript", "dynamo")
+    for key in ("torch_greedy", "torchscript_greedy", "dynamo_greedy", "torch_process", "onnx_process",
+                "torch_batched", "onnx_batched"):
+        assert row[key] > 0
+    assert capsys.readouterr().out.count("\n| ") == 1 + 1
+
+
 def test_bench_models_small_runs_every_row(capsys, load_script):
     rows = load_script("scripts/bench_models.py").main(["--hidden-size", "8", "--batch-size", "2", "--num-steps", "3",
                                                         "--embedding-dim", "4", "--repeats", "1"])
