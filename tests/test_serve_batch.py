@@ -280,3 +280,21 @@ def test_keep_alive_chunked_streams_and_the_api_page(ckpt):
     assert {"/generate", "/v1/completions", "/metrics"} <= set(schema["paths"])
     body = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"stop", "logprobs", "echo", "max_tokens"} <= set(body["properties"])
+
+
+def test_an_engine_error_is_reported_and_the_engine_goes_on(ckpt, monkeypatch):
+    tick, calls = Engine._tick, []
+
+    def failing_once(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        tick(self)
+
+    monkeypatch.setattr(Engine, "_tick", failing_once)
+    with Server(ckpt, slots=2, queue_size=4) as s:
+        status, body, _ = s.json("POST", "/generate", {"prompt": "the", "length": 50})
+        assert status == 500 and body["error"]["code"] == "generation_failed" and "boom" in body["error"]["message"]
+        assert s.httpd.service.engine.health()["running"] == 0  # its slots are free again
+        answers = _concurrently(s, [{"prompt": "the", "length": 20}] * 4)
+        assert [a[0] for a in answers] == [200] * 4 and s.httpd.service.engine.health()["running"] == 0

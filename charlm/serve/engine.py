@@ -207,10 +207,12 @@ class Engine:
             if self.rows:
                 self._tick()
         except Exception as exc:  # noqa: BLE001 - reported to every request in flight; the engine goes on
-            for req in self._all_requests():
+            for req in self._all_requests():  # (the queued ones too: the engine starts afresh)
                 self._send(req, ("error", exc))
-                self._release(req)
-            self.warming, self.rows, self.stepper = [], [], None
+            self.warming, self.rows, self.stepper, self.requests, self.dirty = [], [], None, [], False
+            with self.lock:
+                self.reserved = 0
+                self._gauges()
 
     def _all_requests(self) -> list[Request]:
         seen = dict.fromkeys([*self.warming, *(r.req for r in self.rows)])
