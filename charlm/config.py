@@ -153,7 +153,7 @@ class TrainConfig:
     lr_schedule: str = "hold-decay"  # planned over the run's steps: hold-decay (held, then linear to 0 over the
     #   last 40%) or cosine (half a cosine to 0); or plateau (lr_decay on held-out plateaus)
     # stopping
-    epochs: int = 50
+    epochs: int = 20  # at most; with a planned schedule, the plan's length unless the time limit is shorter (README)
     max_steps: int | None = None
     time_limit: float | None = 600.0  # seconds of training
     eval_every: int = 100  # steps between held-out evaluations (and checkpoints)

@@ -14,7 +14,7 @@ def test_the_defaults_are_the_measured_ones():
     cfg = TrainConfig(corpus="x.txt")
     assert (cfg.dropout, cfg.weight_drop, cfg.dropout_input, cfg.dropout_hidden, cfg.dropout_output) == \
         (0.0, 0.25, 0.05, 0.15, 0.25)
-    assert cfg.lr_schedule == "hold-decay" and cfg.patience == PATIENCE_AUTO
+    assert cfg.lr_schedule == "hold-decay" and cfg.patience == PATIENCE_AUTO and cfg.epochs == 20
     m = cfg.model_config(30, num_chars=10**6)
     assert (m.dropout, m.weight_drop, m.dropout_input, m.dropout_hidden, m.dropout_output) == (0.0, 0.25, 0.05, 0.15,
                                                                                               0.25)
