@@ -666,9 +666,11 @@ def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length,
                    f"the model{'' if api_key else ' (set --api-key)'}", err=True)
         shown = "127.0.0.1"
     click.echo(f"Serving {ckpt.path} at http://{shown}:{server.server_address[1]}/  (Ctrl-C stops)")
+    import signal
     import threading
 
     threading.Thread(target=server.serve_forever, name="charlm-http", daemon=True).start()
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean exit as Ctrl-C
     try:
         server.service.engine.run()  # the model on the main thread (see charlm.serve.engine)
     except KeyboardInterrupt:
@@ -676,6 +678,10 @@ def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":  # pragma: no cover

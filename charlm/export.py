@@ -91,7 +91,7 @@ def _io_names(cell: str) -> tuple[list[str], list[str]]:
     return ["ids", "h"], ["logits", "h_out"]
 
 
-def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = False) -> Path:
+def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
     """Write ``out`` (the ONNX model) and ``tokenizer.json`` beside it; nothing is left half-written."""
     import onnx
 

@@ -334,6 +334,21 @@ def test_cli_serve_prints_the_url_serves_and_stops_on_ctrl_c(ckpt):
         stop_process(p)
 
 
+def test_cli_serve_stops_cleanly_on_sigterm(ckpt):
+    import signal
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(ckpt.path), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("Serving ")
+        p.send_signal(signal.SIGTERM)  # what systemd, docker stop and kill send
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0 and "Stopped." in err and "Traceback" not in err
+    finally:
+        stop_process(p)
+
+
 def test_cli_serve_without_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
