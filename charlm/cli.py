@@ -665,13 +665,16 @@ def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length,
         click.echo(f"Warning: listening on every interface ({host}): anyone who can reach this machine can use "
                    f"the model{'' if api_key else ' (set --api-key)'}", err=True)
         shown = "127.0.0.1"
-    click.echo(f"Serving {ckpt.path} at http://{shown}:{server.server_address[1]}/  (Ctrl-C stops)")
     import signal
     import threading
 
+    # Ctrl-C stops the server even where it was started with SIGINT ignored (a background job of a script),
+    # and a service manager's SIGTERM the same way; both set before the URL is printed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     threading.Thread(target=server.serve_forever, name="charlm-http", daemon=True).start()
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean exit as Ctrl-C
     try:
+        click.echo(f"Serving {ckpt.path} at http://{shown}:{server.server_address[1]}/  (Ctrl-C stops)")
         server.service.engine.run()  # the model on the main thread (see charlm.serve.engine)
     except KeyboardInterrupt:
         click.echo("\nStopped.", err=True)

@@ -30,8 +30,10 @@ def corpus(write_corpus):
 
 
 def train_args(corpus, out, **kw):
-    options = {"cell": "gru", "hidden-size": 16, "embedding-dim": 8, "dropout": 0, "batch-size": 8, "num-steps": 10,
-               "eval-every": 10, "time-limit": 0, "patience": 0, "dist-timeout": 60, **kw}
+    # no random masks (dropout, weight drop), so that 2 processes compute what 1 does
+    options = {"cell": "gru", "hidden-size": 16, "embedding-dim": 8, "dropout": 0, "weight-drop": 0, "dropout-input": 0,
+               "dropout-hidden": 0, "dropout-output": 0, "batch-size": 8, "num-steps": 10, "eval-every": 10,
+               "time-limit": 0, "patience": 0, "dist-timeout": 60, "lr-schedule": "plateau", **kw}
     args = ["-m", "charlm", "train", str(corpus), "--out", str(out), "--quiet"]
     for k, v in options.items():
         args += [f"--{k}"] if v is True else [f"--{k}", str(v)]

@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 def tiny(corpus, out, **kw):
     base = dict(corpus=str(corpus), out=str(out), cell="lstm", hidden_size=16, embedding_dim=8, dropout=0.2,
                 batch_size=4, num_steps=10, eval_every=5, time_limit=None, patience=None, epochs=100,
-                sampling="sequential")
+                sampling="sequential", lr_schedule="plateau")  # (a plan from --max-steps 10 would end a run there)
     base.update(kw)
     return TrainConfig(**base)
 

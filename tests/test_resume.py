@@ -39,7 +39,8 @@ def big_corpus(tmp_path_factory):
 
 def config(corpus, out, **kw):
     base = dict(corpus=str(corpus), out=str(out), cell="lstm", hidden_size=16, embedding_dim=8, batch_size=4,
-                num_steps=10, eval_every=15, time_limit=None, patience=None, epochs=100, seed=3)
+                num_steps=10, eval_every=15, time_limit=None, patience=None, epochs=100, seed=3,
+                lr_schedule="plateau")  # a 30 + 30 split by --max-steps: a planned run ends at its first plan
     return TrainConfig(**{**base, **kw})
 
 
