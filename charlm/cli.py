@@ -22,8 +22,9 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_DECAY, DYNAMIC_LR,
-                           DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, IMPLS, LEGACY_TRAIN, LR_SCHEDULES, OPTIMIZERS,
-                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig)
+                           DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
+                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig,
+                           with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -263,7 +264,7 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     if resume:
         saved = saved_train_options(out)
         if saved:  # fields the saved run predates: what they meant then
-            values.update({k: v for k, v in LEGACY_TRAIN.items() if k not in saved})
+            saved = with_legacy(saved)
         values.update({k: v for k, v in saved.items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)

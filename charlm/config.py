@@ -228,13 +228,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """A saved run's config; a field it predates takes the value that applied then (LEGACY_TRAIN)."""
-        return _from_dict(cls, {**{k: v for k, v in LEGACY_TRAIN.items() if k not in data}, **data})
+        return _from_dict(cls, with_legacy(data))
 
 
 # What a TrainConfig saved before a field existed meant by leaving it out (the defaults of that time),
 # so that such a run resumes as it started and reads back as what it was.
 LEGACY_TRAIN = {"weight_drop": 0.0, "dropout_input": 0.0, "dropout_hidden": 0.0, "dropout_output": 0.0,
                 "lr_schedule": "plateau"}
+
+
+def with_legacy(saved: dict) -> dict:
+    """A saved TrainConfig's fields, with those it predates filled in as they were then (LEGACY_TRAIN)."""
+    return {**{k: v for k, v in LEGACY_TRAIN.items() if k not in saved}, **saved}
 
 
 # --d2l: the book's chapter (d2l.ai, "Recurrent Neural Networks" / "Gated Recurrent Units").

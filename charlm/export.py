@@ -186,8 +186,8 @@ def _check_writable(directory: Path) -> None:
         raise ExportError(f"--out: cannot write in {directory} ({exc.strerror or exc})") from None
 
 
-def copy_tree_atomically(src: Path, dest: Path) -> None:
-    """Move the finished folder ``src`` to ``dest`` (replacing an earlier export there)."""
+def replace_tree(src: Path, dest: Path) -> None:
+    """Move the finished folder ``src`` to ``dest`` by renames, replacing an earlier export there."""
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
-from charlm.config import LEGACY_TRAIN, REGULARISERS
+from charlm.config import REGULARISERS, with_legacy
 from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
@@ -37,7 +37,8 @@ def default_out(corpus: str | os.PathLike) -> Path:
 def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS) -> list[str]:
     """``name: saved -> requested`` for every model or data option that differs (an option a run saved
     by an earlier charlm does not name had its default then: LEGACY_TRAIN, else today's)."""
-    defaults = {**{f.name: f.default for f in dataclasses.fields(type(requested))}, **LEGACY_TRAIN}
+    defaults = {f.name: f.default for f in dataclasses.fields(type(requested))}
+    saved = with_legacy(saved)
     out = []
     for name in names:
         was = saved.get(name, defaults.get(name))

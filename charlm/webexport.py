@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
-from charlm.export import ExportError, copy_tree_atomically, export_onnx, metadata
+from charlm.export import ExportError, replace_tree, export_onnx, metadata
 from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"
@@ -62,7 +62,7 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         os.chmod(tmp, 0o755)
-        copy_tree_atomically(tmp, out)
+        replace_tree(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

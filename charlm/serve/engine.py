@@ -402,7 +402,7 @@ class Engine:
 
     def _info(self, req: Request, reason: str | None) -> dict:
         reasons = [r.reason for r in req.rows] if req.rows else [reason or "cancelled"] * req.n
-        counts = [min(len(r.chars), r.cut if r.cut is not None else len(r.chars)) for r in req.rows] or [0]
+        counts = [len(r.chars) if r.cut is None else r.cut for r in req.rows] or [0]
         main = next((x for x in ("cancelled", "time") if x in reasons), reasons[0])
         return {"finish_reason": main, "finish_reasons": reasons, "seed": req.options.seed, "chars": counts[0],
                 "elapsed_s": round(time.perf_counter() - req.submitted, 4)}

@@ -136,8 +136,9 @@ def _range(bounds) -> str:
 
 def stops(value: Stop) -> tuple[str, ...]:
     """The stop strings of a body: one string, or up to ``MAX_STOPS``, none empty."""
-    items = [] if value is None else [value] if isinstance(value, str) else list(value)
-    items = [s for s in items if s != ""] if isinstance(value, str) else items
+    if value is None or value == "":  # OpenAI's neutral values
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
     if len(items) > MAX_STOPS:
         raise BodyError(f"'stop' takes at most {MAX_STOPS} strings, got {len(items)}", "invalid_value")
     if any(s == "" for s in items):
