@@ -276,7 +276,8 @@ class Trainer:
             self.emit("warning", {"message": f"resuming a run saved by {saved_ranks} process(es) with "
                                              f"{self.dist.world_size}: the results will equal a run on "
                                              f"{saved_ranks} only statistically (other dropout streams)"})
-        self.run_dir.truncate_metrics(self.state.step)
+        if self.dist.is_main:  # rank 0 alone writes metrics.csv: two ranks rewriting it raced and lost rows
+            self.run_dir.truncate_metrics(self.state.step)
         best = self.run_dir.checkpoint("best")
         if len(self.eval_ids) < len(self.data.val_ids) and (best / "manifest.json").is_file():
             # the final evaluation on the whole tail reads the best weights, which may predate this invocation
