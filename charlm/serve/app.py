@@ -366,11 +366,12 @@ class Guard:
         headers = Headers(scope=scope)
         path, method = scope["path"], scope["method"]
         label = path if path in _GET_PATHS or path in _POST_PATHS else "other"
-        status = {}
+        metrics = self.service.metrics
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                if metrics is not None:  # counted before the client can have its answer (and read /metrics)
+                    metrics.answered(label, method, message["status"])
                 h = MutableHeaders(scope=message)
                 h.setdefault("X-Content-Type-Options", "nosniff")
                 h.setdefault("Referrer-Policy", "no-referrer")
@@ -385,9 +386,6 @@ class Guard:
             await error_response(exc)(scope, receive, send_with_headers)
         else:
             await self.app(scope, receive, send_with_headers)
-        finally:
-            if self.service.metrics is not None and "code" in status:
-                self.service.metrics.answered(label, method, status["code"])
 
     def _check_host(self, headers: Headers) -> None:
         host = (headers.get("host") or "").strip().lower()

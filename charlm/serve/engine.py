@@ -209,12 +209,13 @@ class Engine:
             if self.rows:
                 self._tick()
         except Exception as exc:  # noqa: BLE001 - reported to every request in flight; the engine goes on
-            for req in self._all_requests():  # (the queued ones too: the engine starts afresh)
-                self._send(req, ("error", exc))
+            failed = self._all_requests()  # (the queued ones too: the engine starts afresh)
             self.warming, self.rows, self.stepper, self.requests, self.dirty = [], [], None, [], False
-            with self.lock:
+            with self.lock:  # the slots are free before anyone hears of the error
                 self.reserved = 0
                 self._gauges()
+            for req in failed:
+                self._send(req, ("error", exc))
 
     def _all_requests(self) -> list[Request]:
         seen = dict.fromkeys([*self.warming, *(r.req for r in self.rows)])
@@ -385,20 +386,22 @@ class Engine:
     def _flush(self, req: Request) -> None:
         parts = [r.take() for r in req.rows]
         if any(text for text, _ in parts):
-            if not req.first_sent and self.metrics is not None:
-                self.metrics.first_char(time.perf_counter() - req.submitted)
+            if self.metrics is not None:
+                if not req.first_sent:
+                    self.metrics.first_char(time.perf_counter() - req.submitted)
+                self.metrics.chars(sum(len(t) for t, _ in parts))
             req.first_sent = True
             entries = [e for _, e in parts] if req.logprobs is not None else None
             self._send(req, ("text", [t for t, _ in parts], entries))
-            if self.metrics is not None:
-                self.metrics.chars(sum(len(t) for t, _ in parts))
 
     def _finish(self, req: Request, reason: str | None) -> None:
-        self._send(req, ("done", self._info(req, reason)))
+        # the books first: a client that has its answer may read /metrics or send its next request at once
+        info = self._info(req, reason)
         self._release(req)
         self.served += 1
         if self.metrics is not None:
             self.metrics.finished(time.perf_counter() - req.submitted)
+        self._send(req, ("done", info))
 
     def _info(self, req: Request, reason: str | None) -> dict:
         reasons = [r.reason for r in req.rows] if req.rows else [reason or "cancelled"] * req.n
