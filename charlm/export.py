@@ -37,52 +37,76 @@ class ExportError(CharlmError):
 
 
 class OneStep(nn.Module):
-    """One character for N sequences on an ``RNNLM``'s weights (copied: the model is not changed)."""
+    """One character for N sequences on an ``RNNLM``'s weights (copied: the model is not changed).
+
+    Laid out for few, large products (a single sequence's step reads every weight once, so its speed
+    is that of memory, and each graph node costs a few microseconds more): layer 0's input gates come
+    from the table, with both biases folded in; above it, an RNN or LSTM layer is one product of
+    ``[h_below | h_k]`` by ``[W_ih ; W_hh]`` (a GRU keeps two: its reset gate scales only the hidden
+    part); the LSTM's gate rows are reordered to (i, f, o, g) so one sigmoid covers three gates; the
+    state stays (1, N, H) per layer, so nothing is squeezed or stacked between layers.
+    """
 
     def __init__(self, model):
         super().__init__()
         cfg = model.config
         self.cell, self.L, self.H = cfg.cell, cfg.num_layers, cfg.hidden_size
-        rnn = model.rnn
-        w = lambda name: getattr(rnn, name).detach().clone().float()  # noqa: E731
+        H, rnn = self.H, model.rnn
+        order = None
+        if self.cell == "lstm":  # torch's rows (i, f, g, o) -> (i, f, o, g)
+            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+
+        def w(name, k):
+            p = getattr(rnn, f"{name}_l{k}").detach().float()
+            return (p if order is None else p[order]).clone()
+
+        fold = self.cell != "gru"  # the hidden bias simply adds to the input gates' (not so in a GRU's candidate)
         with torch.no_grad():
             inputs = (model.embedding.weight.detach().float() if model.embedding is not None
                       else torch.eye(cfg.vocab_size))
-            self.register_buffer("table", inputs @ w("weight_ih_l0").t() + w("bias_ih_l0"))  # (V, G*H)
+            table = inputs @ w("weight_ih", 0).t() + w("bias_ih", 0) + (w("bias_hh", 0) if fold else 0)
+        self.register_buffer("table", table)  # (V, G*H): layer 0's input gates per character
         for k in range(self.L):
-            if k:
-                self.register_buffer(f"w_ih{k}", w(f"weight_ih_l{k}").t().contiguous())
-                self.register_buffer(f"b_ih{k}", w(f"bias_ih_l{k}"))
-            self.register_buffer(f"w_hh{k}", w(f"weight_hh_l{k}").t().contiguous())
-            self.register_buffer(f"b_hh{k}", w(f"bias_hh_l{k}"))
+            if fold and k:
+                self.register_buffer(f"w{k}", torch.cat([w("weight_ih", k), w("weight_hh", k)], 1).t().contiguous())
+                self.register_buffer(f"b{k}", w("bias_ih", k) + w("bias_hh", k))
+                continue
+            self.register_buffer(f"w{k}", w("weight_hh", k).t().contiguous())
+            if not fold:
+                self.register_buffer(f"b{k}", w("bias_hh", k))
+                if k:
+                    self.register_buffer(f"w_ih{k}", w("weight_ih", k).t().contiguous())
+                    self.register_buffer(f"b_ih{k}", w("bias_ih", k))
         self.register_buffer("w_head", model.head.weight.detach().float().t().contiguous())
         self.register_buffer("b_head", model.head.bias.detach().float().clone())
 
     def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None):
-        H = self.H
-        x = self.table[ids]  # layer 0's input gates (N, G*H)
-        hs, cs = [], []
+        H, x, below = self.H, self.table[ids].unsqueeze(0), None  # x: layer 0's input gates (1, N, G*H)
+        hs, cs = h.split(1), (c.split(1) if c is not None else None)
+        new_h, new_c = [], []
         for k in range(self.L):
-            if k:
-                x = hs[-1] @ getattr(self, f"w_ih{k}") + getattr(self, f"b_ih{k}")
-            gh = h[k] @ getattr(self, f"w_hh{k}") + getattr(self, f"b_hh{k}")
-            if self.cell == "rnn":
-                hs.append(torch.tanh(x + gh))
-            elif self.cell == "gru":
-                rz = torch.sigmoid(x[:, :2 * H] + gh[:, :2 * H])
-                r, z = rz[:, :H], rz[:, H:]
-                n = torch.tanh(x[:, 2 * H:] + r * gh[:, 2 * H:])
-                hs.append(n + z * (h[k] - n))
+            if self.cell == "gru":
+                gi = x if k == 0 else below @ getattr(self, f"w_ih{k}") + getattr(self, f"b_ih{k}")
+                gh = hs[k] @ getattr(self, f"w{k}") + getattr(self, f"b{k}")
+                r, z = torch.sigmoid(gi[..., :2 * H] + gh[..., :2 * H]).split(H, 2)
+                n = torch.tanh(gi[..., 2 * H:] + r * gh[..., 2 * H:])
+                below = n + z * (hs[k] - n)
             else:
-                g = x + gh
-                i, f = torch.sigmoid(g[:, :H]), torch.sigmoid(g[:, H:2 * H])
-                cand, o = torch.tanh(g[:, 2 * H:3 * H]), torch.sigmoid(g[:, 3 * H:])
-                cs.append(f * c[k] + i * cand)
-                hs.append(o * torch.tanh(cs[-1]))
-        logits = hs[-1] @ self.w_head + self.b_head
+                if k == 0:
+                    g = x + hs[0] @ self.w0
+                else:
+                    g = torch.cat([below, hs[k]], 2) @ getattr(self, f"w{k}") + getattr(self, f"b{k}")
+                if self.cell == "rnn":
+                    below = torch.tanh(g)
+                else:
+                    i, f, o = torch.sigmoid(g[..., :3 * H]).split(H, 2)
+                    new_c.append(f * cs[k] + i * torch.tanh(g[..., 3 * H:]))
+                    below = o * torch.tanh(new_c[-1])
+            new_h.append(below)
+        logits = (below @ self.w_head + self.b_head).squeeze(0)
         if self.cell == "lstm":
-            return logits, torch.stack(hs), torch.stack(cs)
-        return logits, torch.stack(hs)
+            return logits, torch.cat(new_h), torch.cat(new_c)
+        return logits, torch.cat(new_h)
 
 
 def _io_names(cell: str) -> tuple[list[str], list[str]]:

@@ -168,3 +168,27 @@ def test_a_web_export_without_onnxruntime_web_is_one_line_and_writes_nothing(tmp
     assert "sha256 differs" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run", "wrong.tgz"]  # no site, nothing partial
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_bound_loop_step_equals_a_plain_run_and_the_sampler_restores_torch_threads(tmp_path):
+    ckpt = _checkpoint(tmp_path, "lstm", "torch", 6, 2)
+    engine = OnnxModel(export_onnx(ckpt, tmp_path / "model.onnx"))
+    run, state = engine.stepper(3), engine.init_state(3)
+    rng = np.random.default_rng(0)
+    for _ in range(40):  # the two bound state buffers are used in turn: an even and an odd step each time
+        ids = rng.integers(1, len(ckpt.vocab), 3)
+        want, state = engine.step(ids, state)
+        np.testing.assert_allclose(run.step(ids), want, rtol=0, atol=1e-6)
+    threads = torch.get_num_threads()
+    for _ in engine.iter_generate("the ", 40, temperature=0.8, seed=0, num_samples=2):
+        pass
+    assert torch.get_num_threads() == threads
+
+
+def test_threads_follow_the_weights_a_step_reads():
+    from charlm.onnx_engine import step_threads
+
+    small = {"cell": "lstm", "num_layers": 1, "hidden_size": 64, "vocab_size": 40}
+    large = {"cell": "lstm", "num_layers": 2, "hidden_size": 320, "vocab_size": 40}
+    assert step_threads(small) == 1
+    assert step_threads(large) == min(torch.get_num_threads(), 9)  # 4.9 MB of weights: 9 blocks of 512 KiB
