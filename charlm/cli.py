@@ -21,8 +21,8 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_DECAY, DYNAMIC_LR,
-                           DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
+from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_RULE, DYNAMIC_RULES,
+                           EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
                            PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig,
                            with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
@@ -470,6 +470,11 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
     out.flush()
 
 
+def _rule_defaults(i: int) -> str:
+    """An option's default in --help: the value each --dynamic-rule gives it."""
+    return ", ".join(f"{rule} {values[i]:g}" for rule, values in DYNAMIC_RULES.items())
+
+
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("files", nargs=-1, type=click.Path())
@@ -478,17 +483,20 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, a line each.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=EVAL_BATCH_SIZE, help="Rows evaluated in parallel.")
 @click.option("--dynamic", is_flag=True,
-              help="Also dynamic evaluation: each segment scored, then learned from (SGD), as the text is read "
-                   "in order. The checkpoint is not changed.")
-@click.option("--dynamic-lr", type=click.FloatRange(min=0, min_open=True), default=DYNAMIC_LR,
-              help="Dynamic evaluation's step size.")
-@click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=DYNAMIC_DECAY,
+              help="Also dynamic evaluation: each segment scored, then learned from (one gradient step), as the "
+                   "text is read in order. The checkpoint is not changed.")
+@click.option("--dynamic-rule", type=click.Choice(sorted(DYNAMIC_RULES)), default=DYNAMIC_RULE, show_default=True,
+              help="Dynamic evaluation's step: rms divides each gradient by the root of its running mean square "
+                   "(Krause et al.), sgd is the plain step.")
+@click.option("--dynamic-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              show_default=_rule_defaults(0), help="Dynamic evaluation's step size.")
+@click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=None, show_default=_rule_defaults(2),
               help="Dynamic evaluation: the share of the way back to the trained weights after each step.")
-@click.option("--dynamic-steps", type=click.IntRange(min=1), default=DYNAMIC_NUM_STEPS,
+@click.option("--dynamic-steps", type=click.IntRange(min=1), default=None, show_default=_rule_defaults(1),
               help="Dynamic evaluation: characters per segment (one step each).")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
-def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_lr, dynamic_decay, dynamic_steps,
-          device):
+def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule, dynamic_lr, dynamic_decay,
+          dynamic_steps, device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
     With no FILES, the run's own held-out split, re-read from the corpus its config names. Files
@@ -500,6 +508,10 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_lr, d
     from charlm.evaluation import evaluate, file_ids, held_out_ids
 
     ckpt = _load(checkpoint, device)
+    rule = DYNAMIC_RULES[dynamic_rule]
+    dynamic_lr, dynamic_steps, dynamic_decay = (rule[0] if dynamic_lr is None else dynamic_lr,
+                                                rule[1] if dynamic_steps is None else dynamic_steps,
+                                                rule[2] if dynamic_decay is None else dynamic_decay)
     jobs = []
     if not files:
         jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", held_out_ids(ckpt), 0))
@@ -515,8 +527,9 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_lr, d
             raise click.ClickException(f"{name}: {exc}") from None
         d = s = None
         if dynamic:  # beside the static figure of the text read the same way: one row, in order
-            s, d = evaluate(ckpt.model, ids, batch_size=1), _dynamic(ckpt.model, ids, dynamic_lr, dynamic_decay,
-                                                                     dynamic_steps, name)
+            s = evaluate(ckpt.model, ids, batch_size=1)
+            d = _dynamic(ckpt.model, ids, dict(rule=dynamic_rule, lr=dynamic_lr, decay=dynamic_decay,
+                                               num_steps=dynamic_steps), name)
         if as_json:
             extra = {**({"skipped": skipped} if skipped else {}),
                      **({"static_one_row": s.to_dict(), "dynamic": d.to_dict()} if d else {})}
@@ -528,11 +541,11 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_lr, d
             if d is not None:
                 click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
                            f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
-                           f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; lr {dynamic_lr:g}, decay "
+                           f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr {dynamic_lr:g}, decay "
                            f"{dynamic_decay:g}, {dynamic_steps}-char segments)")
 
 
-def _dynamic(model, ids, lr, decay, steps, name):
+def _dynamic(model, ids, options: dict, name):
     """Dynamic evaluation with a progress bar (on standard error, gone when done)."""
     from tqdm.auto import tqdm
 
@@ -544,7 +557,7 @@ def _dynamic(model, ids, lr, decay, steps, name):
             bar.update(done - bar.n)
 
         try:
-            return evaluate_dynamic(model, ids, lr=lr, decay=decay, num_steps=steps, on_segment=progress)
+            return evaluate_dynamic(model, ids, **options, on_segment=progress)
         except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_NUM_STEPS, EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+from charlm.config import DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split
 from charlm.tokens import windows
@@ -94,24 +94,33 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
 
 
-def evaluate_dynamic(model, ids, lr: float = DYNAMIC_LR, decay: float = DYNAMIC_DECAY,
-                     num_steps: int = DYNAMIC_NUM_STEPS, batch_size: int = 1, device=None,
-                     on_segment=None) -> EvalResult:
+def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = None,
+                     num_steps: int | None = None, batch_size: int = 1, device=None,
+                     on_segment=None, rule: str = DYNAMIC_RULE) -> EvalResult:
     """Mean next-character cross-entropy of ``model`` over ``ids`` under dynamic evaluation.
 
     The text is read as :func:`evaluate` reads it (``batch_size`` rows, one by default: the text in its
     order) in segments of ``num_steps`` characters. Each segment is scored first, then the model takes
-    one SGD step of size ``lr`` on that segment's mean loss (the state carried in from the segments
-    before it, detached), and moves ``decay`` of the way back towards the trained weights. Dropout is
-    off. The model is a copy: ``model`` and its checkpoint are never changed. ``on_segment(done, total)``
-    follows the progress.
+    one step on that segment's mean loss (the state carried in from the segments before it, detached),
+    and moves ``decay`` of the way back towards the trained weights. ``rule`` "sgd" steps by ``lr`` times
+    the gradient; "rms" (the default) by ``lr`` times the gradient divided by the root of its running mean
+    square over the segments read so far, per weight, so the step does not depend on the gradient's scale.
+    ``lr``, ``decay`` and ``num_steps`` default to the rule's (``DYNAMIC_RULES``). Dropout is off. The
+    model is a copy: ``model`` and its checkpoint are never changed. ``on_segment(done, total)`` follows
+    the progress.
     """
+    if rule not in DYNAMIC_RULES:
+        raise ValueError(f"rule must be one of {sorted(DYNAMIC_RULES)}, not {rule!r}")
+    defaults = DYNAMIC_RULES[rule]
+    lr, num_steps, decay = (defaults[0] if lr is None else lr, defaults[1] if num_steps is None else num_steps,
+                            defaults[2] if decay is None else decay)
     ids = _as_numpy(ids)
     B, cols, row_starts = _rows(len(ids), batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
+    mean_sq = [torch.zeros_like(p) for p in params] if rule == "rms" else None
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = None
     segments = range(0, cols, num_steps)
@@ -124,14 +133,27 @@ def evaluate_dynamic(model, ids, lr: float = DYNAMIC_LR, decay: float = DYNAMIC_
         model.zero_grad(set_to_none=True)
         (loss / Y.numel()).backward()
         with torch.no_grad():
-            for p, p0 in zip(params, trained):
-                p.add_(p.grad, alpha=-lr)
-                if decay:
-                    p.add_(p0 - p, alpha=decay)  # back towards the trained weights
+            _dynamic_step(params, trained, mean_sq, lr, decay, done)
         state = detach_state(state)
         if on_segment is not None:
             on_segment(done, len(segments))
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def _dynamic_step(params, trained, mean_sq, lr: float, decay: float, n: int) -> None:
+    """One step of dynamic evaluation (the ``n``-th): plain SGD, or RMS-normalised when ``mean_sq`` is given."""
+    beta = DYNAMIC_RMS_BETA
+    for i, (p, p0) in enumerate(zip(params, trained)):
+        if p.grad is None:
+            continue
+        if mean_sq is None:
+            p.add_(p.grad, alpha=-lr)
+        else:
+            mean_sq[i].mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
+            rms = (mean_sq[i] / (1 - beta ** n)).sqrt_().add_(1e-8)
+            p.addcdiv_(p.grad, rms, value=-lr)
+        if decay:
+            p.add_(p0 - p, alpha=decay)  # back towards the trained weights
 
 
 def file_ids(path: str | os.PathLike, vocab, preprocess: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
