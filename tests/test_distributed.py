@@ -24,6 +24,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="this torch has no gloo backend")
 
 
+@pytest.fixture(autouse=True)
+def _temp_dir_of_its_own(tmp_path, monkeypatch):
+    """torchrun's agent leaves a torchelastic_* folder in the temporary directory: this test's, not /tmp."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+
 @pytest.fixture
 def corpus(write_corpus):
     return write_corpus(40, "c.txt")  # ~8 KB
