@@ -378,7 +378,7 @@ class Engine:
                 r.finish(reason)
             self.dirty = True
         done = all(r.done for r in req.rows)
-        if done or req.steps % self.chunk == 0:
+        if done or req.steps % self.chunk == 0 or req.steps == 1:  # the first character at once, then by chunks
             self._flush(req)
         if done:
             self._finish(req, None)
