@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.config import GATES, SampleConfig
+from charlm.config import SampleConfig
 from charlm.export import ExportError, read_metadata
 from charlm.sample import DrawParams, _Uniforms, draw
 from charlm.vocab import Vocab
@@ -131,10 +131,9 @@ def step_threads(meta: dict) -> int:
     Measured here (2 cores, greedy chars/s, 1 thread against 2): 2 x LSTM 320 3,500 against 5,900;
     2 x LSTM 512 1,660 against 2,680; 2 x GRU 128 (0.6 MB) 26,700 against 25,100; 1 x LSTM 64 59,000
     against 54,000."""
-    from charlm.models.stepper import MIN_BLOCK_BYTES
+    from charlm.models.stepper import MIN_BLOCK_BYTES, step_bytes
 
-    G, L, H, V = GATES[meta["cell"]], meta["num_layers"], meta["hidden_size"], meta["vocab_size"]
-    weights = 4 * (G * H * H * (2 * L - 1) + H * V)  # W_hh of every layer, W_ih above layer 0, the head
+    weights = step_bytes(meta["cell"], meta["num_layers"], meta["hidden_size"], meta["vocab_size"])
     return max(1, min(torch.get_num_threads(), weights // MIN_BLOCK_BYTES))
 
 

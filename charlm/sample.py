@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from charlm.config import SampleConfig
-from charlm.models.stepper import Stepper
+from charlm.models.stepper import Stepper, step_bytes
 
 _BLOCK = 1024  # uniforms drawn per sample at a time
-_SINGLE_THREAD_MAX_N = 8  # decode 2 to this many samples on one CPU thread
+_SINGLE_THREAD_MAX_N = 8  # decode 2 to this many samples on one CPU thread, if the model is small:
+_SINGLE_THREAD_MAX_BYTES = 768 * 1024  # a step reading fewer bytes of weights (``step_bytes``) than this
 _DEFAULT = SampleConfig()
 
 
@@ -157,9 +158,13 @@ def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temp
                 logits = _no_unk(model.head(h[-1]))
             itos = vocab.itos
             params = DrawParams([(temperature, top_k, top_p)] * N, logits.shape[-1], device)
-            # A step on a few sequences is a handful of vector-sized ops: splitting each across
-            # threads costs more than it saves, except one sequence's matmuls (see Stepper._matmul).
-            if cpu and (1 < N <= _SINGLE_THREAD_MAX_N or (N == 1 and not fast)):
+            # A small model's step on a few sequences is a handful of vector-sized ops: splitting each
+            # across threads costs more than it saves (2-8 samples on two threads: RNN 256 5-14% slower,
+            # 2 x GRU 128 0-9%), while a large one's is bound by reading its weights, which two threads
+            # do faster (2 x LSTM 320: 17-25%); one sequence's matmuls: see Stepper._matmul.
+            small = step_bytes(model.config.cell, model.config.num_layers, model.config.hidden_size,
+                               model.config.vocab_size) < _SINGLE_THREAD_MAX_BYTES
+            if cpu and ((1 < N <= _SINGLE_THREAD_MAX_N and small) or (N == 1 and not fast)):
                 torch.set_num_threads(1)
             if fast and N == 1 and temperature == 0 and cpu:
                 yield from _greedy_one(stepper, itos, length, chunk)

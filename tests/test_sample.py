@@ -77,6 +77,27 @@ def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
         torch.set_num_threads(threads)
 
 
+def test_a_few_samples_run_on_one_thread_only_for_a_small_model():
+    """2-8 samples: one thread for a model whose step reads little (threads cost more than they save),
+    all of them for one whose step reads megabytes of weights; the caller's count is restored after."""
+    from charlm.sample import iter_generate
+
+    vocab = Vocab.from_text(TEXT)
+    small = RNNLM(len(vocab), cell="gru", hidden_size=32, embedding_dim=8).eval()
+    large = RNNLM(len(vocab), cell="lstm", hidden_size=320, num_layers=2, embedding_dim=8).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+        for name, m in (("small", small), ("large", large)):
+            for _ in iter_generate(m, vocab, "the ", 40, temperature=0.8, seed=0, num_samples=4):
+                seen[name] = torch.get_num_threads()  # (between yields the caller runs on the loop's threads)
+            assert torch.get_num_threads() == 2
+        assert seen == {"small": 1, "large": 2}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_greedy_deterministic_and_seeds(model_vocab):
     m, v = model_vocab
     g = generate(m, v, "the", 50)

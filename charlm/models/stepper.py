@@ -20,6 +20,14 @@ from charlm.models.rnnlm import RNNLM
 MIN_BLOCK_BYTES = 512 * 1024  # weights per thread, at least, when one sequence's products are split (Stepper._matmul)
 
 
+def step_bytes(cell: str, num_layers: int, hidden_size: int, vocab_size: int) -> int:
+    """Bytes of fp32 weights one character's step reads: each layer's ``W_hh``, ``W_ih`` above layer 0 and
+    the head (layer 0's input projection is a row of a table). What sets the speed of a step on few
+    sequences, and so how many threads it repays."""
+    G, H = GATES[cell], hidden_size
+    return 4 * (G * H * H * (2 * num_layers - 1) + H * vocab_size)
+
+
 class Stepper:
     """One character step for N sequences: one matmul per layer, every result in a buffer made once.
 
