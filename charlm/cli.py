@@ -505,13 +505,11 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
     """
     import json
 
-    from charlm.evaluation import evaluate, file_ids, held_out_ids
+    from charlm.evaluation import dynamic_settings, evaluate, file_ids, held_out_ids
 
     ckpt = _load(checkpoint, device)
-    rule = DYNAMIC_RULES[dynamic_rule]
-    dynamic_lr, dynamic_steps, dynamic_decay = (rule[0] if dynamic_lr is None else dynamic_lr,
-                                                rule[1] if dynamic_steps is None else dynamic_steps,
-                                                rule[2] if dynamic_decay is None else dynamic_decay)
+    dynamic_lr, dynamic_steps, dynamic_decay = dynamic_settings(dynamic_rule, dynamic_lr, dynamic_steps,
+                                                                dynamic_decay)
     jobs = []
     if not files:
         jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", held_out_ids(ckpt), 0))
@@ -541,8 +539,8 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
             if d is not None:
                 click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
                            f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
-                           f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr {dynamic_lr:g}, decay "
-                           f"{dynamic_decay:g}, {dynamic_steps}-char segments)")
+                           f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr "
+                           f"{dynamic_lr:g}, decay {dynamic_decay:g}, {dynamic_steps}-char segments)")
 
 
 def _dynamic(model, ids, options: dict, name):

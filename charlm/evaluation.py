@@ -109,11 +109,7 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     model is a copy: ``model`` and its checkpoint are never changed. ``on_segment(done, total)`` follows
     the progress.
     """
-    if rule not in DYNAMIC_RULES:
-        raise ValueError(f"rule must be one of {sorted(DYNAMIC_RULES)}, not {rule!r}")
-    defaults = DYNAMIC_RULES[rule]
-    lr, num_steps, decay = (defaults[0] if lr is None else lr, defaults[1] if num_steps is None else num_steps,
-                            defaults[2] if decay is None else decay)
+    lr, num_steps, decay = dynamic_settings(rule, lr, num_steps, decay)
     ids = _as_numpy(ids)
     B, cols, row_starts = _rows(len(ids), batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -138,6 +134,15 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
         if on_segment is not None:
             on_segment(done, len(segments))
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def dynamic_settings(rule: str, lr: float | None = None, num_steps: int | None = None,
+                     decay: float | None = None) -> tuple[float, int, float]:
+    """(lr, num_steps, decay) of dynamic evaluation under ``rule``: each one given, else the rule's own."""
+    if rule not in DYNAMIC_RULES:
+        raise ValueError(f"rule must be one of {sorted(DYNAMIC_RULES)}, not {rule!r}")
+    given = (lr, num_steps, decay)
+    return tuple(default if value is None else value for value, default in zip(given, DYNAMIC_RULES[rule]))
 
 
 def _dynamic_step(params, trained, mean_sq, lr: float, decay: float, n: int) -> None:

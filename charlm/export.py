@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from charlm.errors import CharlmError
+from charlm.models.stepper import lstm_gate_order
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -52,9 +53,7 @@ class OneStep(nn.Module):
         cfg = model.config
         self.cell, self.L, self.H = cfg.cell, cfg.num_layers, cfg.hidden_size
         H, rnn = self.H, model.rnn
-        order = None
-        if self.cell == "lstm":  # torch's rows (i, f, g, o) -> (i, f, o, g)
-            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+        order = lstm_gate_order(H) if self.cell == "lstm" else None
 
         def w(name, k):
             p = getattr(rnn, f"{name}_l{k}").detach().float()
@@ -67,12 +66,13 @@ class OneStep(nn.Module):
             table = inputs @ w("weight_ih", 0).t() + w("bias_ih", 0) + (w("bias_hh", 0) if fold else 0)
         self.register_buffer("table", table)  # (V, G*H): layer 0's input gates per character
         for k in range(self.L):
-            if fold and k:
-                self.register_buffer(f"w{k}", torch.cat([w("weight_ih", k), w("weight_hh", k)], 1).t().contiguous())
-                self.register_buffer(f"b{k}", w("bias_ih", k) + w("bias_hh", k))
-                continue
-            self.register_buffer(f"w{k}", w("weight_hh", k).t().contiguous())
-            if not fold:
+            if fold:  # layer 0: W_hh alone (its bias is in the table); above: [W_ih ; W_hh], one bias
+                weight = torch.cat([w("weight_ih", k), w("weight_hh", k)], 1) if k else w("weight_hh", k)
+                self.register_buffer(f"w{k}", weight.t().contiguous())
+                if k:
+                    self.register_buffer(f"b{k}", w("bias_ih", k) + w("bias_hh", k))
+            else:  # GRU: the hidden product and its bias apart, and above layer 0 the input product too
+                self.register_buffer(f"w{k}", w("weight_hh", k).t().contiguous())
                 self.register_buffer(f"b{k}", w("bias_hh", k))
                 if k:
                     self.register_buffer(f"w_ih{k}", w("weight_ih", k).t().contiguous())

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
-from charlm.export import ExportError, replace_tree, export_onnx, metadata
+from charlm.export import ExportError, export_onnx, metadata, replace_tree
 from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"

@@ -20,6 +20,13 @@ from charlm.models.rnnlm import RNNLM
 MIN_BLOCK_BYTES = 512 * 1024  # weights per thread, at least, when one sequence's products are split (Stepper._matmul)
 
 
+def lstm_gate_order(hidden_size: int, device=None) -> torch.Tensor:
+    """Row indices that reorder an LSTM weight's gate blocks from torch's (i, f, g, o) to (i, f, o, g),
+    so that one sigmoid covers the three sigmoid gates."""
+    H = hidden_size
+    return torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)]).to(device)
+
+
 def step_bytes(cell: str, num_layers: int, hidden_size: int, vocab_size: int) -> int:
     """Bytes of fp32 weights one character's step reads: each layer's ``W_hh``, ``W_ih`` above layer 0 and
     the head (layer 0's input projection is a row of a table). What sets the speed of a step on few
@@ -87,10 +94,7 @@ class Stepper:
         cfg = model.config
         L, V, H = cfg.num_layers, cfg.vocab_size, cfg.hidden_size
         head = model.head.weight
-        order = None
-        if cfg.cell == "lstm":  # rows (i, f, g, o) -> (i, f, o, g)
-            order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
-            order = order.to(head.device)
+        order = lstm_gate_order(H, head.device) if cfg.cell == "lstm" else None
 
         def param(name, k):
             p = getattr(model.rnn, f"{name}_l{k}").detach()
