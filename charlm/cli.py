@@ -201,6 +201,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
               show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
 @click.option("--clip", type=click.FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=_d("weight_decay"),
+              help="Shrink each weight matrix (not the biases) by lr x this each step, apart from the gradient "
+                   "(AdamW under adam; the same rule under sgd); 0 = off.")
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=_d("lr_decay"),
               help="plateau schedule: multiply the learning rate by this after each evaluation without improvement; "
                    "1 = constant.")

@@ -152,6 +152,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float | None = None  # None: 1.0 for SGD (d2l), 3e-3 for Adam
     clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    weight_decay: float = 0.0  # decoupled decay of the weight matrices (AdamW's; SGD's L2 is the same rule), not biases
     lr_decay: float = 0.5  # plateau: multiply the lr by this after each evaluation without improvement; 1 = constant
     lr_schedule: str = "hold-decay"  # planned over the run's steps: hold-decay (held, then linear to 0 over the
     #   last 40%) or cosine (half a cosine to 0); or plateau (lr_decay on held-out plateaus)
@@ -179,6 +180,7 @@ class TrainConfig:
             (self.num_steps >= 1, f"num steps must be >= 1, got {self.num_steps}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.clip >= 0, f"clip must be >= 0 (0 = off), got {self.clip}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0 (0 = off), got {self.weight_decay}"),
             (0 < self.lr_decay <= 1, f"lr decay must lie in (0, 1], got {self.lr_decay}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, got {self.max_steps}"),
@@ -237,7 +239,7 @@ class TrainConfig:
 # What a TrainConfig saved before a field existed meant by leaving it out (the defaults of that time),
 # so that such a run resumes as it started and reads back as what it was.
 LEGACY_TRAIN = {"weight_drop": 0.0, "dropout_input": 0.0, "dropout_hidden": 0.0, "dropout_output": 0.0,
-                "lr_schedule": "plateau"}
+                "lr_schedule": "plateau", "weight_decay": 0.0}
 
 
 def with_legacy(saved: dict) -> dict:
@@ -250,7 +252,7 @@ D2L_PRESET = dict(preprocess="letters", max_chars=10_000, cell="gru", impl="torc
                   num_layers=1, embedding_dim=0, dropout=0.0, batch_size=32, num_steps=35,
                   sampling="sequential", optimizer="sgd", lr=1.0, clip=1.0, lr_decay=1.0, epochs=500,
                   time_limit=None, patience=None, eval_every=100, d2l=True, lr_schedule="plateau",
-                  weight_drop=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0)
+                  weight_drop=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, weight_decay=0.0)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
 MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout", *REGULARISERS)
+OPTIMIZER_FIELDS = ("optimizer", "weight_decay")  # the optimizer state saved must fit the one rebuilt
 DATA_FIELDS = ("corpus", "preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
                "seed", "eval_chars")
 
@@ -34,8 +35,8 @@ def default_out(corpus: str | os.PathLike) -> Path:
     return Path("checkpoints") / Path(corpus).stem
 
 
-def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS) -> list[str]:
-    """``name: saved -> requested`` for every model or data option that differs (an option a run saved
+def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS) -> list[str]:
+    """``name: saved -> requested`` for every model, data or optimizer option that differs (an option a run saved
     by an earlier charlm does not name had its default then: LEGACY_TRAIN, else today's)."""
     defaults = {f.name: f.default for f in dataclasses.fields(type(requested))}
     saved = with_legacy(saved)
@@ -82,7 +83,7 @@ class RunDir:
             raise TrainError(str(exc)) from None
         diffs = config_differences(saved.train_options, requested)
         if diffs:
-            raise TrainError("--resume with different model or data options: " + "; ".join(diffs))
+            raise TrainError("--resume with different model, data or optimizer options: " + "; ".join(diffs))
         return saved
 
     def create(self, overwrite: bool) -> None:

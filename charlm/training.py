@@ -202,10 +202,17 @@ def _stop_on_signals():
 
 
 def _make_optimizer(cfg: TrainConfig, model: RNNLM):
+    """SGD or Adam; with --weight-decay, the weight matrices (embedding, recurrent, output) in a group of
+    their own that decays each step by ``lr * weight_decay`` of itself, decoupled from the gradient
+    (AdamW; SGD's L2 term is the same rule), and the biases in one that does not."""
     lr = cfg.resolved_lr()
+    params = list(model.parameters())
+    if cfg.weight_decay:
+        params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, foreach=True)
-    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+        return torch.optim.SGD(params, lr=lr, foreach=True)
+    return (torch.optim.AdamW if cfg.weight_decay else torch.optim.Adam)(params, lr=lr, foreach=True)
 
 
 def load_data(cfg: TrainConfig, progress=None) -> RunData:
