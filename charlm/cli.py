@@ -23,8 +23,8 @@ import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_RULE, DYNAMIC_RULES,
                            EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
-                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SampleConfig, TrainConfig,
-                           with_legacy)
+                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SMALL_CORPUS_CHARS,
+                           SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -201,7 +201,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
               show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
 @click.option("--clip", type=click.FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=_d("weight_decay"),
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              show_default=f"{SMALL_CORPUS_WEIGHT_DECAY:g} for a training text under {SMALL_CORPUS_CHARS:,} "
+                           f"characters, else 0",
               help="Shrink each weight matrix (not the biases) by lr x this each step, apart from the gradient "
                    "(AdamW under adam; the same rule under sgd); 0 = off.")
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=_d("lr_decay"),
@@ -367,6 +369,8 @@ class _TrainProgress:
                 where += f" ({info['precision']} autocast)"
             if info.get("world_size", 1) > 1:
                 where += f" x {info['world_size']} processes"
+            if info.get("weight_decay"):
+                where += f", weight decay {info['weight_decay']:g}"
             tqdm.write(f"{'resuming' if info['resumed'] else 'training'} {info['model'].num_parameters():,}-parameter "
                        f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
                        f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), {where}, "

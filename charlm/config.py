@@ -31,6 +31,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PATIENCE_AUTO = -1  # TrainConfig.patience's default: 5 under the plateau schedule, never under a planned one
 REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options
 
+SMALL_CORPUS_CHARS = 500_000  # training texts shorter than this get the small-corpus defaults (resolved_* below)
+SMALL_CORPUS_WEIGHT_DECAY = 0.3  # measured: README, "Regularisation, planned schedules, dynamic evaluation"
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
 # Dynamic evaluation (charlm eval --dynamic): per update rule, (step size, characters per segment, share of
@@ -120,7 +122,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``charlm train`` does. ``None`` means "chosen from the corpus or the optimizer":
-    see :meth:`resolved_dropout` and :meth:`resolved_lr`."""
+    see :meth:`resolved_dropout`, :meth:`resolved_weight_decay` and :meth:`resolved_lr`."""
 
     corpus: str  # path of the UTF-8 text file
     out: str | None = None  # run directory; None: checkpoints/<corpus stem>
@@ -152,7 +154,8 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float | None = None  # None: 1.0 for SGD (d2l), 3e-3 for Adam
     clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
-    weight_decay: float = 0.0  # decoupled decay of the weight matrices (AdamW's; SGD's L2 is the same rule), not biases
+    weight_decay: float | None = None  # decoupled decay of the weight matrices (AdamW's rule), not the biases;
+    # None: by corpus size (resolved_weight_decay)
     lr_decay: float = 0.5  # plateau: multiply the lr by this after each evaluation without improvement; 1 = constant
     lr_schedule: str = "hold-decay"  # planned over the run's steps: hold-decay (held, then linear to 0 over the
     #   last 40%) or cosine (half a cosine to 0); or plateau (lr_decay on held-out plateaus)
@@ -180,7 +183,8 @@ class TrainConfig:
             (self.num_steps >= 1, f"num steps must be >= 1, got {self.num_steps}"),
             (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.clip >= 0, f"clip must be >= 0 (0 = off), got {self.clip}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0 (0 = off), got {self.weight_decay}"),
+            (self.weight_decay is None or self.weight_decay >= 0,
+             f"weight decay must be >= 0 (0 = off), got {self.weight_decay}"),
             (0 < self.lr_decay <= 1, f"lr decay must lie in (0, 1], got {self.lr_decay}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, got {self.max_steps}"),
@@ -206,7 +210,15 @@ class TrainConfig:
     def resolved_dropout(self, num_chars: int) -> float:
         if self.dropout is not None:
             return self.dropout
-        return 0.5 if num_chars < 500_000 else 0.2
+        return 0.5 if num_chars < SMALL_CORPUS_CHARS else 0.2
+
+    def resolved_weight_decay(self, num_chars: int) -> float:
+        """``weight_decay``, else by the training text's length: a small corpus is read for many epochs in
+        the default budget and over-fits, and decay helps it; a big one is read a few times and decay
+        only slows it down (README)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return SMALL_CORPUS_WEIGHT_DECAY if num_chars < SMALL_CORPUS_CHARS else 0.0
 
     def resolved_eval_chars(self, val_chars: int) -> int:
         """Held-out characters a periodic evaluation reads: ``eval_chars``, else an eighth of the characters

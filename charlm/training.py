@@ -4,7 +4,8 @@
 Events:
 
 - ``"start"``: the run's facts (``out``, ``device``, ``model``, ``model_config``, ``vocab``,
-  ``train_chars``, ``val_chars``, ``step``, ``total_steps``, ``resumed``, ``precision``, ``world_size``);
+  ``train_chars``, ``val_chars``, ``step``, ``total_steps``, ``resumed``, ``precision``, ``world_size``,
+  ``weight_decay``: the resolved --weight-decay);
 - ``"step"``, every 10 steps: ``step``, ``loss_sum`` (a 0-d tensor on the training device, the
   summed loss since the last evaluation: reading it with ``.item()`` waits for the device),
   ``interval_steps``, ``tokens`` and ``elapsed`` (seconds) since the last evaluation;
@@ -201,18 +202,19 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
-def _make_optimizer(cfg: TrainConfig, model: RNNLM):
-    """SGD or Adam; with --weight-decay, the weight matrices (embedding, recurrent, output) in a group of
-    their own that decays each step by ``lr * weight_decay`` of itself, decoupled from the gradient
-    (AdamW; SGD's L2 term is the same rule), and the biases in one that does not."""
+def _make_optimizer(cfg: TrainConfig, model: RNNLM, weight_decay: float = 0.0):
+    """SGD or Adam; with ``weight_decay`` (the resolved --weight-decay), the weight matrices (embedding,
+    recurrent, output) in a group of their own that shrinks each step by ``lr * weight_decay`` of
+    itself, decoupled from the gradient (AdamW; SGD's L2 term is the same rule), and the biases in one
+    that does not. Without it, the one-group optimizer of earlier runs (their saved states load)."""
     lr = cfg.resolved_lr()
     params = list(model.parameters())
-    if cfg.weight_decay:
-        params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    if weight_decay:
+        params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, foreach=True)
-    return (torch.optim.AdamW if cfg.weight_decay else torch.optim.Adam)(params, lr=lr, foreach=True)
+    return (torch.optim.AdamW if weight_decay else torch.optim.Adam)(params, lr=lr, foreach=True)
 
 
 def load_data(cfg: TrainConfig, progress=None) -> RunData:
@@ -242,7 +244,8 @@ class Trainer:
 
             self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
             torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout stream (one process: unchanged)
-        self.optimizer = _make_optimizer(cfg, self.model)
+        self.weight_decay = cfg.resolved_weight_decay(len(data.train_ids))
+        self.optimizer = _make_optimizer(cfg, self.model, self.weight_decay)
         self.autocast = lambda: autocast(cfg.precision, device)
         self.scaler = grad_scaler(cfg.precision, device)  # fp16 only; otherwise it passes everything through
         self.pin = device.type == "cuda"  # batches copied from page-locked memory, without waiting
@@ -624,7 +627,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
     emit("start", {"out": run.path, "device": device, "model": trainer.model, "model_config": trainer.model_config,
                    "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,
                    "step": st.step, "total_steps": trainer.total_steps(), "resumed": saved is not None,
-                   "precision": cfg.precision, "world_size": dist.world_size})
+                   "precision": cfg.precision, "world_size": dist.world_size, "weight_decay": trainer.weight_decay})
     with _stop_on_signals() as stop:
         try:
             stop_reason = trainer.run(stop)

@@ -179,7 +179,10 @@ def reference_loop(cfg: TrainConfig, steps: int) -> dict:
     data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction)
     torch.manual_seed(cfg.seed)
     model = RNNLM.from_config(cfg.model_config(len(data.vocab), len(data.train_ids)))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr())
+    decay = cfg.resolved_weight_decay(len(data.train_ids))  # decoupled, on the matrices: AdamW's rule
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.resolved_lr())
     done, epoch = 0, 0
     while done < steps:
         state = None  # every epoch starts from zeros
@@ -202,13 +205,14 @@ def reference_loop(cfg: TrainConfig, steps: int) -> dict:
     return model.state_dict()
 
 
+@pytest.mark.parametrize("weight_decay", [None, 0.0])  # None: this small corpus's default, 0.3
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
-def test_training_equals_the_loop_written_by_hand(corpus, tmp_path, sampling, cell):
+def test_training_equals_the_loop_written_by_hand(corpus, tmp_path, sampling, cell, weight_decay):
     # 16 steps of ~13 per epoch cross an epoch boundary; clip 0.05 is below every gradient norm here,
     # so a loop that did not clip, or that reset or carried the state in the wrong mode, ends elsewhere.
     cfg = tiny(corpus, tmp_path / "r", cell=cell, sampling=sampling, batch_size=8, num_steps=20, dropout=0.0,
-               clip=0.05, max_steps=16, eval_every=100)
+               clip=0.05, max_steps=16, eval_every=100, weight_decay=weight_decay)
     result = train(cfg)
     assert result.epochs_done > 1.0
     with open(tmp_path / "r" / "metrics.csv", newline="") as f:

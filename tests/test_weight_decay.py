@@ -27,7 +27,7 @@ def test_the_matrices_shrink_and_the_biases_do_not(optimizer):
     cfg = TrainConfig(corpus="x", optimizer=optimizer, lr=0.1, weight_decay=0.5)
     model = RNNLM.from_config(cfg.model_config(7))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = _make_optimizer(cfg, model)
+    optimizer = _make_optimizer(cfg, model, cfg.resolved_weight_decay(100))
     for p in model.parameters():  # no gradient: what moves is the decay alone
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -42,7 +42,7 @@ def test_the_matrices_shrink_and_the_biases_do_not(optimizer):
 
 def test_no_decay_builds_the_optimizer_of_earlier_runs():
     cfg = TrainConfig(corpus="x", weight_decay=0.0)
-    optimizer = _make_optimizer(cfg, RNNLM.from_config(cfg.model_config(7)))
+    optimizer = _make_optimizer(cfg, RNNLM.from_config(cfg.model_config(7)), cfg.resolved_weight_decay(100))
     assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
     assert TrainConfig(corpus="x", **D2L_PRESET).weight_decay == 0.0  # the book's recipe has none
     assert TrainConfig.from_dict({"corpus": "x"}).weight_decay == 0.0  # nor a run saved before the option
@@ -64,3 +64,16 @@ def test_a_decayed_run_resumes_exactly(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     no_decay = train(tiny(corpus, tmp_path / "none", max_steps=40, weight_decay=0.0))
     assert no_decay.best.loss != straight.best.loss  # the option reached the optimizer
+
+
+def test_the_default_decays_a_small_corpus_only(corpus, tmp_path):
+    seen = {}
+
+    def callback(event, info):
+        if event == "start":
+            seen["decay"] = info["weight_decay"]
+
+    run = train(tiny(corpus, tmp_path / "small", max_steps=2, weight_decay=None), callback=callback)
+    assert seen["decay"] == 0.3  # a few KB of text
+    groups = torch.load(run.out / "last" / "trainer.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.3, 0.0]
