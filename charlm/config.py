@@ -39,7 +39,8 @@ EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to ch
 # the way back to the trained weights after each step). "rms" divides each gradient by the root of its running
 # mean square (Krause et al.'s normalisation, from the segments read so far): chosen on the first half of the
 # quickstart model's held-out tail (lr 1e-4 to 1e-3, segments of 25 to 100, decay 0 to 0.03; the model trained
-# with weight decay, where 1e-3 overshoots), measured on the second half and on Tiny Shakespeare (README). "sgd", the plain step: chosen on a letters Time Machine model.
+# with weight decay, where 1e-3 overshoots), measured on the second half and on Tiny Shakespeare (README).
+# "sgd", the plain step: chosen on a letters Time Machine model.
 DYNAMIC_RULES = {"rms": (5e-4, 50, 0.01), "sgd": (0.3, 100, 0.0)}
 DYNAMIC_RULE = "rms"
 DYNAMIC_RMS_BETA = 0.99  # the running mean square's decay per segment (bias-corrected, as Adam's)
