@@ -21,8 +21,8 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_RULE, DYNAMIC_RULES,
-                           EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
+from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_PRIOR_CHARS, DYNAMIC_RULE,
+                           DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
                            PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
@@ -498,12 +498,17 @@ def _rule_defaults(i: int) -> str:
 @click.option("--dynamic-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               show_default=_rule_defaults(0), help="Dynamic evaluation's step size.")
 @click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=None, show_default=_rule_defaults(2),
-              help="Dynamic evaluation: the share of the way back to the trained weights after each step.")
+              help="Dynamic evaluation: the share of the way back to the trained weights after each step (rms: "
+                   "times each weight's root mean square over their mean, at most all the way).")
 @click.option("--dynamic-steps", type=click.IntRange(min=1), default=None, show_default=_rule_defaults(1),
               help="Dynamic evaluation: characters per segment (one step each).")
+@click.option("--dynamic-prior", type=click.IntRange(min=0), default=DYNAMIC_PRIOR_CHARS, show_default=True,
+              help="Dynamic evaluation, rms rule: the gradients' mean square starts from this many characters "
+                   "at the end of the run's training text (when its corpus is at hand); 0 = from the text "
+                   "read only.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule, dynamic_lr, dynamic_decay,
-          dynamic_steps, device):
+          dynamic_steps, dynamic_prior, device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
     With no FILES, the run's own held-out split, re-read from the corpus its config names. Files
@@ -525,6 +530,7 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
             jobs.append((f, *file_ids(f, ckpt.vocab, ckpt.preprocess, skip_unknown=errors == "skip")))
         except UnknownCharactersError as exc:
             raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
+    prior_ids = _dynamic_prior(ckpt, dynamic_prior) if dynamic and dynamic_rule == "rms" else None
     for name, ids, skipped in jobs:
         try:
             r = evaluate(ckpt.model, ids, batch_size=batch_size)
@@ -534,7 +540,7 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
         if dynamic:  # beside the static figure of the text read the same way: one row, in order
             s = evaluate(ckpt.model, ids, batch_size=1)
             d = _dynamic(ckpt.model, ids, dict(rule=dynamic_rule, lr=dynamic_lr, decay=dynamic_decay,
-                                               num_steps=dynamic_steps), name)
+                                               num_steps=dynamic_steps, prior_ids=prior_ids), name)
         if as_json:
             extra = {**({"skipped": skipped} if skipped else {}),
                      **({"static_one_row": s.to_dict(), "dynamic": d.to_dict()} if d else {})}
@@ -547,7 +553,23 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
                 click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
                            f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
                            f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr "
-                           f"{dynamic_lr:g}, decay {dynamic_decay:g}, {dynamic_steps}-char segments)")
+                           f"{dynamic_lr:g}, decay {dynamic_decay:g}, {dynamic_steps}-char segments"
+                           + (f", mean square from {len(prior_ids):,} training chars)" if prior_ids is not None
+                              else ")"))
+
+
+def _dynamic_prior(ckpt, chars: int):
+    """The end of the run's training text for the rms rule's prior, or None (0 asked, or the corpus gone:
+    then said on standard error, and the mean square starts from the text read)."""
+    from charlm.evaluation import training_tail_ids
+
+    if chars == 0:
+        return None
+    try:
+        return training_tail_ids(ckpt, chars)
+    except CharlmError as exc:
+        click.echo(f"note: {exc}: dynamic evaluation's mean square starts from the text read", err=True)
+        return None
 
 
 def _dynamic(model, ids, options: dict, name):

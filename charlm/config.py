@@ -37,13 +37,17 @@ EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, 
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
 # Dynamic evaluation (charlm eval --dynamic): per update rule, (step size, characters per segment, share of
 # the way back to the trained weights after each step). "rms" divides each gradient by the root of its running
-# mean square (Krause et al.'s normalisation, from the segments read so far): chosen on the first half of the
-# quickstart model's held-out tail (lr 1e-4 to 1e-3, segments of 25 to 100, decay 0 to 0.03; the model trained
-# with weight decay, where 1e-3 overshoots), measured on the second half and on Tiny Shakespeare (README).
-# "sgd", the plain step: chosen on a letters Time Machine model.
+# mean square (Krause et al.'s normalisation) and pulls each weight back in proportion to that root (over the
+# mean of all of them); the mean square starts from DYNAMIC_PRIOR_CHARS of the run's training text (its end,
+# read at the trained weights) when the run's corpus is at hand, else from the segments read so far. Chosen on
+# the first half of the quickstart model's held-out tail (lr 1e-4 to 1e-3, segments of 25 to 100, decay 0 to
+# 0.03, prior 0 / 20,000 / 100,000 characters; the model trained with weight decay, where 1e-3 overshoots),
+# measured on the second half and on Tiny Shakespeare (README). "sgd", the plain step: chosen on a letters Time
+# Machine model.
 DYNAMIC_RULES = {"rms": (5e-4, 50, 0.01), "sgd": (0.3, 100, 0.0)}
 DYNAMIC_RULE = "rms"
-DYNAMIC_RMS_BETA = 0.99  # the running mean square's decay per segment (bias-corrected, as Adam's)
+DYNAMIC_RMS_BETA = 0.99  # the running mean square's decay per segment (bias-corrected when it starts from zero)
+DYNAMIC_PRIOR_CHARS = 100_000  # of the run's training text, for the rms rule's starting mean square
 EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the held-out tail (when it has it)
 
 

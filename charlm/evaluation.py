@@ -96,44 +96,128 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
 
 def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = None,
                      num_steps: int | None = None, batch_size: int = 1, device=None,
-                     on_segment=None, rule: str = DYNAMIC_RULE) -> EvalResult:
+                     on_segment=None, rule: str = DYNAMIC_RULE, prior_ids=None) -> EvalResult:
     """Mean next-character cross-entropy of ``model`` over ``ids`` under dynamic evaluation.
 
     The text is read as :func:`evaluate` reads it (``batch_size`` rows, one by default: the text in its
     order) in segments of ``num_steps`` characters. Each segment is scored first, then the model takes
     one step on that segment's mean loss (the state carried in from the segments before it, detached),
-    and moves ``decay`` of the way back towards the trained weights. ``rule`` "sgd" steps by ``lr`` times
-    the gradient; "rms" (the default) by ``lr`` times the gradient divided by the root of its running mean
-    square over the segments read so far, per weight, so the step does not depend on the gradient's scale.
-    ``lr``, ``decay`` and ``num_steps`` default to the rule's (``DYNAMIC_RULES``). Dropout is off. The
-    model is a copy: ``model`` and its checkpoint are never changed. ``on_segment(done, total)`` follows
-    the progress.
+    and moves back towards the trained weights. ``rule`` "sgd" steps by ``lr`` times the gradient and
+    moves ``decay`` of the way back; "rms" (the default) steps by ``lr`` times the gradient divided by
+    the root of its running mean square, per weight, so the step does not depend on the gradient's
+    scale, and moves each weight back by ``decay`` times its root mean square over the mean of all of
+    them (at most all the way: the weights that move most in learning are pulled back hardest). The
+    mean square starts from ``prior_ids`` when given (text the model was trained on, e.g. the end of
+    its training text, read the same way at the trained weights: Krause et al.'s global prior), else
+    from the segments read so far (bias-corrected). ``lr``, ``decay`` and ``num_steps`` default to the
+    rule's (``DYNAMIC_RULES``). Dropout is off. The model is a copy: ``model`` and its checkpoint are
+    never changed. ``on_segment(done, total)`` follows the progress, the prior's segments first.
     """
     lr, num_steps, decay = dynamic_settings(rule, lr, num_steps, decay)
     ids = _as_numpy(ids)
-    B, cols, row_starts = _rows(len(ids), batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
-    mean_sq = [torch.zeros_like(p) for p in params] if rule == "rms" else None
+    n_prior = _num_segments(len(prior_ids), 1, num_steps) if rule == "rms" and prior_ids is not None else 0
+    total_segments = n_prior + _num_segments(len(ids), batch_size, num_steps)
+    progress = (lambda done: on_segment(done, total_segments)) if on_segment is not None else None
+    rms = None
+    if rule == "rms":
+        rms = _RMSState(params, _gradient_mean_square(model, params, _as_numpy(prior_ids), num_steps, device,
+                                                      progress) if n_prior else None)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    for done, (loss, count) in enumerate(_segment_losses(model, ids, batch_size, num_steps, device), n_prior + 1):
+        total += loss.detach().double()  # scored before the model learns from this segment
+        model.zero_grad(set_to_none=True)
+        (loss / count).backward()
+        with torch.no_grad():
+            if rms is None:
+                _sgd_step(params, trained, lr, decay)
+            else:
+                rms.step(params, trained, lr, decay)
+        if progress is not None:
+            progress(done)
+    B, cols, _ = _rows(len(ids), batch_size)
+    return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def _num_segments(n: int, batch_size: int, num_steps: int) -> int:
+    return math.ceil(_rows(n, batch_size)[1] / num_steps)
+
+
+def _segment_losses(model, ids, batch_size: int, num_steps: int, device):
+    """``(summed loss, predictions)`` of each segment of ``ids`` read in ``batch_size`` rows, in order; the
+    state is carried to the next segment (detached) once the caller has used the loss."""
+    B, cols, row_starts = _rows(len(ids), batch_size)
     state = None
-    segments = range(0, cols, num_steps)
-    for done, start in enumerate(segments, 1):
+    for start in range(0, cols, num_steps):
         block = torch.from_numpy(windows(ids, row_starts + start, min(num_steps, cols - start) + 1)).to(device)
         X, Y = block[:, :-1], block[:, 1:]
         logits, state = model(X, state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum")
-        total += loss.detach().double()  # scored before the model learns from this segment
-        model.zero_grad(set_to_none=True)
-        (loss / Y.numel()).backward()
-        with torch.no_grad():
-            _dynamic_step(params, trained, mean_sq, lr, decay, done)
+        yield F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum"), Y.numel()
         state = detach_state(state)
-        if on_segment is not None:
-            on_segment(done, len(segments))
-    return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def _gradient_mean_square(model, params, ids, num_steps: int, device, progress=None) -> list:
+    """Each weight's squared gradient of a segment's mean loss, averaged over the segments of ``ids`` (one
+    row, in order) at the model's weights, which are not changed."""
+    sums = [torch.zeros_like(p) for p in params]
+    n = 0
+    for n, (loss, count) in enumerate(_segment_losses(model, ids, 1, num_steps, device), 1):
+        model.zero_grad(set_to_none=True)
+        (loss / count).backward()
+        for s, p in zip(sums, params):
+            if p.grad is not None:
+                s.addcmul_(p.grad, p.grad)
+        if progress is not None:
+            progress(n)
+    model.zero_grad(set_to_none=True)
+    return [s / max(n, 1) for s in sums]
+
+
+def _sgd_step(params, trained, lr: float, decay: float) -> None:
+    """The plain step: ``lr`` times the gradient, then ``decay`` of the way back to the trained weights."""
+    for p, p0 in zip(params, trained):
+        if p.grad is None:
+            continue
+        p.add_(p.grad, alpha=-lr)
+        if decay:
+            p.add_(p0 - p, alpha=decay)
+
+
+class _RMSState:
+    """The rms rule's running mean square of each weight's gradient, from a prior (its decay scale then
+    fixed by the prior) or from zero (bias-corrected, as Adam's, and the decay scale follows it)."""
+
+    def __init__(self, params, prior=None):
+        self.mean_sq = [torch.zeros_like(p) for p in params] if prior is None else [m.clone() for m in prior]
+        self.has_prior = prior is not None
+        self.scale = _relative(prior) if prior is not None else None
+        self.n = 0
+
+    def step(self, params, trained, lr: float, decay: float) -> None:
+        beta = DYNAMIC_RMS_BETA
+        self.n += 1
+        correction = 1.0 if self.has_prior else 1 - beta ** self.n
+        for m, p in zip(self.mean_sq, params):
+            if p.grad is not None:
+                m.mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
+        mean_sq = [m / correction for m in self.mean_sq]
+        scale = self.scale if self.scale is not None else _relative(mean_sq)
+        for p, p0, m, s in zip(params, trained, mean_sq, scale):
+            if p.grad is None:
+                continue
+            p.addcdiv_(p.grad, m.sqrt_().add_(1e-8), value=-lr)
+            if decay:
+                p.add_((p0 - p) * (s * decay).clamp_(max=1.0))  # back towards the trained weights
+
+
+def _relative(mean_sq) -> list:
+    """Each weight's root mean square over the mean root mean square of all the weights."""
+    roots = [m.sqrt() for m in mean_sq]
+    mean = sum(float(r.sum()) for r in roots) / max(sum(r.numel() for r in roots), 1)
+    return [r / mean if mean > 0 else torch.ones_like(r) for r in roots]
 
 
 def dynamic_settings(rule: str, lr: float | None = None, num_steps: int | None = None,
@@ -143,22 +227,6 @@ def dynamic_settings(rule: str, lr: float | None = None, num_steps: int | None =
         raise ValueError(f"rule must be one of {sorted(DYNAMIC_RULES)}, not {rule!r}")
     given = (lr, num_steps, decay)
     return tuple(default if value is None else value for value, default in zip(given, DYNAMIC_RULES[rule]))
-
-
-def _dynamic_step(params, trained, mean_sq, lr: float, decay: float, n: int) -> None:
-    """One step of dynamic evaluation (the ``n``-th): plain SGD, or RMS-normalised when ``mean_sq`` is given."""
-    beta = DYNAMIC_RMS_BETA
-    for i, (p, p0) in enumerate(zip(params, trained)):
-        if p.grad is None:
-            continue
-        if mean_sq is None:
-            p.add_(p.grad, alpha=-lr)
-        else:
-            mean_sq[i].mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
-            rms = (mean_sq[i] / (1 - beta ** n)).sqrt_().add_(1e-8)
-            p.addcdiv_(p.grad, rms, value=-lr)
-        if decay:
-            p.add_(p0 - p, alpha=decay)  # back towards the trained weights
 
 
 def file_ids(path: str | os.PathLike, vocab, preprocess: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
@@ -178,9 +246,19 @@ def file_ids(path: str | os.PathLike, vocab, preprocess: str, skip_unknown: bool
 
 def held_out_ids(ckpt) -> np.ndarray:
     """The held-out tail of the corpus that ``ckpt``'s run trained on, split as training split it."""
+    return _run_split(ckpt, "pass FILES to evaluate on").val_ids
+
+
+def training_tail_ids(ckpt, chars: int):
+    """The last ``chars`` characters of the text ``ckpt``'s run trained on (all of it if shorter)."""
+    train = _run_split(ckpt, "its training text is needed").train_ids
+    return train[max(0, len(train) - chars):]
+
+
+def _run_split(ckpt, why: str):
     if ckpt.corpus_path is None:
-        raise CheckpointError(f"{ckpt.path} names no corpus; pass FILES to evaluate on")
+        raise CheckpointError(f"{ckpt.path} names no corpus; {why}")
     if not ckpt.corpus_path.exists():
-        raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; pass FILES to evaluate on")
+        raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; {why}")
     return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count,
-                      vocab=ckpt.vocab, sha256=ckpt.corpus_info.get("sha256")).val_ids
+                      vocab=ckpt.vocab, sha256=ckpt.corpus_info.get("sha256"))

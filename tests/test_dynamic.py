@@ -58,26 +58,90 @@ def test_it_learns_from_what_it_has_read_and_leaves_the_model_alone(rule):
 
 def test_the_rms_step_is_the_gradient_over_its_running_root_mean_square():
     from charlm.config import DYNAMIC_RMS_BETA as beta
-    from charlm.evaluation import _dynamic_step
+    from charlm.evaluation import _RMSState
 
-    p = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))
-    trained, mean_sq = [p.detach().clone()], [torch.zeros(3)]
-    grads = [torch.tensor([2.0, -0.001, 0.0]), torch.tensor([1.0, -0.001, 4.0])]
-    want, ms = p.detach().clone(), torch.zeros(3)
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    trained = [p.detach().clone()]
+    rms = _RMSState([p])
+    grads = [torch.tensor([2.0, -0.001, 0.0, 1.0]), torch.tensor([1.0, -0.001, 4.0, 1.0])]
+    want, ms = p.detach().clone(), torch.zeros(4)
     for n, g in enumerate(grads, 1):
         p.grad = g.clone()
         with torch.no_grad():
-            _dynamic_step([p], trained, mean_sq, lr=0.1, decay=0.5, n=n)
+            rms.step([p], trained, lr=0.1, decay=0.5)
         ms = beta * ms + (1 - beta) * g * g
-        want = want - 0.1 * g / ((ms / (1 - beta ** n)).sqrt() + 1e-8)
-        want = want + 0.5 * (trained[0] - want)
+        root = (ms / (1 - beta ** n)).sqrt()
+        want = want - 0.1 * g / (root + 1e-8)
+        share = (0.5 * root / root.mean()).clamp(max=1)  # pulled back in proportion to its root mean square
+        want = want + share * (trained[0] - want)
         assert torch.allclose(p.detach(), want, atol=1e-6), n
     # the first step moves every weight by lr (or 0), whatever its gradient's size: the scale is divided out
     q = torch.nn.Parameter(torch.zeros(3))
     q.grad = torch.tensor([50.0, -1e-4, 0.0])
     with torch.no_grad():
-        _dynamic_step([q], [q.detach().clone()], [torch.zeros(3)], lr=0.1, decay=0.0, n=1)
+        _RMSState([q]).step([q], [q.detach().clone()], lr=0.1, decay=0.0)
     assert torch.allclose(q.detach(), torch.tensor([-0.1, 0.1, 0.0]), atol=1e-4)
+
+
+def test_with_a_prior_the_mean_square_starts_from_it_and_fixes_the_pull_back():
+    from charlm.config import DYNAMIC_RMS_BETA as beta
+    from charlm.evaluation import _RMSState
+
+    prior = torch.tensor([4.0, 1.0, 0.01])  # roots 2, 1, 0.1: mean 1.0333
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))
+    trained = [torch.zeros(3)]
+    rms = _RMSState([p], [prior])
+    g = torch.tensor([1.0, 1.0, 1.0])
+    p.grad = g.clone()
+    with torch.no_grad():
+        rms.step([p], trained, lr=0.1, decay=0.5)
+    ms = beta * prior + (1 - beta) * g * g  # no bias correction: it did not start from zero
+    want = 1.0 - 0.1 * g / (ms.sqrt() + 1e-8)
+    share = (0.5 * prior.sqrt() / prior.sqrt().mean()).clamp(max=1)  # [0.968, 0.484, 0.048]
+    want = want * (1 - share)
+    assert torch.allclose(p.detach(), want, atol=1e-6)
+    assert rms.mean_sq[0] is not prior and torch.equal(prior, torch.tensor([4.0, 1.0, 0.01]))  # a copy moves
+
+
+def test_the_prior_is_read_first_at_the_trained_weights_and_the_text_still_scored_before_learning():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    training = repeated(times=10, seed=2)  # 500 characters: 10 segments of 50
+    ids = repeated(times=1)[:41]  # one segment: nothing learned before it is scored, prior or not
+    static = evaluate(model, ids, batch_size=1)
+    segments = []
+    dynamic = evaluate_dynamic(model, ids, lr=1.0, num_steps=50, prior_ids=training,
+                               on_segment=lambda done, total: segments.append((done, total)))
+    assert dynamic.loss == pytest.approx(static.loss, rel=1e-6)
+    assert segments == [(i, 11) for i in range(1, 12)]  # the prior's 10 segments, then the text's one
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    ids = repeated(times=40)
+    plain = evaluate_dynamic(model, ids, lr=0.02, num_steps=50).loss
+    with_prior = evaluate_dynamic(model, ids, lr=0.02, num_steps=50, prior_ids=training).loss
+    assert with_prior != pytest.approx(plain, rel=1e-4)  # the prior changes the steps
+    assert with_prior < evaluate(model, ids, batch_size=1).loss - 0.5  # and it still learns the repeats
+    assert evaluate_dynamic(model, ids, lr=0.02, num_steps=50, prior_ids=training, rule="sgd").loss == \
+        pytest.approx(evaluate_dynamic(model, ids, lr=0.02, num_steps=50, rule="sgd").loss, rel=1e-9)  # sgd: none
+
+
+def test_the_gradient_mean_square_is_the_mean_of_each_segments_squared_gradient():
+    from charlm.evaluation import _gradient_mean_square
+
+    model = tiny_model().eval()
+    params = list(model.parameters())
+    ids = repeated(times=3, seed=4)  # 150 characters: segments of 50, 50, 49 predictions
+    got = _gradient_mean_square(model, params, ids, 50, torch.device("cpu"))
+    want = [torch.zeros_like(p) for p in params]
+    state = None
+    for start, width in ((0, 50), (50, 50), (100, 49)):
+        x = torch.from_numpy(ids[start:start + width + 1].astype(np.int64))[None]
+        logits, state = model(x[:, :-1], state)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[0, 1:])
+        grads = torch.autograd.grad(loss, params)
+        want = [w + g * g / 3 for w, g in zip(want, grads)]
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(got, want))
+    assert all(p.grad is None for p in params)
 
 
 def test_cli_reports_static_and_dynamic_and_leaves_the_checkpoint_files_unchanged(corpus, tmp_path):
@@ -92,9 +156,30 @@ def test_cli_reports_static_and_dynamic_and_leaves_the_checkpoint_files_unchange
     assert len(lines) == 2 and "bits/char" in lines[0]
     assert "read in order" in lines[1] and "static " in lines[1] and "dynamic " in lines[1]
     assert "rms lr 0.05, decay 0.01, 50-char segments" in lines[1]  # the rule's defaults where not given
+    text = Path(corpus).read_text(encoding="utf-8")
+    train_chars = len(text) - round(len(text) * 0.1)  # the whole training text: shorter than the prior asked
+    assert f"mean square from {train_chars:,} training chars)" in lines[1]
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(out).rglob("*")) if p.is_file()}
     assert after == digest
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-rule", "sgd"])
     assert r.exit_code == 0 and "sgd lr 0.3, decay 0, 100-char segments" in r.output
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--json"])
     assert r.exit_code == 0 and '"dynamic": {' in r.output and '"static_one_row": {' in r.output
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "100"])
+    assert r.exit_code == 0 and "segments, mean square from 100 training chars)" in r.output
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "0"])
+    assert r.exit_code == 0 and "50-char segments)" in r.output and "training chars" not in r.output
+
+
+def test_cli_dynamic_without_the_runs_corpus_starts_the_mean_square_from_the_text_read(corpus, tmp_path):
+    out = tmp_path / "r"
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(out), "--hidden-size", "16", "--batch-size", "4",
+                                  "--num-steps", "10", "--max-steps", "3", "--eval-every", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    text = tmp_path / "other.txt"
+    text.write_text(Path(corpus).read_text(encoding="utf-8")[:300], encoding="utf-8")
+    Path(corpus).unlink()
+    r = CliRunner().invoke(main, ["eval", str(out), str(text), "--dynamic"])  # output: stdout and stderr
+    assert r.exit_code == 0, r.output
+    assert "is gone" in r.output and "starts from the text read" in r.output
+    assert "read in order" in r.output and "training chars" not in r.output
