@@ -119,6 +119,8 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
+    if rule == "rms" and prior_ids is not None and len(prior_ids) < 2:
+        raise ConfigError(f"dynamic evaluation's prior needs at least 2 characters, got {len(prior_ids)}")
     n_prior = _num_segments(len(prior_ids), 1, num_steps) if rule == "rms" and prior_ids is not None else 0
     total_segments = n_prior + _num_segments(len(ids), batch_size, num_steps)
     progress = (lambda done: on_segment(done, total_segments)) if on_segment is not None else None
@@ -192,32 +194,34 @@ class _RMSState:
 
     def __init__(self, params, prior=None):
         self.mean_sq = [torch.zeros_like(p) for p in params] if prior is None else [m.clone() for m in prior]
-        self.has_prior = prior is not None
-        self.scale = _relative(prior) if prior is not None else None
+        self.scale = None if prior is None else _relative([m.sqrt() for m in prior])
         self.n = 0
 
     def step(self, params, trained, lr: float, decay: float) -> None:
         beta = DYNAMIC_RMS_BETA
         self.n += 1
-        correction = 1.0 if self.has_prior else 1 - beta ** self.n
         for m, p in zip(self.mean_sq, params):
             if p.grad is not None:
                 m.mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
-        mean_sq = [m / correction for m in self.mean_sq]
-        scale = self.scale if self.scale is not None else _relative(mean_sq)
-        for p, p0, m, s in zip(params, trained, mean_sq, scale):
+        if self.scale is None:  # started from zero
+            roots = [(m / (1 - beta ** self.n)).sqrt_() for m in self.mean_sq]
+            scale = _relative(roots)
+        else:
+            roots, scale = [m.sqrt() for m in self.mean_sq], self.scale
+        for p, p0, r, s in zip(params, trained, roots, scale):
             if p.grad is None:
                 continue
-            p.addcdiv_(p.grad, m.sqrt_().add_(1e-8), value=-lr)
+            p.addcdiv_(p.grad, r.add_(1e-8), value=-lr)
             if decay:
                 p.add_((p0 - p) * (s * decay).clamp_(max=1.0))  # back towards the trained weights
 
 
-def _relative(mean_sq) -> list:
-    """Each weight's root mean square over the mean root mean square of all the weights."""
-    roots = [m.sqrt() for m in mean_sq]
-    mean = sum(float(r.sum()) for r in roots) / max(sum(r.numel() for r in roots), 1)
-    return [r / mean if mean > 0 else torch.ones_like(r) for r in roots]
+def _relative(roots) -> list:
+    """Each weight's root mean square over the mean of all the weights' (on the device: no wait per step)."""
+    if not roots:
+        return []
+    mean = torch.stack([r.sum() for r in roots]).sum() / sum(r.numel() for r in roots)
+    return [torch.where(mean > 0, r / mean, torch.ones_like(r)) for r in roots]
 
 
 def dynamic_settings(rule: str, lr: float | None = None, num_steps: int | None = None,

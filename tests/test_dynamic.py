@@ -183,3 +183,10 @@ def test_cli_dynamic_without_the_runs_corpus_starts_the_mean_square_from_the_tex
     assert r.exit_code == 0, r.output
     assert "is gone" in r.output and "starts from the text read" in r.output
     assert "read in order" in r.output and "training chars" not in r.output
+
+
+def test_a_prior_too_short_for_a_gradient_is_refused_in_one_line():
+    from charlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior needs at least 2 characters, got 1"):
+        evaluate_dynamic(tiny_model(), repeated(times=2), prior_ids=repeated(times=1)[:1])
