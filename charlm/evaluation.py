@@ -115,19 +115,20 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     """
     lr, num_steps, decay = dynamic_settings(rule, lr, num_steps, decay)
     ids = _as_numpy(ids)
+    prior_ids = _as_numpy(prior_ids) if rule == "rms" and prior_ids is not None else None  # sgd has no prior
+    if prior_ids is not None and len(prior_ids) < 2:
+        raise ConfigError(f"dynamic evaluation's prior needs at least 2 characters, got {len(prior_ids)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
-    if rule == "rms" and prior_ids is not None and len(prior_ids) < 2:
-        raise ConfigError(f"dynamic evaluation's prior needs at least 2 characters, got {len(prior_ids)}")
-    n_prior = _num_segments(len(prior_ids), 1, num_steps) if rule == "rms" and prior_ids is not None else 0
+    n_prior = _num_segments(len(prior_ids), 1, num_steps) if prior_ids is not None else 0
     total_segments = n_prior + _num_segments(len(ids), batch_size, num_steps)
     progress = (lambda done: on_segment(done, total_segments)) if on_segment is not None else None
     rms = None
     if rule == "rms":
-        rms = _RMSState(params, _gradient_mean_square(model, params, _as_numpy(prior_ids), num_steps, device,
-                                                      progress) if n_prior else None)
+        rms = _RMSState(params, _gradient_mean_square(model, params, prior_ids, num_steps, device, progress)
+                        if n_prior else None)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for done, (loss, count) in enumerate(_segment_losses(model, ids, batch_size, num_steps, device), n_prior + 1):
         total += loss.detach().double()  # scored before the model learns from this segment
