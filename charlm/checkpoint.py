@@ -34,6 +34,7 @@ import torch
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CheckpointError, os_error_line
 from charlm.models import RNNLM
+from charlm.outputs import KINDS, check_folder
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -110,15 +111,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _checkpoint_files_only(path: Path) -> bool:
+    """Whether the folder ``path`` holds only the files a checkpoint is made of (a manifest not required:
+    a deletion that a kill interrupted may have taken it first)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and all(
+            p.name in KINDS["checkpoint"] for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a complete checkpoint folder charlm wrote, holding nothing else."""
+    return _checkpoint_files_only(path) and (path / "manifest.json").is_file()
+
+
 def recover(path: str | os.PathLike) -> None:
-    """Finish a replacement that a kill interrupted: put ``NAME.old`` back if ``NAME`` is missing."""
+    """Finish a replacement that a kill interrupted: put ``NAME.old`` back if ``NAME`` is missing, or delete
+    it if ``NAME`` is there. Only a ``NAME.old`` made of a checkpoint's files is moved or deleted: a folder
+    of that name that charlm did not write (``project.old`` beside ``project``) is left alone."""
     path = Path(path)
     old = path.with_name(path.name + ".old")
-    if old.is_dir():
-        if not path.exists():
+    if not path.exists():
+        if _is_checkpoint(old):
             os.replace(old, path)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    elif _is_checkpoint(path) and _checkpoint_files_only(old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: dict | None = None,
@@ -126,7 +144,9 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
     """Write a complete checkpoint to ``path`` atomically (see the module docstring).
 
     A failure to write (an unwritable place, a full disk) is a one-line ``CheckpointError``, and
-    whatever checkpoint was at ``path`` before is still there.
+    whatever checkpoint was at ``path`` before is still there. ``path`` must be new, an empty folder
+    or a checkpoint: a folder or file charlm did not write is refused (:class:`~charlm.outputs.NotOwnedError`)
+    and left as it is.
     """
     path = Path(path)
     for parent in path.parents:
@@ -134,6 +154,7 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
             if not parent.is_dir():
                 raise CheckpointError(f"cannot write checkpoint {path}: {parent} is not a directory")
             break
+    check_folder(path, "checkpoint", option="checkpoint")
     try:
         return _save(path, model, vocab, meta, trainer_state)
     except OSError as exc:
@@ -162,11 +183,16 @@ def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_sta
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         old = path.with_name(path.name + ".old")
-        if path.exists():
+        replacing = path.exists()
+        if replacing:
+            if old.exists():  # recover() left it: not a checkpoint, so not charlm's to delete
+                raise CheckpointError(f"cannot write checkpoint {path}: {old} is in the way (charlm did not "
+                                      f"write it); move it")
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        if replacing:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -412,7 +412,7 @@ def _onnx_model(path: str | None):
         from charlm.onnx_engine import OnnxModel
     except ModuleNotFoundError as exc:
         raise click.ClickException(f"--engine onnx needs the onnx extra ({exc.name} is missing): "
-                                   f"pip install 'charlm[onnx]'") from None
+                                   f"pip install 'charlm-rnn[onnx]'") from None
     return OnnxModel(path)
 
 
@@ -443,7 +443,7 @@ def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.Click
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 @click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",
               help="torch: a checkpoint on PyTorch; onnx: a model from charlm export (--checkpoint MODEL.onnx, "
-                   "its tokenizer.json beside it) on onnxruntime: the same text for the same seed.")
+                   "its NAME.tokenizer.json beside it) on onnxruntime: the same text for the same seed.")
 def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_samples, normalize, device, engine):
     """Continue PREFIX with a trained model, streaming the text as it comes."""
     if engine == "onnx":
@@ -632,9 +632,11 @@ def env_() -> None:
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "web"]), default="onnx",
-              help="onnx: a one-step ONNX model (ids and state in; logits and state out), tokenizer.json beside "
-                   "it; web: a static folder that generates in the browser (onnxruntime-web, no CDN).")
-@click.option("--out", type=click.Path(), required=True, help="onnx: the model's file (NAME.onnx); web: a folder.")
+              help="onnx: a one-step ONNX model (ids and state in; logits and state out), NAME.tokenizer.json "
+                   "beside it; web: a static folder that generates in the browser (onnxruntime-web, no CDN).")
+@click.option("--out", type=click.Path(), required=True,
+              help="onnx: the model's file (NAME.onnx); web: a folder. Only a new path, an empty folder or an earlier "
+                   "charlm export is written: anything else is refused, untouched.")
 @click.option("--quiet", is_flag=True, help="No download progress bar.")
 def export(run, fmt, out, quiet):
     """Export RUN (a run or checkpoint directory; its best/) for use without PyTorch.
@@ -649,11 +651,15 @@ def export(run, fmt, out, quiet):
         from charlm.webexport import export_web
     except ModuleNotFoundError as exc:
         raise click.ClickException(f"charlm export needs the onnx extra ({exc.name} is missing): "
-                                   f"pip install 'charlm[onnx]'") from None
+                                   f"pip install 'charlm-rnn[onnx]'") from None
     ckpt = _load(run)
     path = export_onnx(ckpt, out) if fmt == "onnx" else export_web(ckpt, out, progress=not quiet)
-    click.echo(f"Exported {ckpt.path} to {path}" + (f" (and {path.parent / 'tokenizer.json'})" if fmt == "onnx"
-                                                   else f": serve it with python -m http.server -d {path}"))
+    if fmt == "onnx":
+        from charlm.export import tokenizer_path
+
+        click.echo(f"Exported {ckpt.path} to {path} (and {tokenizer_path(path)})")
+    else:
+        click.echo(f"Exported {ckpt.path} to {path}: serve it with python -m http.server -d {path}")
 
 
 @main.command()
@@ -690,7 +696,7 @@ def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length,
         from charlm.serve import ServeConfig, make_server
     except ModuleNotFoundError as exc:
         raise click.ClickException(f"charlm serve needs the serve extra ({exc.name} is missing): "
-                                   f"pip install 'charlm[serve]'") from None
+                                   f"pip install 'charlm-rnn[serve]'") from None
     path = checkpoint if checkpoint is not None else newest_run()
     ckpt = _load(str(path), device)
     config = ServeConfig(host=host, port=port, allow_hosts=tuple(allow_hosts), cors_origin=cors_origin,

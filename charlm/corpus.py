@@ -263,6 +263,9 @@ def download(
     target = directory / (filename or known.filename)
     if target.is_file() and _sha256_file(target) == known.sha256:
         return target
+    if target.exists() or target.is_symlink():  # not the corpus: a file charlm did not write, kept as it is
+        what = "a folder" if target.is_dir() else "not the " + name + " corpus (its sha256 differs)"
+        raise CorpusError(f"{target} exists and is {what}; nothing was touched; move it or pass another --dir")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

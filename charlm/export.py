@@ -8,9 +8,11 @@ table (one row per character: a one-hot input picks a column of ``W_ih``, an emb
 constant), so every cell, input kind and implementation exports the same way. The logits are the
 model's own (``<unk>`` included: a generation loop leaves it out, as charlm's does).
 
-The vocabulary travels beside the model (``tokenizer.json``); the model's metadata holds its
-sha256, the cell and sizes, the preprocessing, the prediction from the zero state (for an empty
-prompt) and charlm's version. :func:`read_metadata` refuses an ONNX file that is not charlm's.
+The vocabulary travels beside the model, named after it (``NAME.tokenizer.json`` beside
+``NAME.onnx``: several models share a folder); the model's metadata holds its sha256, the cell and
+sizes, the preprocessing, the prediction from the zero state (for an empty prompt) and charlm's
+version. :func:`read_metadata` refuses an ONNX file that is not charlm's. An export replaces only a
+model charlm exported and its own vocabulary (:mod:`charlm.outputs`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from charlm.errors import CharlmError
 from charlm.models.stepper import lstm_gate_order
+from charlm.outputs import check_file
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -115,13 +118,52 @@ def _io_names(cell: str) -> tuple[list[str], list[str]]:
     return ["ids", "h"], ["logits", "h_out"]
 
 
+def tokenizer_path(model_path: str | os.PathLike) -> Path:
+    """Where an exported model's vocabulary lies: ``NAME.tokenizer.json`` beside ``NAME.onnx``."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}.tokenizer.json")
+
+
+def _charlm_meta(path: Path) -> dict | None:
+    """The charlm metadata of the ONNX file ``path``, or None when it is not a model charlm exported."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        raw = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
+        return json.loads(raw) if raw is not None else None
+    except Exception:  # noqa: BLE001 - not an ONNX file, or not one charlm can read: not charlm's
+        return None
+
+
+def _check_targets(out: Path, vocab_path: Path) -> None:
+    """Refuse to replace a file that is not an earlier charlm export: the model, or the charlm vocabulary
+    named after it (its own, or another export's that a kill left between the two renames)."""
+    meta = _charlm_meta(out) if out.is_file() else None
+    check_file(out, meta is not None, "an ONNX model")
+    check_file(vocab_path, meta is not None and _is_vocabulary(vocab_path), f"the vocabulary of {out.name}")
+
+
+def _is_vocabulary(path: Path) -> bool:
+    from charlm.vocab import Vocab
+
+    try:
+        Vocab.load(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return path.is_file()
+
+
 def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
-    """Write ``out`` (the ONNX model) and ``tokenizer.json`` beside it; nothing is left half-written."""
+    """Write ``out`` (the ONNX model) and its vocabulary beside it (:func:`tokenizer_path`); nothing is left
+    half-written, and a file there that charlm did not export is refused, untouched."""
     import onnx
 
     out = Path(out)
-    if out.suffix != ".onnx":
-        raise ExportError(f"--out {out}: an ONNX model's file name ends in .onnx")
+    if out.suffix != ".onnx" or not out.stem:
+        raise ExportError(f"--out {out}: an ONNX model's file name ends in .onnx (e.g. --out model.onnx)")
+    vocab_path = tokenizer_path(out)
+    _check_targets(out, vocab_path)
     _check_writable(out.parent)
     step = OneStep(ckpt.model).eval()
     cfg = ckpt.model.config
@@ -129,7 +171,7 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
     L, H = cfg.num_layers, cfg.hidden_size
     args = (torch.tensor([1, 2]), torch.zeros(L, 2, H)) + ((torch.zeros(L, 2, H),) if cfg.cell == "lstm" else ())
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp_model, tmp_vocab = Path(tmp) / out.name, Path(tmp) / "tokenizer.json"
+        tmp_model, tmp_vocab = Path(tmp) / out.name, Path(tmp) / vocab_path.name
         ckpt.vocab.save(tmp_vocab)
         _torch_export(step, args, inputs, outputs, tmp_model, dynamo)
         model = onnx.load(str(tmp_model))
@@ -140,7 +182,7 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
         model.producer_name = "charlm"
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp_model))
-        os.replace(tmp_vocab, out.parent / "tokenizer.json")
+        os.replace(tmp_vocab, vocab_path)
         os.replace(tmp_model, out)
     return out
 
@@ -211,11 +253,11 @@ def _check_writable(directory: Path) -> None:
 
 
 def replace_tree(src: Path, dest: Path) -> None:
-    """Move the finished folder ``src`` to ``dest`` by renames, replacing an earlier export there."""
+    """Move the finished folder ``src`` to ``dest`` by renames, replacing an earlier export there (checked
+    to be charlm's by the caller); the earlier one goes to a fresh temporary name, then is deleted."""
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+        os.replace(dest, old)  # (onto the empty folder just made: a rename, never a merge)
         os.replace(src, dest)
         shutil.rmtree(old, ignore_errors=True)
     else:

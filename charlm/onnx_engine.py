@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from charlm.config import SampleConfig
-from charlm.export import ExportError, read_metadata
+from charlm.export import ExportError, read_metadata, tokenizer_path
 from charlm.sample import DrawParams, _Uniforms, draw
 from charlm.vocab import Vocab
 
@@ -37,7 +37,9 @@ class OnnxModel:
 
         self.path = Path(path)
         meta = read_metadata(self.path)
-        vocab_path = self.path.parent / "tokenizer.json"
+        vocab_path = tokenizer_path(self.path)
+        if not vocab_path.is_file() and (self.path.parent / "tokenizer.json").is_file():
+            vocab_path = self.path.parent / "tokenizer.json"  # the name of exports before charlm 0.2
         if not vocab_path.is_file():
             raise ExportError(f"{vocab_path} is missing: the model's vocabulary travels beside it")
         if hashlib.sha256(vocab_path.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:

@@ -6,6 +6,7 @@
       last/  best/                complete checkpoints (charlm.checkpoint)
       metrics.csv                 one row per held-out evaluation
       curve.png                   drawn from metrics.csv by whoever asks (the CLI)
+      .charlm                     the marker that says charlm made this folder (charlm.outputs)
 
 Only this module knows the names above and the columns of ``metrics.csv``.
 """
@@ -16,12 +17,12 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
 from charlm.config import REGULARISERS, with_legacy
 from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
+from charlm.outputs import check_folder, remove_entries, write_marker
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
@@ -61,13 +62,21 @@ class RunDir:
         return self.path / name
 
     def check(self, resume: bool, overwrite: bool) -> None:
-        """Refuse a start that would clobber or misread a run; writes nothing."""
+        """Refuse a start that would clobber or misread a run; writes nothing. A folder that is not a
+        charlm run, or a run that also holds files charlm did not write, is never overwritten
+        (:mod:`charlm.outputs`); a resume writes only the run's own entries."""
         if self.path.exists() and not self.path.is_dir():
             raise TrainError(f"--out {self.path} is a file, not a directory")
         if resume and overwrite:
             raise TrainError("--resume and --overwrite contradict each other; pass one")
-        existing = self.path.is_dir() and any(self.path.iterdir())
-        if existing and not (resume or overwrite):
+        try:
+            existing = self.path.is_dir() and any(self.path.iterdir())
+        except OSError as exc:
+            raise TrainError(f"--out {self.path}: cannot read it ({os_error_line(exc)})") from None
+        if not existing or resume:
+            return
+        check_folder(self.path, "run")
+        if not overwrite:
             raise RunExistsError(f"{self.path} already holds a run; pass --resume to continue it or "
                                  f"--overwrite to start over")
 
@@ -87,10 +96,13 @@ class RunDir:
         return saved
 
     def create(self, overwrite: bool) -> None:
+        """The run's folder, marked as charlm's; with ``overwrite``, the earlier run's entries deleted first
+        (:meth:`check` made sure it holds nothing else)."""
         try:
-            if overwrite and self.path.exists():
-                shutil.rmtree(self.path)
+            if overwrite and self.path.is_dir():
+                remove_entries(self.path, "run")
             self.path.mkdir(parents=True, exist_ok=True)
+            write_marker(self.path, "run")
         except OSError as exc:
             raise TrainError(f"cannot create the run directory {self.path}: {os_error_line(exc)}") from None
 

@@ -46,6 +46,7 @@ import numpy as np
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
+from charlm.outputs import check_folder
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -304,7 +305,8 @@ def _build(corpus, files, sources, preprocess, min_count, target: Path, chunk_by
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp / "meta.json.part", tmp / "meta.json")  # last: its presence means complete
-        if target.exists():
+        if target.exists():  # a stale entry (another format, a truncated file): replaced if it is charlm's
+            check_folder(target, "token-cache", option=CACHE_ENV, hint=f"; delete it or set {CACHE_ENV}")
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:

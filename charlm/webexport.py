@@ -1,10 +1,12 @@
 """``charlm export --format web``: a static folder that generates in the browser with onnxruntime-web.
 
-The folder: ``index.html`` and ``app.js`` (the page), ``model.onnx`` and ``tokenizer.json`` (the
-export of :mod:`charlm.export`), ``charlm.json`` (what the page needs from the model's metadata),
-and onnxruntime-web's WebAssembly build (``ort.wasm.min.js``, ``ort-wasm-simd-threaded.mjs`` and
-``.wasm``), so nothing is loaded from a CDN and any static file server works (the page asks for one
-thread, which needs no cross-origin isolation headers).
+The folder: ``index.html`` and ``app.js`` (the page), ``model.onnx`` and ``model.tokenizer.json``
+(the export of :mod:`charlm.export`), ``charlm.json`` (what the page needs from the model's
+metadata), onnxruntime-web's WebAssembly build (``ort.wasm.min.js``, ``ort-wasm-simd-threaded.mjs``
+and ``.wasm``), so nothing is loaded from a CDN and any static file server works (the page asks for
+one thread, which needs no cross-origin isolation headers), and the marker ``.charlm`` that lists
+them. The folder is replaced whole, and only when it is new, empty or an earlier web export holding
+nothing else (:mod:`charlm.outputs`).
 
 onnxruntime-web comes from the npm registry's package tarball, pinned by version and checksum, and
 is cached (``$CHARLM_CACHE_DIR``); ``$CHARLM_ORT_WEB`` may name a copy of that tarball instead.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
 from charlm.export import ExportError, export_onnx, metadata, replace_tree
+from charlm.outputs import check_folder, check_not_cwd, write_marker
 from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"
@@ -37,12 +40,13 @@ PAGE_FILES = ("index.html", "app.js")
 
 
 def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
-    """Write the folder ``out`` (replacing an earlier export there); nothing half-written is left."""
+    """Write the folder ``out`` (replacing an earlier web export there); nothing half-written is left, and a
+    folder or file charlm did not write is refused, untouched."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; a web export is a folder")
+    check_not_cwd(out)
+    check_folder(out, "web")
     runtime = ort_web_files(progress)  # before anything is written: no fetch, no folder
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}."))
@@ -59,6 +63,7 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
         for name in PAGE_FILES:
             (tmp / name).write_text(resources.files("charlm.web").joinpath(name).read_text(encoding="utf-8"),
                                     encoding="utf-8")
+        write_marker(tmp, "web", [p.name for p in tmp.iterdir()])
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         os.chmod(tmp, 0o755)

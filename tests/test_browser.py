@@ -190,7 +190,7 @@ def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tm
     site = tmp_path / "site"
     r = CliRunner().invoke(main, ["export", str(ckpt.path), "--format", "web", "--out", str(site), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert {"index.html", "app.js", "model.onnx", "tokenizer.json", "charlm.json", "ort.wasm.min.js",
+    assert {".charlm", "index.html", "app.js", "model.onnx", "model.tokenizer.json", "charlm.json", "ort.wasm.min.js",
             "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"} <= {p.name for p in site.iterdir()}
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

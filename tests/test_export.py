@@ -83,11 +83,11 @@ def test_metadata_and_the_vocabulary_beside_the_model(tmp_path):
     assert (meta["cell"], meta["num_layers"], meta["hidden_size"], meta["embedding_dim"], meta["preprocess"]) == \
         ("lstm", 2, 32, 6, "lower")
     assert meta["inputs"] == ["ids", "h", "c"] and meta["outputs"] == ["logits", "h_out", "c_out"]
-    assert Vocab.load(tmp_path / "tokenizer.json").itos == ckpt.vocab.itos
+    assert Vocab.load(tmp_path / "model.tokenizer.json").itos == ckpt.vocab.itos
     session = meta["session"]
     shapes = {i.name: i.shape for i in session.get_inputs()}
     assert shapes["ids"][0] == shapes["h"][1]  # N is dynamic, one name for it
-    (tmp_path / "tokenizer.json").write_text(Vocab.from_text("abc").to_json())
+    (tmp_path / "model.tokenizer.json").write_text(Vocab.from_text("abc").to_json())
     with pytest.raises(ExportError, match="not the vocabulary"):
         OnnxModel(path)
 
@@ -148,8 +148,8 @@ def test_an_export_replaces_an_earlier_one_whole(tmp_path):
     export_onnx(a, out)
     export_onnx(b, out)
     assert read_metadata(out)["cell"] == "lstm"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "tokenizer.json"]
-    assert json.loads((out.parent / "tokenizer.json").read_text())["model"]["type"] == "WordLevel"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.tokenizer.json"]
+    assert json.loads((out.parent / "model.tokenizer.json").read_text())["model"]["type"] == "WordLevel"
 
 
 def test_a_web_export_without_onnxruntime_web_is_one_line_and_writes_nothing(tmp_path, monkeypatch):

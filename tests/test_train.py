@@ -127,7 +127,7 @@ def test_kill_while_writing_keeps_old_checkpoint(corpus, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path / "r" / "last", c.model, c.vocab)
     assert tree_digest(tmp_path / "r" / "last") == digest
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best", "last", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".charlm", "best", "last", "metrics.csv"]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "pickle"])

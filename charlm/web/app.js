@@ -7,7 +7,7 @@ async function load() {
   ort.env.wasm.numThreads = 1;  // no SharedArrayBuffer needed: any static file server will do
   ort.env.wasm.wasmPaths = new URL("./", location.href).href;  // the runtime's files lie beside this page
   meta = await (await fetch("charlm.json")).json();
-  const tokenizer = await (await fetch("tokenizer.json")).json();
+  const tokenizer = await (await fetch("model.tokenizer.json")).json();
   for (const [token, id] of Object.entries(tokenizer.model.vocab)) { itos[id] = token; stoi.set(token, id); }
   session = await ort.InferenceSession.create("model.onnx", {executionProviders: ["wasm"]});
   const held = meta.held_out_bits_per_char;
