@@ -36,6 +36,12 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
+def _cuda_bf16() -> bool:
+    """Whether the current CUDA GPU has native bf16 (Ampere and newer). torch's check counts emulated bf16
+    (V100, T4) unless told not to: there a bf16 step runs, far slower than fp32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; an unknown or unavailable device is a ``ConfigError``."""
     if name == "auto":
@@ -143,7 +149,7 @@ def check_precision(precision: str, device: torch.device, model: ModelConfig | N
     if precision in ("fp32", "auto"):  # auto is resolved first (resolve_precision), to a precision that runs
         return None
     if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16" and not _cuda_bf16():
             raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
                               f"use fp16 or fp32")
     elif device.type != "cpu" or precision != "bf16":
@@ -176,7 +182,7 @@ def resolve_precision(precision: str, device: torch.device, model: ModelConfig) 
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if _cuda_bf16() else "fp32"
     if device.type != "cpu":
         return "fp32"
     probe = probe_precision("bf16", str(device), model)
@@ -235,7 +241,7 @@ def describe_machine() -> list[tuple[str, str]]:
     rows.append(("fp16 on cpu", "no (oneDNN has no fp16 LSTM for training; charlm offers fp16 on CUDA only)"))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            bf16 = "bf16 and fp16" if torch.cuda.is_bf16_supported() else "fp16 only"
+            bf16 = "bf16 and fp16" if _cuda_bf16() else "fp16 only"
             cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "absent"
             rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)}, {bf16}, cuDNN {cudnn}"))
     else:

@@ -13,6 +13,7 @@ prediction of every character before it is seen.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.config import DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+from charlm.config import (DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, EVAL_NUM_STEPS,
+                           REGULARISERS)
 from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split
 from charlm.tokens import windows
@@ -90,7 +92,7 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     finally:
         model.train(was_training)
     if dist is not None:
-        dist.sum(total)
+        total = dist.sum(total)
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
 
 
@@ -119,7 +121,7 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     if prior_ids is not None and len(prior_ids) < 2:
         raise ConfigError(f"dynamic evaluation's prior needs at least 2 characters, got {len(prior_ids)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = copy.deepcopy(model).to(device).eval()  # adapted here, never the caller's
+    model = _adaptable_copy(model, device)  # adapted here, never the caller's
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
     n_prior = _num_segments(len(prior_ids), 1, num_steps) if prior_ids is not None else 0
@@ -143,6 +145,17 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
             progress(done)
     B, cols, _ = _rows(len(ids), batch_size)
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def _adaptable_copy(model, device):
+    """A copy of ``model`` to learn from the text: every dropout off, yet in training mode, because cuDNN runs
+    an RNN's backward pass only in training mode (a model in ``eval()`` is refused on CUDA GPUs); with its
+    dropouts at 0, training mode computes what evaluation mode does."""
+    config = dataclasses.replace(model.config, dropout=0.0, **{name: 0.0 for name in REGULARISERS})
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the caller's RNG
+        copy_ = type(model).from_config(config)
+    copy_.load_state_dict(copy.deepcopy(model.state_dict()))
+    return copy_.to(device).train()
 
 
 def _num_segments(n: int, batch_size: int, num_steps: int) -> int:

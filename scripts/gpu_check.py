@@ -18,7 +18,12 @@ What it does, each part printing its figures:
    held-out loss of the same weights on both devices;
 4. greedy generation of the same checkpoint on the GPU and on the CPU: identical, or where the
    texts first differ;
-5. speed: tokens/s of `charlm.train` with the LSTM 2 x 512, embedding 64, batch 128 x 100 (Adam,
+5. the paths no CPU test reaches: ``--precision auto``'s choice (native bf16 only: torch's own check
+   counts emulated bf16 on a V100 or T4), dynamic evaluation (a backward pass through cuDNN's RNN,
+   which cuDNN allows only in training mode) against the CPU's figure, and ``charlm serve``'s scoring
+   path (``echo`` + ``logprobs``: the prompt's log-probabilities gathered beside the logits) against the
+   CPU's;
+6. speed: tokens/s of `charlm.train` with the LSTM 2 x 512, embedding 64, batch 128 x 100 (Adam,
    clip 1, dropout 0.5) against a bare cuDNN loop (the same model written plainly, the same
    batches from pinned memory, no per-step sync), alternating, in this one process; fp32, and bf16
    where supported. Goal: charlm >= 0.9x the bare loop.
@@ -31,6 +36,7 @@ import math
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loops import ExpertModel  # noqa: E402  (the bare model, written plainly)
 
 import charlm  # noqa: E402
+from charlm.config import SampleConfig  # noqa: E402
 from charlm.data import load_split, sequential_batches  # noqa: E402
-from charlm.device import autocast, resolve_device  # noqa: E402
+from charlm.device import _cuda_bf16, autocast, resolve_device, resolve_precision  # noqa: E402
+from charlm.evaluation import evaluate_dynamic  # noqa: E402
 
 SPEED = dict(cell="lstm", hidden_size=512, num_layers=2, embedding_dim=64, dropout=0.5, batch_size=128,
              num_steps=100, optimizer="adam", lr=3e-3, clip=1.0)
@@ -56,7 +64,7 @@ def section(title: str) -> None:
 def precisions(device: torch.device) -> list[str]:
     if device.type != "cuda":
         return ["fp32", "bf16"] if device.type == "cpu" else ["fp32"]
-    return ["fp32"] + (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
+    return ["fp32"] + (["bf16"] if _cuda_bf16() else []) + ["fp16"]
 
 
 def sync(device: torch.device) -> None:
@@ -72,7 +80,7 @@ def train_and_resume(corpus: str, device: str, precision: str, steps: int, work:
     def cfg(out, max_steps):
         return charlm.TrainConfig(corpus=corpus, out=str(work / out), device=device, precision=precision,
                                   max_steps=max_steps, eval_every=max(1, steps // 4), time_limit=None,
-                                  patience=None, **small)
+                                  patience=None, lr_schedule="plateau", **small)  # (split by --max-steps: no plan)
 
     t0 = time.perf_counter()
     whole = charlm.train(cfg(f"{precision}-whole", steps), overwrite=True)
@@ -142,6 +150,30 @@ def charlm_speed(corpus, device, precision, steps, work) -> float:
     return (last - first) * SPEED["batch_size"] * SPEED["num_steps"] / (ticks[last] - ticks[first])
 
 
+def score_prompt(model, vocab, prompt: str) -> list[float]:
+    """The log-probabilities ``charlm serve`` answers for ``prompt`` under ``echo`` + ``logprobs`` (its engine, no HTTP)."""
+    from charlm.serve.engine import Engine, Request
+
+    events, done = [], threading.Event()
+
+    def deliver(event):
+        events.append(event)
+        if event[0] in ("done", "error"):
+            done.set()
+
+    engine = Engine(model, vocab, slots=2)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    engine.submit(Request(vocab.encode(prompt), SampleConfig(length=0), deliver, logprobs=2, prompt_logprobs=True))
+    done.wait(120)
+    engine.stop()
+    thread.join(10)
+    errors = [e[1] for e in events if e[0] == "error"]
+    if errors or not done.is_set():
+        raise SystemExit(f"the scoring path failed on {next(model.parameters()).device}: {errors or 'no answer'}")
+    return [lp for e in events if e[0] == "prompt" for _, lp, _ in e[1] if lp is not None]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus")
@@ -166,7 +198,7 @@ def main(argv=None) -> int:
     section("machine")
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
           f"device {device}" + (f" = {torch.cuda.get_device_name(device)}, bf16 "
-                                f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}" if device.type == "cuda" else ""))
+                                f"{'yes' if _cuda_bf16() else 'no'}" if device.type == "cuda" else ""))
 
     section(f"training on {device}, {args.steps} steps, stopped half way and resumed")
     runs = {p: train_and_resume(args.corpus, str(device), p, args.steps, work, small) for p in precisions(device)}
@@ -197,6 +229,21 @@ def main(argv=None) -> int:
           + ("identical" if first is None else f"first difference at character {first - len(prefix)}: "
              f"{text_dev[max(0, first - 30):first + 10]!r} vs {text_cpu[max(0, first - 30):first + 10]!r}"))
     print(f"{text_dev[:160]!r}")
+
+    section("--precision auto, dynamic evaluation and the server's scoring path, on the device and on the CPU")
+    auto = resolve_precision("auto", device, on_dev.config)
+    print(f"--precision auto -> {auto}" + (f" (native bf16: {_cuda_bf16()}; torch's check with emulation: "
+                                            f"{torch.cuda.is_bf16_supported()})" if device.type == "cuda" else ""))
+    tail = data.val_ids[:3000]
+    dyn = {d: evaluate_dynamic(m.model, tail, device=torch.device(d)) for d, m in ((str(device), on_dev),
+                                                                                  ("cpu", on_cpu))}
+    print(f"dynamic evaluation of {dyn['cpu'].tokens:,} held-out characters: {dyn[str(device)].bits_per_char:.5f} "
+          f"bits/char on {device}, {dyn['cpu'].bits_per_char:.5f} on the CPU")
+    prompt = on_cpu.vocab.decode(data.val_ids[:200])
+    scored = {d: score_prompt(m.model, m.vocab, prompt) for d, m in ((str(device), on_dev), ("cpu", on_cpu))}
+    worst = max(abs(a - b) for a, b in zip(scored[str(device)], scored["cpu"]))
+    print(f"the server's echo + logprobs of a {len(prompt)}-character prompt: {len(scored['cpu'])} log-probabilities, "
+          f"largest difference between the devices {worst:.2e}")
 
     section(f"speed: LSTM 2 x {SPEED['hidden_size']}, embedding 64, batch {SPEED['batch_size']} x "
             f"{SPEED['num_steps']}, {args.speed_steps} timed steps, median of {args.repeats} alternating runs")
