@@ -23,13 +23,23 @@ import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_PRIOR_CHARS, DYNAMIC_RULE,
                            DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
-                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SMALL_CORPUS_CHARS,
+                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
 _SAMPLE = SampleConfig()
 _PREPROCESS_HELP = "raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case)."
+
+
+class _FloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities (which every comparison of a range lets through)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return value
 
 
 def _d(name):
@@ -180,16 +190,16 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--num-layers", type=click.IntRange(min=1), default=_d("num_layers"), help="Stacked recurrent layers.")
 @click.option("--embedding-dim", type=click.IntRange(min=0), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout"),
+@click.option("--dropout", type=_FloatRange(0, 1, max_open=True), default=_d("dropout"),
               help="Dropout between layers and before the output layer (the locked dropouts below replace it "
                    "by default).")
-@click.option("--weight-drop", type=click.FloatRange(0, 1, max_open=True), default=_d("weight_drop"),
+@click.option("--weight-drop", type=_FloatRange(0, 1, max_open=True), default=_d("weight_drop"),
               help="DropConnect on each hidden-to-hidden matrix (AWD-LSTM): one mask per batch, training only.")
-@click.option("--dropout-input", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_input"),
+@click.option("--dropout-input", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_input"),
               help="Locked dropout on the recurrent core's input: one mask per sequence, the same at every step.")
-@click.option("--dropout-hidden", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_hidden"),
+@click.option("--dropout-hidden", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_hidden"),
               help="Locked dropout between recurrent layers.")
-@click.option("--dropout-output", type=click.FloatRange(0, 1, max_open=True), default=_d("dropout_output"),
+@click.option("--dropout-output", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_output"),
               help="Locked dropout on the last recurrent layer's output, before the output layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_d("batch_size"), help="Sequences per batch (B).")
 @click.option("--num-steps", type=click.IntRange(min=1), default=_d("num_steps"),
@@ -197,16 +207,16 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--sampling", type=click.Choice(SAMPLINGS), default=_d("sampling"),
               help="random: shuffled windows, fresh state each batch; sequential: state carried across batches.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_d("optimizer"), help="SGD (d2l) or Adam.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=_FloatRange(min=0, min_open=True), default=None,
               show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
-@click.option("--clip", type=click.FloatRange(min=0), default=_d("clip"),
+@click.option("--clip", type=_FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+@click.option("--weight-decay", type=_FloatRange(min=0), default=None,
               show_default=f"{SMALL_CORPUS_WEIGHT_DECAY:g} for a training text under {SMALL_CORPUS_CHARS:,} "
                            f"characters, else 0",
               help="Shrink each weight matrix (not the biases) by lr x this each step, apart from the gradient "
                    "(AdamW under adam; the same rule under sgd); 0 = off.")
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=_d("lr_decay"),
+@click.option("--lr-decay", type=_FloatRange(0, 1, min_open=True), default=_d("lr_decay"),
               help="plateau schedule: multiply the learning rate by this after each evaluation without improvement; "
                    "1 = constant.")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=_d("lr_schedule"),
@@ -216,9 +226,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "first evaluation; the plan is saved, so a resume follows it, and the run stops at its end.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
-@click.option("--time-limit", type=click.FloatRange(min=0), default=_d("time_limit"),
+@click.option("--time-limit", type=_FloatRange(min=0), default=_d("time_limit"),
               help="Stop after this many seconds of training; 0 = no limit.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=_d("val_fraction"),
+@click.option("--val-fraction", type=_FloatRange(0, 1, min_open=True, max_open=True), default=_d("val_fraction"),
               help="Fraction of the text, from its end, held out for evaluation.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=_d("eval_every"),
               help="Steps between held-out evaluations (each saves last/, and best/ when better).")
@@ -229,7 +239,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               show_default="5 under --lr-schedule plateau, else never: a planned schedule ends the run",
               help="Stop after this many evaluations without improvement; 0 = never.")
-@click.option("--seed", type=int, default=_d("seed"), help="Seed for initialisation, data order and dropout.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=_d("seed"),
+              help="Seed for initialisation, data order and dropout (0 to 2**63 - 1).")
 @click.option("--device", default=_d("device"), help=f"{DEVICE_CHOICES}; under torchrun, cuda means cuda:LOCAL_RANK.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_d("precision"),
               help="Training steps in fp32, or under autocast: bf16 (CUDA GPUs that support it, CPUs) or fp16 "
@@ -237,7 +248,7 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "else fp32. Weights, optimizer state and held-out evaluation stay fp32.")
 @click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
               help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
-@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
+@click.option("--dist-timeout", type=_FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
               help="Under torchrun: seconds a process waits for another that stopped answering before the run "
                    "stops (torchrun notices one that exits within a second).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
@@ -430,13 +441,14 @@ def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.Click
 @click.option("--checkpoint", type=click.Path(), default=None, show_default="the newest run under ./checkpoints",
               help="A run directory (its best/) or a checkpoint directory.")
 @click.option("--length", type=click.IntRange(min=0), default=_SAMPLE.length, help="Characters to add to the prefix.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=_SAMPLE.temperature,
+@click.option("--temperature", type=_FloatRange(min=0), default=_SAMPLE.temperature,
               help="0 = greedy (argmax); higher = more random.")
 @click.option("--top-k", type=click.IntRange(min=1), default=_SAMPLE.top_k,
               help="Sample only among the k most probable characters.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=_SAMPLE.top_p,
+@click.option("--top-p", type=_FloatRange(0, 1, min_open=True), default=_SAMPLE.top_p,
               help="Sample only from the smallest set with this much probability.")
-@click.option("--seed", type=int, default=_SAMPLE.seed, help="Seed for sampling: the same seed gives the same text.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=_SAMPLE.seed,
+              help="Seed for sampling (0 to 2**63 - 1): the same seed gives the same text.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=_SAMPLE.num_samples,
               help="Samples, generated as one batch.")
 @click.option("--normalize", is_flag=True, help="Apply the checkpoint's preprocessing to the prefix first.")
@@ -495,9 +507,9 @@ def _rule_defaults(i: int) -> str:
 @click.option("--dynamic-rule", type=click.Choice(sorted(DYNAMIC_RULES)), default=DYNAMIC_RULE, show_default=True,
               help="Dynamic evaluation's step: rms divides each gradient by the root of its running mean square "
                    "(Krause et al.), sgd is the plain step.")
-@click.option("--dynamic-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--dynamic-lr", type=_FloatRange(min=0, min_open=True), default=None,
               show_default=_rule_defaults(0), help="Dynamic evaluation's step size.")
-@click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=None, show_default=_rule_defaults(2),
+@click.option("--dynamic-decay", type=_FloatRange(0, 1), default=None, show_default=_rule_defaults(2),
               help="Dynamic evaluation: the share of the way back to the trained weights after each step (rms: "
                    "times each weight's root mean square over their mean, at most all the way).")
 @click.option("--dynamic-steps", type=click.IntRange(min=1), default=None, show_default=_rule_defaults(1),
@@ -672,7 +684,7 @@ def export(run, fmt, out, quiet):
 @click.option("--api-key", default=None, envvar="CHARLM_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every API call.")
 @click.option("--max-length", type=click.IntRange(min=1), default=5000, help="Most characters one request may ask for.")
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
+@click.option("--max-seconds", type=_FloatRange(min=0, min_open=True), default=60.0,
               help="Time cap of one generation.")
 @click.option("--slots", type=click.IntRange(min=1), default=16,
               help="Sequences generated together, one batched step per character (a request for N samples "

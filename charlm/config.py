@@ -48,6 +48,9 @@ DYNAMIC_RULES = {"rms": (5e-4, 50, 0.01), "sgd": (0.3, 100, 0.0)}
 DYNAMIC_RULE = "rms"
 DYNAMIC_RMS_BETA = 0.99  # the running mean square's decay per segment (bias-corrected when it starts from zero)
 DYNAMIC_PRIOR_CHARS = 100_000  # of the run's training text, for the rms rule's starting mean square
+# Seeds (training, sampling, the server's requests): integers from 0 to SEED_MAX, the range numpy's SeedSequence
+# takes (no negative seeds) and a signed 64-bit integer holds.
+SEED_MAX = 2**63 - 1
 EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the held-out tail (when it has it)
 
 
@@ -72,8 +75,21 @@ def _check(checks) -> None:
             raise ConfigError(message)
 
 
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _is_int(value, minimum: int, maximum: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            and (maximum is None or value <= maximum))
+
+
+def _is_number(value) -> bool:
+    """A real number that is no bool (NaN included: the range checks refuse it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def seed_error(seed) -> str | None:
+    """Why ``seed`` is not a seed charlm takes (an integer from 0 to SEED_MAX), or None."""
+    if _is_int(seed, 0, SEED_MAX):
+        return None
+    return f"seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {seed!r}"
 
 
 @dataclass(frozen=True)
@@ -204,6 +220,7 @@ class TrainConfig:
             (self.dist_backend in DIST_BACKENDS, f"dist backend must be one of {', '.join(DIST_BACKENDS)}"),
             (self.dist_timeout > 0, f"dist timeout must be > 0 seconds, got {self.dist_timeout}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (seed_error(self.seed) is None, seed_error(self.seed)),
         ])
         self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
 
@@ -285,9 +302,12 @@ class SampleConfig:
 
     def __post_init__(self):
         _check([
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (self.top_k is None or self.top_k >= 1, f"top-k must be >= 1, got {self.top_k}"),
-            (self.top_p is None or 0 < self.top_p <= 1, f"top-p must lie in (0, 1], got {self.top_p}"),
-            (self.length >= 0, f"length must be >= 0, got {self.length}"),
-            (self.num_samples >= 1, f"num-samples must be >= 1, got {self.num_samples}"),
+            (_is_number(self.temperature) and 0 <= self.temperature < float("inf"),
+             f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"),
+            (self.top_k is None or _is_int(self.top_k, 1), f"top-k must be an integer >= 1, got {self.top_k!r}"),
+            (self.top_p is None or (_is_number(self.top_p) and 0 < self.top_p <= 1),
+             f"top-p must lie in (0, 1], got {self.top_p!r}"),
+            (_is_int(self.length, 0), f"length must be an integer >= 0, got {self.length!r}"),
+            (_is_int(self.num_samples, 1), f"num-samples must be an integer >= 1, got {self.num_samples!r}"),
+            (self.seed is None or seed_error(self.seed) is None, seed_error(self.seed)),
         ])

@@ -84,7 +84,10 @@ def draw(logits: torch.Tensor, params: DrawParams, u: torch.Tensor | None) -> to
     temperature-scaled logits."""
     if params.all_greedy:
         return logits.argmax(-1)
-    logits_t = _filter_rows(logits.float() / params.temps, params)
+    logits = logits.float()
+    # shifted by each row's largest logit first, so that a tiny temperature cannot overflow to inf (NaN after
+    # softmax): the largest is 0 at any temperature, and the others at most 0
+    logits_t = _filter_rows((logits - logits.amax(-1, keepdim=True)) / params.temps, params)
     cdf = logits_t.softmax(-1).double().cumsum(-1)  # (N, V)
     idx = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)  # scaled: no drift past 1
     idx = idx.clamp_(max=logits.shape[-1] - 1)

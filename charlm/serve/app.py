@@ -40,6 +40,7 @@ from charlm.serve.server import ApiError, Job, Service
 
 _POST_PATHS = ("/generate", "/v1/completions")
 _GET_PATHS = ("/", "/health", "/info", "/metrics", "/v1/models", "/docs", "/openapi.json")
+_METHODS = ("GET", "POST", "HEAD", "OPTIONS")  # the request counter's method labels; any other is "other"
 _OPENAI_REASONS = {"length": "length", "time": "length", "stop": "stop", "cancelled": "stop"}
 
 
@@ -366,12 +367,13 @@ class Guard:
         headers = Headers(scope=scope)
         path, method = scope["path"], scope["method"]
         label = path if path in _GET_PATHS or path in _POST_PATHS else "other"
+        method_label = method if method in _METHODS else "other"  # a client cannot grow the label set
         metrics = self.service.metrics
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 if metrics is not None:  # counted before the client can have its answer (and read /metrics)
-                    metrics.answered(label, method, message["status"])
+                    metrics.answered(label, method_label, message["status"])
                 h = MutableHeaders(scope=message)
                 h.setdefault("X-Content-Type-Options", "nosniff")
                 h.setdefault("Referrer-Policy", "no-referrer")

@@ -60,8 +60,9 @@ class Request:
     read: int = 0  # prompt characters read
     steps: int = 0  # characters generated per sample
     first_sent: bool = False
-    uniforms: object = None  # its samples' uniform streams (charlm.sample._Uniforms), made at its first tick
+    uniforms: object = None  # its samples' uniform streams (charlm.sample._Uniforms), made when it is warmed up
     rows: list = field(default_factory=list)
+    ended: bool = False  # its slots are released and its last event sent (exactly once)
 
     @property
     def n(self) -> int:
@@ -151,7 +152,10 @@ class Engine:
     def submit(self, req: Request) -> None:
         if req.n > self.slots:
             raise ValueError(f"{req.n} samples need more than the {self.slots} slots")
+        if self.stopping:
+            raise Busy("the server is stopping")
         with self.lock:
+            self._prune_queue()
             if not self.queue and self.reserved + req.n <= self.slots:
                 self.reserved += req.n
                 self.admitted.append(req)
@@ -163,8 +167,14 @@ class Engine:
             self._gauges()
         self.wake.set()
 
+    def _prune_queue(self) -> None:
+        """Drop the queued requests whose clients left (under the lock): they hold no place in the queue."""
+        if any(r.cancelled.is_set() for r in self.queue):
+            self.queue = deque(r for r in self.queue if not r.cancelled.is_set())
+
     def health(self) -> dict:
         with self.lock:
+            self._prune_queue()
             return {"busy": self.reserved > 0, "running": self.reserved, "waiting": len(self.queue),
                     "slots": self.slots, "served": self.served}
 
@@ -202,23 +212,39 @@ class Engine:
             self.wake.wait(0.2)
             self.wake.clear()
             return
+        ready = []
+        for req in list(self.warming):  # a request's own work: an error there ends that request alone
+            try:
+                if self._warm(req):
+                    ready.append(req)
+            except Exception as exc:  # noqa: BLE001 - reported to its request; the engine goes on
+                self._fail([req], exc)
+        before = [r.req for r in self.rows]
         try:
-            ready = [req for req in list(self.warming) if self._warm(req)] if self.warming else []
             if ready or self.dirty:
                 self._update_batch(ready)
             if self.rows:
                 self._tick()
-        except Exception as exc:  # noqa: BLE001 - reported to every request in flight; the engine goes on
-            failed = self._all_requests()  # (the queued ones too: the engine starts afresh)
-            self.warming, self.rows, self.stepper, self.requests, self.dirty = [], [], None, [], False
-            with self.lock:  # the slots are free before anyone hears of the error
-                self.reserved = 0
-                self._gauges()
-            for req in failed:
-                self._send(req, ("error", exc))
+        except Exception as exc:  # noqa: BLE001 - the batch's step: every request in it (and only those) ends
+            touched = [*before, *ready, *(r.req for r in self.rows)]
+            self.rows, self.stepper, self.params, self.requests, self.dirty = [], None, None, [], False
+            self.uniform_parts, self.wants_logprobs = [], False
+            self._fail(list(dict.fromkeys(touched)), exc)
+
+    def _fail(self, requests: list[Request], exc: Exception) -> None:
+        """End ``requests`` with ``exc``: each one's slots are freed (the queue moves up) before it hears of it."""
+        for req in requests:
+            if req.ended:
+                continue
+            if req in self.warming:
+                self.warming.remove(req)
+            req.ended = True
+            self._release(req)
+            self._send(req, ("error", exc))
 
     def _all_requests(self) -> list[Request]:
-        seen = dict.fromkeys([*self.warming, *(r.req for r in self.rows)])
+        """Every request the engine holds or has queued, taken out of the queue (at shutdown)."""
+        seen = dict.fromkeys([*self.warming, *(r.req for r in self.rows if not r.req.ended)])
         with self.lock:
             seen.update(dict.fromkeys([*self.admitted, *self.queue]))
             self.admitted, self.queue = [], deque()
@@ -248,6 +274,8 @@ class Engine:
             return False
         if req.state is None:
             req.state = self.model.init_state(1, device=self.device)
+        if req.options.temperature > 0:
+            req.uniforms = _Uniforms(req.options.seed, req.n, self.device)
         return True
 
     def _prompt_entries(self, req: Request, logits: torch.Tensor) -> list:
@@ -259,12 +287,14 @@ class Engine:
         if not len(targets):
             return entries
         lp = torch.log_softmax(logits[:len(targets)].float(), -1)
-        chosen = lp.gather(1, torch.as_tensor(targets.astype(np.int64)).unsqueeze(1))[:, 0].tolist()
+        index = torch.as_tensor(targets.astype(np.int64), device=lp.device).unsqueeze(1)  # beside the logits
+        chosen = lp.gather(1, index)[:, 0].tolist()
         tops = self._tops(lp, req.logprobs)
         return entries + [(self.itos[int(t)], c, top) for t, c, top in zip(targets, chosen, tops)]
 
     def _tops(self, lp: torch.Tensor, n: int | None) -> list:
-        if not n:
+        """Per position, the ``n`` most probable characters and their log-probabilities (``{}`` for 0)."""
+        if n is None:
             return [None] * len(lp)
         values, idx = lp.topk(min(n, lp.shape[-1]), dim=-1)
         return [{self.itos[i]: v for i, v in zip(ri, rv) if v > -math.inf}  # (JSON has no -inf)
@@ -341,9 +371,7 @@ class Engine:
         """This tick's uniform per row: each request's stream advances once for all its samples."""
         parts = []
         for req, places in self.uniform_parts:
-            if req.options.temperature > 0:
-                if req.uniforms is None:
-                    req.uniforms = _Uniforms(req.options.seed, req.n, self.device)
+            if req.uniforms is not None:
                 u = req.uniforms.next()
             else:
                 u = torch.zeros(req.n, dtype=torch.float64, device=self.device)
@@ -396,6 +424,9 @@ class Engine:
 
     def _finish(self, req: Request, reason: str | None) -> None:
         # the books first: a client that has its answer may read /metrics or send its next request at once
+        if req.ended:
+            return
+        req.ended = True
         info = self._info(req, reason)
         self._release(req)
         self.served += 1
@@ -414,6 +445,7 @@ class Engine:
         """Free the request's rows and admit what now fits from the queue (in order)."""
         with self.lock:
             self.reserved -= req.n
+            self._prune_queue()
             while self.queue and self.reserved + self.queue[0].n <= self.slots:
                 nxt = self.queue.popleft()
                 self.reserved += nxt.n

@@ -13,7 +13,7 @@ from typing import Any
 import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from charlm.config import SampleConfig
+from charlm.config import SEED_MAX, SampleConfig
 
 _DEFAULTS = SampleConfig()
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -32,7 +32,9 @@ class GenerateBody(BaseModel):
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="0: greedy.")
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = Field(None, description="The same seed gives the same text; omitted: the answer names one.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX,
+                             description="The same seed gives the same text (0 to 2**63 - 1); omitted: the answer "
+                                         "names one.")
     num_samples: int = Field(1, ge=1)
     normalize: bool = Field(False, description="Apply the model's preprocessing to the prompt first.")
     stream: bool = Field(False, description="Server-Sent Events instead of one JSON answer.")
@@ -56,7 +58,7 @@ class CompletionBody(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="0 to 2**63 - 1; omitted: one is chosen.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
