@@ -108,9 +108,7 @@ class _Batches:
                 f"the corpus has {len(self.ids)} tokens, but batch size {batch_size} x {num_steps} steps "
                 f"needs at least {need}"
             )
-        self.rng = np.random.default_rng([seed, epoch])
-        # d2l draws the offset from [0, T]; the last value only ever drops data (d2l-zh #1302).
-        self.offset = int(self.rng.integers(0, num_steps))
+        self.rng, self.offset = _epoch_rng(seed, epoch, num_steps)
         self.start = start
         share = batch_size // world_size
         self.rows = slice(rank * share, (rank + 1) * share)
@@ -183,10 +181,40 @@ class sequential_batches(_Batches):  # noqa: N801
             yield window[:, :-1], window[:, 1:]
 
 
+def _epoch_rng(seed: int, epoch: int, num_steps: int) -> tuple[np.random.Generator, int]:
+    """An epoch's generator and its random offset, its first draw: in ``[0, T-1]`` (d2l draws from ``[0, T]``;
+    the last value only ever drops data, d2l-zh #1302)."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng, int(rng.integers(0, num_steps))
+
+
 def count_batches(num_tokens: int, batch_size: int, num_steps: int, offset: int = 0) -> int:
     """Batches in an epoch of ``num_tokens`` ids at ``offset``, without building the iterator: the same
     for both samplings (windows of ``T`` taken ``B`` at a time, or rows of ``B`` cut into blocks of ``T``)."""
     return (num_tokens - offset - 1) // (batch_size * num_steps)
+
+
+EXACT_EPOCHS = 100_000  # run_batches counts each epoch's batches up to this many epochs (about a second)
+
+
+def run_batches(num_tokens: int, batch_size: int, num_steps: int, seed: int, epochs: int,
+                cap: int | None = None) -> int:
+    """Batches in epochs ``0 .. epochs-1`` of a run, each at its own random offset (which may drop one), at
+    most ``cap``. Exact up to EXACT_EPOCHS epochs; past them each epoch counts as its fewest batches, so the
+    figure is never more than the run takes."""
+    fewest = count_batches(num_tokens, batch_size, num_steps, num_steps - 1)
+    if fewest == count_batches(num_tokens, batch_size, num_steps):  # no offset drops a batch
+        total = fewest * epochs
+    else:
+        total = 0
+        for epoch in range(epochs):
+            if cap is not None and total >= cap:
+                break
+            if epoch == EXACT_EPOCHS:
+                total += fewest * (epochs - epoch)
+                break
+            total += count_batches(num_tokens, batch_size, num_steps, _epoch_rng(seed, epoch, num_steps)[1])
+    return total if cap is None else min(total, cap)
 
 
 def make_batches(sampling: str, ids, batch_size, num_steps, **kwargs) -> _Batches:

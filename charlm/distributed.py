@@ -34,8 +34,10 @@ class Dist:
         return self.rank == 0
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over all ranks (in place), or ``tensor`` itself in one process."""
+        """The sum over all ranks, as a new tensor (``tensor`` is left as it is: a sum reduced in place and
+        reduced again later counts every rank's share twice), or ``tensor`` itself in one process."""
         if self.enabled:
+            tensor = tensor.clone()
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
 
@@ -46,6 +48,16 @@ class Dist:
         t = torch.tensor([int(bool(f)) for f in flags], device=device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return [bool(v) for v in t.tolist()]
+
+    def agree(self, flags: list[bool], value: int, device) -> tuple[list[bool], int]:
+        """:meth:`any` of ``flags`` and rank 0's ``value`` (an int >= -1), in one collective."""
+        if not self.enabled:
+            return [bool(f) for f in flags], value
+        t = torch.tensor([int(bool(f)) for f in flags] + [value + 1 if self.is_main else 0], device=device,
+                         dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        values = t.tolist()
+        return [bool(v) for v in values[:-1]], values[-1] - 1
 
     def broadcast_int(self, value: int, device) -> int:
         """Rank 0's ``value`` on every rank (a decision rank 0 took from its own clock)."""

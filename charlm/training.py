@@ -14,10 +14,23 @@ Events:
 
 Resuming is exact: the data order depends only on ``(seed, epoch)``; :class:`RunState` holds
 everything else that moves (the step, the position in the epoch, the best loss, the evaluations
-since it, the lr, the carried hidden state) and is saved whole, with the optimizer and every RNG
-state, in each checkpoint; nothing in the schedule depends on ``max_steps``, ``time_limit`` or
-wall time. So a run stopped at step 30 and resumed to step 60 ends with the weights of one run
-to step 60.
+since it, the lr and its plan, the carried hidden state) and is saved whole, with the optimizer and
+every RNG state, in each checkpoint. So a run stopped at any step (a signal, a crash, a time limit,
+``--max-steps``) and resumed ends with the weights of the run that was never stopped, provided
+the lr follows the same plan:
+
+- under ``--lr-schedule plateau`` nothing depends on the run's length: 30 steps then a resume to 60
+  equal 60 straight;
+- a planned schedule (``hold-decay``, ``cosine``) is fixed before the first step, from ``--epochs``
+  and ``--max-steps`` (:meth:`Trainer.total_steps`), and saved: a resume follows it (a resume with
+  a larger ``--max-steps`` still ends at the saved plan's end; a smaller one shortens the plan
+  from where the run stands). So a planned run interrupted and resumed equals the straight run,
+  while 30 steps planned as 30 then resumed to 60 are not the 60-step plan;
+- under ``--time-limit`` the plan is shortened while the run goes, from the step time measured
+  since the invocation's first evaluation, whenever the time left cannot hold it: that depends on
+  the clock, so such a run is repeatable only as far as the clock allowed the same plan.
+
+In every case the last step taken is the schedule's last step: its lr is the schedule's end (0).
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import torch.nn.functional as F
 
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import HOLD_FRACTION, TrainConfig
-from charlm.data import RunData, count_batches, load_split, make_batches, min_tokens
+from charlm.data import RunData, load_split, make_batches, min_tokens, run_batches
 from charlm.device import autocast, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
@@ -83,7 +96,8 @@ class RunState:
     plateau_loss: float = math.inf  # lowest of the scheduled evaluations (every eval_every steps) only
     evals_since_best: int = 0  # scheduled evaluations since plateau_loss last fell: the lr decay and patience
     nonfinite: int = 0  # consecutive steps whose loss was not finite
-    planned_steps: int | None = None  # a planned lr schedule's length, fixed once known (saved: a resume follows it)
+    planned_steps: int | None = None  # a planned lr schedule's length, fixed at the start (saved: a resume follows it)
+    plan_anchor: tuple[int, float] | None = None  # (step, lr) a shortened plan falls from (see scheduled_lr)
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
     def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist(), scaler=None) -> dict:
@@ -95,7 +109,8 @@ class RunState:
         return {"optimizer": optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "best_loss": self.best_loss,
                 "plateau_loss": self.plateau_loss, "evals_since_best": self.evals_since_best,
-                "nonfinite": self.nonfinite, "planned_steps": self.planned_steps, "torch_rng": rng,
+                "nonfinite": self.nonfinite, "planned_steps": self.planned_steps,
+                "plan_anchor": list(self.plan_anchor) if self.plan_anchor is not None else None, "torch_rng": rng,
                 "rank_rng": [r.clone() for r in dist.gather_rows(rng.unsqueeze(0), dim=0)] if dist.enabled else None,
                 "world_size": dist.world_size,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -124,20 +139,29 @@ class RunState:
                    batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
                    plateau_loss=saved.get("plateau_loss", saved["best_loss"]),  # older checkpoints: the same
                    evals_since_best=saved["evals_since_best"], nonfinite=saved.get("nonfinite", 0),
-                   planned_steps=saved.get("planned_steps"), hidden=hidden)
+                   planned_steps=saved.get("planned_steps"),
+                   plan_anchor=tuple(saved["plan_anchor"]) if saved.get("plan_anchor") is not None else None,
+                   hidden=hidden)
 
 
-def scheduled_lr(schedule: str, base: float, step: int, planned: int | None) -> float:
-    """The lr of step ``step`` (0-based) of a planned schedule ``planned`` steps long: ``hold-decay`` holds
-    ``base`` for the first HOLD_FRACTION of the steps, then falls linearly, reaching 0 at step ``planned``;
-    ``cosine`` follows half a cosine from ``base`` to 0. ``base`` until the plan is known (and for plateau)."""
-    if schedule == "plateau" or not planned:
+def scheduled_lr(schedule: str, base: float, step: int, planned: int | None,
+                 anchor: tuple[int, float] | None = None) -> float:
+    """The lr of step ``step`` (0-based) of a planned schedule ``planned`` steps long, whose last step
+    (``planned - 1``) is its end, at lr 0: ``hold-decay`` holds ``base`` for the first HOLD_FRACTION of
+    the steps, then falls linearly; ``cosine`` follows half a cosine from ``base``. ``anchor`` ``(step, lr)``:
+    a plan shortened while the run went falls from there, from the lr it had, the same way to 0 at its
+    new last step (the lr never jumps). ``base`` for the plateau schedule, before a plan is known, and
+    for a plan of one step."""
+    if schedule == "plateau" or not planned or planned < 2:
         return base
-    step = min(step, planned)
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * step / planned))
-    hold = HOLD_FRACTION * planned
-    return base if step < hold else base * (planned - step) / (planned - hold)
+    last = planned - 1
+    if step >= last:
+        return 0.0
+    start, lr0 = anchor if anchor is not None else (HOLD_FRACTION * planned if schedule == "hold-decay" else 0, base)
+    if step < start:
+        return base
+    frac = (step - start) / (last - start)
+    return lr0 * 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else lr0 * (1.0 - frac)
 
 
 def _carried(state):
@@ -252,7 +276,10 @@ class Trainer:
         self.base_lr = cfg.resolved_lr()
         self.state = RunState(lr=self.base_lr)
         self.first_step = 0  # the step this invocation started from
-        self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see plan)
+        self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
+        self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
+        self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
+        self.time_shortened = False  # the time limit shortened the plan (the stop reason says so)
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
         self.interval = _Interval(device)
@@ -317,33 +344,78 @@ class Trainer:
     def planned(self) -> bool:
         return self.cfg.lr_schedule != "plateau"
 
-    def plan(self, at_evaluation: bool = False) -> None:
-        """Fix a planned schedule's length once it is known: from --max-steps or --epochs at the start, or,
-        under --time-limit, at the second scheduled evaluation of the invocation (before its checkpoints,
-        which keep the plan), from the time the steps and the evaluation between the first two took, rank
-        0's clock deciding. Not from the start: the first steps and the first evaluation run cold (a
-        first evaluation measured at several times its later cost made the final work's reserve eat 14%
-        of a 15-minute run). Never changed afterwards."""
-        st, cfg = self.state, self.cfg
-        if not self.planned or st.planned_steps is not None:
-            return
-        if cfg.time_limit is None:
+    def plan(self) -> None:
+        """Fix a planned schedule's length before the first step: the run's steps as ``--epochs`` and
+        ``--max-steps`` bound it (:meth:`total_steps`). A resumed run keeps the plan it saved."""
+        st = self.state
+        if self.planned and st.planned_steps is None:
             st.planned_steps = self.total_steps()
+
+    def mark_timing(self) -> None:
+        """At a scheduled evaluation: the first of the invocation starts the step-time measurement (the first
+        steps and the first evaluation run cold: a first evaluation measured at several times its later
+        cost made the final work's reserve eat 14% of a 15-minute run); each later one measures the
+        interval since the one before, from which :meth:`time_plan` estimates."""
+        st, now = self.state, self.elapsed()
+        if st.step == self.first_step:
             return
-        if not at_evaluation or st.step == self.first_step:
-            return  # not measured yet: the lr stays at its base until then
-        if self.plan_mark is None:  # the first evaluation: the warm-up is over
-            self.plan_mark = (st.step, self.elapsed())
-            return
-        per_step = (self.elapsed() - self.plan_mark[1]) / (st.step - self.plan_mark[0])
-        left = max(0.0, cfg.time_limit - self.elapsed() - self.reserve())
-        steps = self.dist.broadcast_int(st.step + int(left / per_step), self.device)
-        st.planned_steps = max(st.step + 1, min(steps, self.total_steps()))
+        if self.plan_mark is not None and st.step > self.last_mark[0]:
+            self.interval_s_per_step = (now - self.last_mark[1]) / (st.step - self.last_mark[0])
+        if self.plan_mark is None:
+            self.plan_mark = (st.step, now)
+        self.last_mark = (st.step, now)
+
+    def time_plan(self) -> int | None:
+        """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
+        reserve kept) at the slower of two step times: the mean since the first evaluation, and the last
+        interval between evaluations (so that a run that slows down is caught within an interval);
+        ``st.step`` when the time is up; None while nothing is measured yet."""
+        st, cfg = self.state, self.cfg
+        now = self.elapsed()
+        left = cfg.time_limit - now - self.reserve()
+        if left <= 0:
+            return st.step
+        if self.interval_s_per_step is None:
+            return None
+        per_step = max((now - self.plan_mark[1]) / (st.step - self.plan_mark[0]), self.interval_s_per_step)
+        return st.step + int(left / per_step)
+
+    def _proposal(self) -> int:
+        """Rank 0's :meth:`time_plan` under a planned schedule and --time-limit; -1 for none (other ranks too)."""
+        if not (self.planned and self.cfg.time_limit is not None and self.dist.is_main):
+            return -1
+        steps = self.time_plan()
+        return -1 if steps is None else steps
+
+    def fit_plan(self, proposal: int) -> None:
+        """Shorten the plan to rank 0's proposal (-1: none) when the time left cannot hold it."""
+        if proposal >= 0 and self.shorten_plan(proposal):
+            self.time_shortened = True
+
+    def shorten_plan(self, steps: int) -> bool:
+        """End the plan after ``steps`` steps in all (at least one more) when that is sooner than planned,
+        falling from the lr of the step about to be taken (no jump); True if it changed."""
+        st, cfg = self.state, self.cfg
+        steps = max(st.step + 1, steps)
+        if st.planned_steps is None or steps >= st.planned_steps:
+            return False
+        lr_now = scheduled_lr(cfg.lr_schedule, self.base_lr, st.step, st.planned_steps, st.plan_anchor)
+        held = cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and st.step < HOLD_FRACTION * steps
+        st.planned_steps = steps
+        if not held and st.step > 0:  # (still held under the shorter plan: its own shape, nothing to anchor)
+            st.plan_anchor = (st.step, lr_now)
+        return True
 
     def check_plan(self) -> None:
-        """On a resume: say when --max-steps asks for more than the saved plan, which the run will keep."""
+        """On a resume: a plan longer than --epochs and --max-steps now allow is shortened from here; one
+        they would extend is kept, and the run says so."""
         st, cfg = self.state, self.cfg
-        if self.planned and st.planned_steps is not None and cfg.max_steps and cfg.max_steps > st.planned_steps:
+        if not self.planned or st.planned_steps is None:
+            return
+        if self.shorten_plan(self.total_steps()):
+            self.emit("warning", {"message": f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} "
+                                             f"(--max-steps or --epochs), falling from step {st.step:,}"})
+        elif cfg.max_steps and cfg.max_steps > st.planned_steps:
             self.emit("warning", {"message": f"the {cfg.lr_schedule} schedule was planned for {st.planned_steps:,} "
                                              f"steps when the run started; the run ends there (--max-steps "
                                              f"{cfg.max_steps:,} does not extend a plan)"})
@@ -351,7 +423,7 @@ class Trainer:
     def apply_lr(self) -> None:
         """The planned lr of the step about to be taken."""
         st = self.state
-        st.lr = scheduled_lr(self.cfg.lr_schedule, self.base_lr, st.step, st.planned_steps)
+        st.lr = scheduled_lr(self.cfg.lr_schedule, self.base_lr, st.step, st.planned_steps, st.plan_anchor)
         for group in self.optimizer.param_groups:
             group["lr"] = st.lr
 
@@ -428,7 +500,9 @@ class Trainer:
         if scheduled:  # before the checkpoints, which hold the interval and the schedule
             iv.reset()
             self.plateau_step(val.loss)
-            self.plan(at_evaluation=True)
+            self.mark_timing()
+            if self.planned and self.cfg.time_limit is not None:  # the checkpoints below keep the plan
+                self.fit_plan(self.dist.broadcast_int(self._proposal(), self.device))
         improved = val.loss < st.best_loss
         if improved:
             st.best_loss, self.best_val = val.loss, val
@@ -467,7 +541,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.t_start = self.interval.t0 = time.perf_counter()
         self.first_step = st.step
-        self.plan()
+        self.plan()  # (done already by train(); here for a Trainer run on its own)
         self.model.train()
         while st.epoch < cfg.epochs:
             for X, Y in self.batches():
@@ -483,7 +557,11 @@ class Trainer:
         return f"{cfg.epochs} epochs done"
 
     def after_step(self, stop: dict) -> str | None:
-        """Report, evaluate on schedule, and say whether the run must stop now."""
+        """Report, evaluate on schedule, fit the plan to the time left, and say whether the run must stop now.
+
+        Under a planned schedule the plan decides the end: the time limit shortens it (so that its last
+        step is still the last one taken) rather than cutting the run. One collective per step under
+        torchrun: the signals every rank received, and rank 0's clock."""
         cfg, st, iv = self.cfg, self.state, self.interval
         if st.step % STEP_EVENT_EVERY == 0:
             self.emit("step", {"step": st.step, "loss_sum": iv.loss_sum, "interval_steps": iv.steps,
@@ -494,13 +572,17 @@ class Trainer:
             patience = cfg.resolved_patience()
             if patience is not None and st.evals_since_best >= patience:
                 reason = f"no held-out improvement in {patience} evaluations"
-        if st.planned_steps is not None and st.step >= st.planned_steps and reason is None:
-            reason = f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done"
-        time_up = cfg.time_limit is not None and self.elapsed() + self.reserve() >= cfg.time_limit
-        signalled, time_up = self.dist.any([bool(stop["signal"]), time_up], self.device)  # the same on every rank
+        timed = cfg.time_limit is not None
+        time_up = timed and not self.planned and self.elapsed() + self.reserve() >= cfg.time_limit
+        (signalled, time_up), proposal = self.dist.agree([bool(stop["signal"]), time_up], self._proposal(),
+                                                         self.device)
         if signalled:
             stop["signal"] = stop["signal"] or "SIGTERM"  # a signal another rank received
             return stop["signal"]
+        self.fit_plan(proposal)
+        if reason is None and st.planned_steps is not None and st.step >= st.planned_steps:
+            fitted = f" (fitted to --time-limit {cfg.time_limit:g}s)" if self.time_shortened else ""
+            reason = f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done{fitted}"
         if reason is None and time_up:
             reason = f"--time-limit {cfg.time_limit:g}s reached"
         return reason
@@ -554,11 +636,11 @@ class Trainer:
                            precision=self.cfg.precision)
 
     def total_steps(self) -> int:
-        """Steps in ``cfg.epochs`` epochs (an estimate: each epoch's random offset may drop a batch)."""
+        """Steps in ``cfg.epochs`` epochs (each epoch's own random offset may drop a batch), at most
+        ``cfg.max_steps``: what a planned schedule is planned for."""
         cfg = self.cfg
-        per_epoch = count_batches(len(self.data.train_ids), cfg.batch_size, cfg.num_steps)
-        total = per_epoch * cfg.epochs
-        return min(total, cfg.max_steps) if cfg.max_steps else total
+        return run_batches(len(self.data.train_ids), cfg.batch_size, cfg.num_steps, cfg.seed, cfg.epochs,
+                           cfg.max_steps)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callback=None,
@@ -622,11 +704,14 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
     trainer = Trainer(cfg, data, run, device, emit, dist)
     if saved is not None:
         trainer.restore(saved)
+    trainer.plan()
+    if saved is not None:
         trainer.check_plan()
     st = trainer.state
     emit("start", {"out": run.path, "device": device, "model": trainer.model, "model_config": trainer.model_config,
                    "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,
-                   "step": st.step, "total_steps": trainer.total_steps(), "resumed": saved is not None,
+                   "step": st.step, "total_steps": st.planned_steps or trainer.total_steps(),
+                   "resumed": saved is not None,
                    "precision": cfg.precision, "world_size": dist.world_size, "weight_decay": trainer.weight_decay})
     with _stop_on_signals() as stop:
         try:

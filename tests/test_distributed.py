@@ -118,6 +118,29 @@ def test_resume_exact_with_the_same_number_of_processes_and_warned_with_another(
 
 
 @pytest.mark.slow
+def test_a_two_process_resume_after_an_off_schedule_stop_equals_a_straight_run(corpus, tmp_path):
+    """Stopped at step 25 (between the evaluations of steps 20 and 30: the final evaluation saves last/ and,
+    when it improves, best/ too, each with the training figures' running sums), then resumed: every column
+    of metrics.csv but the clock's as the straight run's. Saving once summed the ranks' sums again in place,
+    so the row after the resume read 2x (or 4x) the training loss."""
+    kw = {"dropout": 0.2, "sampling": "sequential", "cell": "gru"}
+    whole = run(train_args(corpus, tmp_path / "whole", **kw, **{"max-steps": 40}), nproc=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    part = run(train_args(corpus, tmp_path / "parts", **kw, **{"max-steps": 25}), nproc=2)
+    assert part.returncode == 0, part.stderr[-3000:]
+    parts = metrics(tmp_path / "parts")
+    assert [r["step"] for r in parts] == ["10", "20", "25"]
+    rest = run(train_args(corpus, tmp_path / "parts", **kw, **{"max-steps": 40, "resume": True}), nproc=2)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    resumed, straight = metrics(tmp_path / "parts"), metrics(tmp_path / "whole")
+    assert [r["step"] for r in resumed] == ["10", "20", "25", "30", "40"]
+    straight_by_step = {r["step"]: r for r in straight}
+    for row in resumed:
+        if row["step"] != "25":  # (the straight run has no row at step 25)
+            assert row == straight_by_step[row["step"]], row["step"]  # column by column, exactly
+
+
+@pytest.mark.slow
 def test_batch_that_does_not_split_is_one_line_naming_both_numbers(corpus, tmp_path):
     r = run(train_args(corpus, tmp_path / "r", **{"batch-size": 5, "max-steps": 5}), nproc=2)
     assert r.returncode != 0

@@ -39,12 +39,18 @@ def assert_same_weights(a, b):
 
 
 def test_the_lr_at_each_step():
-    assert [scheduled_lr("hold-decay", 1.0, s, 10) for s in range(11)] == [1.0] * 6 + [1.0, 0.75, 0.5, 0.25, 0.0]
+    """Step ``planned - 1``, the last one taken, is the schedule's end (lr 0)."""
+    assert [scheduled_lr("hold-decay", 1.0, s, 10) for s in range(11)] == pytest.approx(
+        [1.0] * 7 + [2 / 3, 1 / 3, 0.0, 0.0])
     assert HOLD_FRACTION == 0.6
     cos = [scheduled_lr("cosine", 2.0, s, 4) for s in range(5)]
-    assert cos == pytest.approx([2.0, 1.0 + math.sqrt(0.5), 1.0, 1.0 - math.sqrt(0.5), 0.0])
+    assert cos == pytest.approx([2.0, 1.5, 0.5, 0.0, 0.0])
     assert scheduled_lr("hold-decay", 0.3, 7, None) == scheduled_lr("plateau", 0.3, 7, 10) == 0.3  # no plan yet
     assert scheduled_lr("cosine", 1.0, 12, 10) == 0.0  # past the plan: its end
+    assert scheduled_lr("hold-decay", 0.3, 0, 1) == 0.3  # one step: nothing to decay
+    # a plan shortened at step 5 (when the lr was 0.8) falls from there to 0 at its new last step, 9
+    assert [scheduled_lr("hold-decay", 1.0, s, 10, (5, 0.8)) for s in range(4, 10)] == pytest.approx(
+        [1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
     with pytest.raises(ConfigError, match="lr schedule must be one of plateau, hold-decay, cosine"):
         TrainConfig(corpus="x", lr_schedule="linear")
 
@@ -82,7 +88,7 @@ def test_a_planned_run_resumes_exactly(corpus, tmp_path):
 
 
 def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tmp_path, monkeypatch):
-    """Under --time-limit the plan comes from the step time measured between the first two evaluations.
+    """Under --time-limit the plan is shortened from the step time measured between the first two evaluations.
     The clock is faked: 0.25 s of start-up, then 1/64 s a step, nothing reserved; so at step 20 the
     0.4375 s left make 28 more steps: a plan of 48 (measured from the start, the start-up would have
     made it 24). Stopped at step 20, the resumed invocation's clock would allow 48 more steps; the
@@ -105,7 +111,85 @@ def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tm
     resumed = train(config(corpus, tmp_path / "parts", time_limit=1.0, max_steps=500), resume=True,
                     callback=stop_at_20)
     assert resumed.steps == 48 and resumed.stop_reason == "the hold-decay schedule's 48 planned steps done"
+    assert straight.stop_reason == "the hold-decay schedule's 48 planned steps done (fitted to --time-limit 1s)"
+    assert lrs(tmp_path / "straight")[48] == 0.0  # the last step taken is the schedule's end
     assert warnings == ["the hold-decay schedule was planned for 48 steps when the run started; the run ends "
                         "there (--max-steps 500 does not extend a plan)"]
     assert lrs(tmp_path / "parts") == lrs(tmp_path / "straight")
     assert_same_weights(tmp_path / "parts", tmp_path / "straight")
+
+
+def recorded_lrs(monkeypatch) -> list[float]:
+    """The lr of every step taken, in order, as the optimizer gets it."""
+    seen = []
+    apply = Trainer.apply_lr
+
+    def record(self):
+        apply(self)
+        seen.append(self.optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(Trainer, "apply_lr", record)
+    return seen
+
+
+@pytest.mark.parametrize("max_steps, eval_every", [(30, 100), (30, 15), (31, 15), (31, 100)])
+@pytest.mark.parametrize("schedule", ["hold-decay", "cosine"])
+def test_short_runs_follow_their_schedule_from_the_first_step(corpus, tmp_path, monkeypatch, max_steps, eval_every,
+                                                             schedule):
+    """--max-steps bounds the plan before the first step, whatever the evaluations and the time limit
+    (600 s, the default: no time is measured in so few steps); the plan is as long as the run, never a
+    step more, and its last step, the last one taken, has the schedule's end."""
+    seen = recorded_lrs(monkeypatch)
+    result = train(config(corpus, tmp_path / "r", max_steps=max_steps, eval_every=eval_every, time_limit=600.0,
+                          lr_schedule=schedule))
+    assert result.steps == max_steps and trainer_state(tmp_path / "r")["planned_steps"] == max_steps
+    assert seen == pytest.approx([scheduled_lr(schedule, 0.5, s, max_steps) for s in range(max_steps)])
+    assert seen[0] == 0.5 and seen[-1] == 0.0 and 0 < seen[-2] < 0.5
+    assert result.stop_reason == f"the {schedule} schedule's {max_steps} planned steps done"
+
+
+def test_epochs_bound_the_plan_exactly(corpus, tmp_path, monkeypatch):
+    """--epochs alone: the plan counts each epoch's batches at its own random offset, so the run's last
+    step is the plan's last."""
+    seen = recorded_lrs(monkeypatch)
+    result = train(config(corpus, tmp_path / "r", epochs=7, eval_every=1000))
+    assert result.stop_reason.startswith("the hold-decay schedule's")
+    assert result.steps == trainer_state(tmp_path / "r")["planned_steps"] == len(seen) and seen[-1] == 0.0
+
+
+def test_a_plan_shortened_late_by_the_time_limit_never_jumps(corpus, tmp_path, monkeypatch):
+    """The steps slow down threefold after step 40 of a 100-step plan: the plan is shortened as the time
+    left shrinks, each time falling from the lr the step would have had (the old rule fixed the plan
+    late, and its lr jumped from the base to 0.83x of it in one step), and the run ends on the shortened
+    plan's last step, at lr 0, within the time limit."""
+    def clock(step):
+        return 0.1 + min(step, 40) / 64 + max(0, step - 40) * 3 / 64
+
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    plans, apply = [], Trainer.apply_lr
+
+    def record(self):
+        apply(self)
+        plans.append((self.state.planned_steps, self.state.plan_anchor, self.optimizer.param_groups[0]["lr"]))
+
+    monkeypatch.setattr(Trainer, "apply_lr", record)
+    limit = 0.1 + 100 / 64  # what the 100 steps would take at the first speed
+    result = train(config(corpus, tmp_path / "r", max_steps=100, time_limit=limit))
+    assert 40 < result.steps < 100 and result.steps == len(plans) and plans[-1][2] == 0.0
+    assert result.stop_reason.endswith("planned steps done (fitted to --time-limit 1.6625s)")
+    assert clock(result.steps) <= limit
+    assert len({p for p, _, _ in plans}) > 2  # shortened more than once
+    for step in range(1, len(plans)):
+        (old_plan, old_anchor, _), (plan, _, lr) = plans[step - 1], plans[step]
+        assert lr == pytest.approx(scheduled_lr("hold-decay", 0.5, step, old_plan, old_anchor)), step  # no jump
+        assert lr <= plans[step - 1][2]  # never rises
+
+
+def test_a_time_limit_too_short_to_measure_still_ends_on_the_schedule(corpus, tmp_path, monkeypatch):
+    """The time is up before the step time is measured: the next step is the plan's last (lr 0)."""
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: (self.state.step - self.first_step) / 64)
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    seen = recorded_lrs(monkeypatch)
+    result = train(config(corpus, tmp_path / "r", max_steps=1000, time_limit=5 / 64))
+    assert result.steps == 6 and seen == [0.5] * 5 + [0.0]
