@@ -111,6 +111,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _named(path: str | os.PathLike) -> Path:
+    """``path``, made absolute when it has no name of its own (``.``, ``..``), so that its siblings can be named."""
+    path = Path(path)
+    return path if path.name else path.resolve()
+
+
 def _checkpoint_files_only(path: Path) -> bool:
     """Whether the folder ``path`` holds only the files a checkpoint is made of (a manifest not required:
     a deletion that a kill interrupted may have taken it first)."""
@@ -130,7 +136,9 @@ def recover(path: str | os.PathLike) -> None:
     """Finish a replacement that a kill interrupted: put ``NAME.old`` back if ``NAME`` is missing, or delete
     it if ``NAME`` is there. Only a ``NAME.old`` made of a checkpoint's files is moved or deleted: a folder
     of that name that charlm did not write (``project.old`` beside ``project``) is left alone."""
-    path = Path(path)
+    path = _named(path)
+    if not path.name:  # the root folder
+        return
     old = path.with_name(path.name + ".old")
     if not path.exists():
         if _is_checkpoint(old):
@@ -148,13 +156,15 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
     or a checkpoint: a folder or file charlm did not write is refused (:class:`~charlm.outputs.NotOwnedError`)
     and left as it is.
     """
-    path = Path(path)
+    path = _named(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CheckpointError(f"cannot write checkpoint {path}: {parent} is not a directory")
             break
     check_folder(path, "checkpoint", option="checkpoint")
+    if not path.name:
+        raise CheckpointError(f"cannot write checkpoint {path}: name a folder for it")
     try:
         return _save(path, model, vocab, meta, trainer_state)
     except OSError as exc:

@@ -25,10 +25,11 @@ from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYN
                            DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
                            PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
-from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError
+from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
 _SAMPLE = SampleConfig()
+MAX_CLI_SAMPLES = 1024  # charlm generate --num-samples: more would be one batch too large to print, or to hold
 _PREPROCESS_HELP = "raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case)."
 
 
@@ -52,14 +53,18 @@ def _corpus_notice(known, path) -> None:
 
 
 class _Group(click.Group):
-    """Every command: a ``CharlmError`` is one line and exit status 1; Ctrl-C is one line and exit
-    status 130 (click alone says "Aborted!" and exits 1)."""
+    """Every command: a ``CharlmError`` is one line and exit status 1, and so is an ``OSError`` (a path too
+    long, a permission refused: the file and the system's reason); Ctrl-C is one line and exit status 130
+    (click alone says "Aborted!" and exits 1)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CharlmError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # the machine's answer about a path (too long, no permission, I/O): not a bug of charlm's
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{os_error_line(exc)}") from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             ctx.exit(130)
@@ -449,8 +454,8 @@ def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.Click
               help="Sample only from the smallest set with this much probability.")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=_SAMPLE.seed,
               help="Seed for sampling (0 to 2**63 - 1): the same seed gives the same text.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=_SAMPLE.num_samples,
-              help="Samples, generated as one batch.")
+@click.option("--num-samples", type=click.IntRange(1, MAX_CLI_SAMPLES), default=_SAMPLE.num_samples,
+              help="Samples, generated as one batch (each is printed whole; the Python API takes more).")
 @click.option("--normalize", is_flag=True, help="Apply the checkpoint's preprocessing to the prefix first.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 @click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",

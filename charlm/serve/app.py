@@ -30,7 +30,7 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -49,38 +49,47 @@ def build_app(service: Service, port: int):
                   docs_url="/docs", redoc_url=None)
     page, csp = _page()
     key = _key_check(service.config.api_key)
+    limits = service.config
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, summary="The page: a playground for the model",
+             responses=_responses(None, 403))
     async def get_page():
         return HTMLResponse(page, headers={"Content-Security-Policy": csp, "X-Frame-Options": "DENY"})
 
-    @app.get("/health", summary="Up, and how busy")
+    @app.get("/health", summary="Up, and how busy", responses=_responses(schemas.HealthAnswer, 403))
     async def get_health():
         return service.health()
 
-    @app.get("/info", dependencies=[Depends(key)], summary="The model card: sizes, vocabulary, limits")
+    @app.get("/info", dependencies=[Depends(key)], summary="The model card: sizes, vocabulary, limits",
+             responses=_responses(schemas.InfoAnswer, 401, 403))
     async def get_info():
         return service.info()
 
-    @app.get("/metrics", dependencies=[Depends(key)], summary="Counters in Prometheus's text format")
+    @app.get("/metrics", dependencies=[Depends(key)], summary="Counters in Prometheus's text format",
+             response_class=PlainTextResponse, responses=_responses(None, 401, 403))
     async def get_metrics():
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
 
-    @app.get("/v1/models", dependencies=[Depends(key)], summary="OpenAI: the one model served")
+    @app.get("/v1/models", dependencies=[Depends(key)], summary="OpenAI: the one model served",
+             responses=_responses(schemas.ModelsAnswer, 401, 403))
     async def get_models():
         return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": service.created,
                                             "owned_by": "charlm"}]}
 
     @app.post("/generate", dependencies=[Depends(key)], summary="Continue a prompt",
-              openapi_extra=_body_schema(schemas.GenerateBody))
+              openapi_extra=_body_schema(schemas.GenerateBody, limits, length="max_length",
+                                         num_samples="max_samples", prompt="max_prompt"),
+              responses=_responses(schemas.GenerateAnswer, *_POST_ERRORS, stream=True))
     async def post_generate(request: Request):
         job = service.generate_job(await _json_body(request, service.config.max_body))
         return await _answer_generate(request, service, job)
 
     @app.post("/v1/completions", dependencies=[Depends(key)], summary="OpenAI: completions (characters for tokens)",
-              openapi_extra=_body_schema(schemas.CompletionBody))
+              openapi_extra=_body_schema(schemas.CompletionBody, limits, max_tokens="max_length", n="max_samples",
+                                         prompt="max_prompt"),
+              responses=_responses(schemas.CompletionAnswer, 404, *_POST_ERRORS, stream=True))
     async def post_completions(request: Request):
         job = service.completions_job(await _json_body(request, service.config.max_body))
         return await _answer_completions(request, service, job)
@@ -102,8 +111,77 @@ def _cors(app, origin: str | None):
                           allow_headers=["Content-Type", "Authorization"], max_age=600)
 
 
-def _body_schema(model) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+_ERRORS = {
+    400: "The body does not fit: a field's type or range, an unknown field, a character outside the model's "
+         "vocabulary, a server limit (the message names it).",
+    401: "The API key is missing or wrong (only when the server was started with --api-key).",
+    403: "A Host this server does not answer to, or a browser request from another origin.",
+    404: "No such model (OpenAI's model field names another).",
+    411: "No Content-Length.",
+    413: "The body is larger than the server's limit.",
+    415: "The body is not sent as application/json.",
+    500: "The generation failed (the engine's error, in one sentence); other requests go on.",
+    503: "Busy: every slot is taken and the queue is full; try again after Retry-After seconds.",
+}
+_POST_ERRORS = (400, 401, 403, 411, 413, 415, 500, 503)
+
+
+def _responses(ok, *codes: int, stream: bool = False) -> dict:
+    """The documented answers of an endpoint: 200 (``ok``, a pydantic model, or None for a non-JSON page),
+    with Server-Sent Events too when it can ``stream``, and each error status in ``codes``."""
+    answer: dict = {"description": "The answer."}
+    if ok is not None:
+        answer["model"] = ok
+    if stream:
+        answer["content"] = {"text/event-stream": {"schema": {  # (OpenAPI 3.1: the schema of each event)
+            "type": "object", "description": "With stream true, Server-Sent Events: each event's data is one JSON "
+                                             "object (the completions stream ends with data: [DONE]).",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                           "retry": {"type": "integer"}},
+            "required": ["data"]}}}
+    out = {200: answer}
+    for code in codes:
+        out[code] = {"model": schemas.ErrorAnswer, "description": _ERRORS[code]}
+    return out
+
+
+def _body_schema(model, limits, **bounds: str) -> dict:
+    """The request body's schema, with this server's limits in it (``field="max_length"``: the field's
+    maximum, or a string's maxLength, is that limit of ``limits``)."""
+    schema = _inlined(model.model_json_schema())
+    for name, limit in bounds.items():
+        _bound(schema["properties"][name], getattr(limits, limit))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _bound(node: dict, value: int) -> None:
+    """Put ``value`` as the maximum of an integer schema, the maxLength of a string's (in each branch of anyOf)."""
+    for branch in node.get("anyOf", [node]):
+        kind = branch.get("type")
+        if kind == "integer":
+            branch["maximum"] = value
+        elif kind == "string":
+            branch["maxLength"] = value
+        elif kind == "array" and branch.get("items", {}).get("type") == "string":
+            branch["items"]["maxLength"] = value
+
+
+def _inlined(schema: dict) -> dict:
+    """A JSON schema with its ``$defs`` put in place of their references (pydantic's ``#/$defs/...`` do not
+    resolve inside an OpenAPI document)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk({**defs[ref.rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
 
 
 def _page() -> tuple[str, str]:
@@ -401,7 +479,7 @@ class Guard:
         """A browser request from another site (a page the user opened elsewhere) is refused."""
         origin = headers.get("origin")
         cors = self.service.config.cors_origin
-        if (origin is None and method == "POST") or (origin is not None and origin == cors):
+        if origin is None or origin == cors:  # (an OPTIONS without Origin is no preflight: the app answers 405)
             return
         if method == "OPTIONS":
             raise ApiError(HTTPStatus.FORBIDDEN, "no cross-origin access here (see --cors-origin)", "forbidden",

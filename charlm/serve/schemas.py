@@ -146,3 +146,102 @@ def stops(value: Stop) -> tuple[str, ...]:
     if any(s == "" for s in items):
         raise BodyError("'stop' strings must not be empty", "invalid_value")
     return tuple(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------------------------------------
+# The answers, as the OpenAPI schema documents them (charlm.serve.app builds them as plain dicts; these
+# models describe them, and the fuzz test checks every answer against them)
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Answer):
+    message: str = Field(description="One sentence: what was wrong, and what to do.")
+    type: str = Field(description="invalid_request_error, authentication_error, forbidden, server_busy or "
+                                  "server_error.")
+    code: str | None = Field(description="A stable name for the error (e.g. invalid_value, busy).")
+
+
+class ErrorAnswer(_Answer):
+    """Every error, whatever its status."""
+
+    error: ErrorDetail
+
+
+class HealthAnswer(_Answer):
+    status: str = Field(description="Always ok.")
+    busy: bool
+    running: int = Field(ge=0, description="Slots held by requests (warming up or generating).")
+    waiting: int = Field(ge=0, description="Requests queued for a slot.")
+    slots: int = Field(ge=1)
+    served: int = Field(ge=0, description="Requests ended since the server started.")
+    chars_per_s: float | None = Field(description="Characters sent per second over the last second or so.")
+
+
+class InfoAnswer(_Answer):
+    model: dict[str, Any] = Field(description="id, cell, hidden_size, num_layers, embedding_dim, impl, parameters, "
+                                              "checkpoint.")
+    vocabulary: dict[str, Any] = Field(description="size (with <unk>) and chars (the characters a prompt may use).")
+    preprocess: str
+    corpus: str | None
+    held_out: dict[str, Any] | None = Field(description="bits_per_char, perplexity and step of the best checkpoint.")
+    limits: dict[str, Any]
+    defaults: dict[str, Any]
+
+
+class ModelCard(_Answer):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelsAnswer(_Answer):
+    object: str
+    data: list[ModelCard]
+
+
+class GenerateAnswer(_Answer):
+    """``POST /generate`` without ``stream``; with it, Server-Sent Events: ``{"text": ...}`` chunks, then
+    ``{"done": true, ...}`` with the fields below but ``text`` (or ``{"error": ...}``)."""
+
+    text: str | list[str] = Field(description="The continuation (a list with num_samples > 1).")
+    finish_reason: str = Field(description="length, stop, time or cancelled (the first sample's, unless any "
+                                           "ended for time or was cancelled).")
+    finish_reasons: list[str]
+    seed: int
+    chars: int = Field(ge=0)
+    elapsed_s: float = Field(ge=0)
+
+
+class Logprobs(_Answer):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Answer):
+    text: str
+    index: int
+    logprobs: Logprobs | None
+    finish_reason: str | None
+
+
+class Usage(_Answer):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionAnswer(_Answer):
+    """``POST /v1/completions`` without ``stream``; with it, Server-Sent Events of the same object with a
+    piece of each choice's text, then ``data: [DONE]``."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
