@@ -190,3 +190,27 @@ def test_a_prior_too_short_for_a_gradient_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match="prior needs at least 2 characters, got 1"):
         evaluate_dynamic(tiny_model(), repeated(times=2), prior_ids=repeated(times=1)[:1])
+
+
+def test_the_model_learns_in_training_mode_with_every_dropout_off(monkeypatch):
+    """cuDNN runs an RNN's backward pass only in training mode: the copy that learns is in training mode
+    (the CPU would let eval mode pass), with its dropouts at 0, so it reads the text as evaluate() does."""
+    torch.manual_seed(0)
+    model = RNNLM(12, cell="lstm", hidden_size=16, num_layers=2, dropout=0.3, weight_drop=0.2, dropout_input=0.1,
+                  dropout_hidden=0.1, dropout_output=0.2).eval()
+    modes = []
+    forward = RNNLM.forward
+
+    def watched(self, X, state=None):
+        modes.append((self.training, self.config.dropout, self.config.regularised))
+        return forward(self, X, state)
+
+    monkeypatch.setattr(RNNLM, "forward", watched)
+    ids = np.random.default_rng(0).integers(1, 12, 400)
+    rng_before = torch.get_rng_state()
+    first = evaluate_dynamic(model, ids, lr=1e-9, num_steps=50, rule="sgd")
+    assert modes and all(m == (True, 0.0, False) for m in modes)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # building the copy drew nothing from the caller's RNG
+    assert not model.training and model.config.dropout == 0.3  # the caller's model as it was
+    monkeypatch.setattr(RNNLM, "forward", forward)
+    assert first.loss == pytest.approx(evaluate(model, ids, batch_size=1).loss, rel=1e-6)  # lr ~0: the static figure

@@ -218,3 +218,21 @@ def test_auto_is_bf16_where_native_and_fp32_elsewhere(corpus, tmp_path, monkeypa
                               (PrecisionProbe("bf16", "cpu", "lstm", error="no kernel"), "fp32")):
         monkeypatch.setattr(device_mod, "probe_precision", lambda *args, v=verdict: v)
         assert device_mod.resolve_precision("auto", CPU, cfg.model_config(2)) == resolved
+
+
+def test_auto_on_a_gpu_counts_native_bf16_only(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulated bf16 (a V100, a T4) unless told not to: there auto
+    must stay fp32, and --precision bf16 is refused. Checked without a GPU: the check is all that is asked."""
+    asked = []
+
+    def emulated_only(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # bf16 "supported" only by emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    gpu = torch.device("cuda", 0)
+    assert device_mod.resolve_precision("auto", gpu, TrainConfig(corpus="x").model_config(2)) == "fp32"
+    with pytest.raises(ConfigError, match="Tesla T4 has no bf16 support"):
+        check_precision("bf16", gpu)
+    assert asked and not any(asked)

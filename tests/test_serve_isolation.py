@@ -1,14 +1,16 @@
 """charlm serve's isolation: no request's values can end another request's stream; an error the engine cannot
 pin on one request ends only the requests it touched; the books (slots, queue, counters) stay right."""
 
+import json
 import random
+import socket
+import sys
 import threading
 import time
 
 import pytest
 from click.testing import CliRunner
 from serving import Server, make_checkpoint
-from test_serve import _start_stream
 from test_serve_batch import _alone, _metrics
 
 import charlm
@@ -136,17 +138,37 @@ def test_a_batch_error_ends_only_the_requests_in_the_batch(ckpt, monkeypatch):
         assert engine.health()["running"] == 0 and engine.reserved == 0
 
 
+class _SwitchingLock:
+    """The engine's lock, with a switch to a waiting client forced at every release on the engine's thread: a
+    submit waiting to run takes the lock right then, the engine waits for it (the worst interleaving, at every
+    place the engine lets go of the lock)."""
+
+    def __init__(self):
+        self.lock, self.waiting, self.engine = threading.Lock(), [], None
+
+    def __enter__(self):
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        if threading.get_ident() == self.engine and self.waiting:
+            client = threading.Thread(target=self.waiting.pop(0))
+            client.start()
+            client.join()
+
+
 def test_the_error_path_never_holds_more_rows_than_slots(ckpt, monkeypatch):
-    """Ticks fail now and then while requests keep arriving (the engine on its own, no HTTP): the batch never
-    holds more rows than --slots, every request hears once (text and done, or an error), and the books end
-    at zero. (The error path once freed every slot at once, so a request admitted in between went
-    uncounted.)"""
-    rng = random.Random(0)
-    tick, update = Engine._tick, Engine._update_batch
+    """Every fourth tick fails, and a client submits at every place the engine lets go of its lock (the engine on
+    its own, no HTTP): the batch never holds more rows than --slots, every request hears exactly once (done or
+    an error), and the books end at zero. (The error path once freed every slot at once after collecting the
+    failed requests, so a request admitted in between went uncounted and the engine held more rows than slots.)"""
+    tick, update, ticks = Engine._tick, Engine._update_batch, [0]
     widest = []
 
-    def sometimes_failing(self):
-        if rng.random() < 0.08:
+    def every_fourth_failing(self):
+        ticks[0] += 1
+        if ticks[0] % 4 == 0:
             raise RuntimeError("boom")
         tick(self)
 
@@ -154,52 +176,72 @@ def test_the_error_path_never_holds_more_rows_than_slots(ckpt, monkeypatch):
         update(self, joining)
         widest.append(len(self.rows))
 
-    monkeypatch.setattr(Engine, "_tick", sometimes_failing)
+    monkeypatch.setattr(Engine, "_tick", every_fourth_failing)
     monkeypatch.setattr(Engine, "_update_batch", watched)
-    engine = Engine(ckpt.model, ckpt.vocab, slots=3, queue_size=64, chunk=4)
-    thread = threading.Thread(target=engine.run, daemon=True)
+    engine = Engine(ckpt.model, ckpt.vocab, slots=3, queue_size=1000, chunk=4)
+    engine.lock = lock = _SwitchingLock()
+    heard, total = {}, 120
+
+    def request(i):
+        def deliver(event):
+            if event[0] in ("done", "error"):
+                heard.setdefault(i, []).append(event[0])
+
+        return Request(ckpt.vocab.encode("the "), SampleConfig(length=2, temperature=1.0, seed=i, num_samples=1 + i % 2),
+                       deliver)
+
+    lock.waiting = [lambda i=i: engine.submit(request(i)) for i in range(1, total)]
+
+    def run():
+        lock.engine = threading.get_ident()
+        engine.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    engine.submit(request(0))
     thread.start()
-    ends, lock = [], threading.Lock()
-
-    def deliver(event):
-        if event[0] in ("done", "error"):
-            with lock:
-                ends.append(event[0])
-
-    try:
-        for i in range(60):
-            n = 1 + i % 2
-            engine.submit(Request(ckpt.vocab.encode("the "), SampleConfig(length=30, temperature=1.0, seed=i,
-                                                                          num_samples=n), deliver))
-            time.sleep(0.002)
-        deadline = time.time() + 60
-        while len(ends) < 60 and time.time() < deadline:
-            time.sleep(0.01)
-    finally:
-        engine.stop()
-        thread.join(10)
-    assert len(ends) == 60 and "error" in ends and "done" in ends
+    deadline = time.time() + 60
+    while (len(heard) < total or lock.waiting) and time.time() < deadline:
+        time.sleep(0.01)
+        if lock.waiting and len(heard) == total - len(lock.waiting):  # all ended, the engine idle: the next one
+            lock.waiting.pop(0)()
+    engine.stop()
+    thread.join(10)
+    assert sorted(heard) == list(range(total)) and all(len(v) == 1 for v in heard.values()), heard
+    assert {"done", "error"} <= {v[0] for v in heard.values()}
     assert max(widest) <= 3
     assert engine.reserved == 0 and not engine.queue and not engine.rows
 
 
+def _send_stream_request(server, body) -> socket.socket:
+    """A streaming request sent without waiting for any answer (it may be queued): the open socket."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    data = json.dumps({**body, "stream": True}).encode()
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
 def test_a_queued_request_whose_client_left_gives_up_its_place(ckpt):
     """slots 1, queue 1: a queued client that leaves must not make the next client's request a 503."""
-    with Server(ckpt, slots=1, queue_size=1, chunk=4, max_seconds=30) as s:
-        running, _ = _start_stream(s, {"prompt": "the", "length": 5000, "temperature": 1.0, "seed": 1})
-        waiting, _ = _start_stream(s, {"prompt": "the", "length": 5, "seed": 2})  # queued: no answer yet
+    with Server(ckpt, slots=1, queue_size=1, chunk=4, max_seconds=60, max_length=10**7) as s:
+        running = _send_stream_request(s, {"prompt": "the", "length": 10**7, "temperature": 1.0, "seed": 1})
         deadline = time.time() + 10
+        while s.json("GET", "/health")[1]["running"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        waiting = _send_stream_request(s, {"prompt": "the", "length": 5, "seed": 2})
         while s.json("GET", "/health")[1]["waiting"] < 1 and time.time() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.01)
+        assert s.json("GET", "/health")[1]["waiting"] == 1
         waiting.close()  # gone while queued
         while s.json("GET", "/health")[1]["waiting"] > 0 and time.time() < deadline:
-            time.sleep(0.02)
-        assert s.json("GET", "/health")[1]["waiting"] == 0
-        after = threading.Thread(target=lambda: got.append(s.json("POST", "/generate", {"prompt": "a", "length": 3})))
+            time.sleep(0.01)
+        assert s.json("GET", "/health")[1] | {"served": 0, "chars_per_s": 0} == {
+            "status": "ok", "busy": True, "running": 1, "waiting": 0, "slots": 1, "served": 0, "chars_per_s": 0}
         got = []
+        after = threading.Thread(target=lambda: got.append(s.json("POST", "/generate", {"prompt": "a", "length": 3})))
         after.start()
         time.sleep(0.3)
-        running.close()
+        running.close()  # the long one leaves: the new request gets the slot
         after.join(30)
         assert got and got[0][0] == 200, got
 
