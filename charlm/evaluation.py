@@ -31,7 +31,8 @@ from charlm.models import detach_state
 
 @dataclass(frozen=True)
 class EvalResult:
-    """How well a model predicted a text: what :func:`evaluate` and :func:`evaluate_dynamic` return.
+    """How well a model predicted a text: what :func:`~charlm.evaluate` and
+    :func:`~charlm.evaluation.evaluate_dynamic` return.
 
     ``loss`` is the mean cross-entropy of the next character, in nats (natural log) per character,
     over ``tokens`` predicted characters; :attr:`bits_per_char` and :attr:`perplexity` are the same

@@ -25,6 +25,7 @@ extensions = [
     "sphinx.ext.autodoc",  # the Python API, from docstrings
     "sphinx_click",  # the CLI reference, from the click commands
     "charlm_openapi",  # the HTTP API reference, from the server's OpenAPI schema (docs/_ext)
+    "charlm_options",  # tables of a command's options and defaults, from the click commands (docs/_ext)
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
