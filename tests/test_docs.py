@@ -247,3 +247,16 @@ def test_cli_reference_lists_every_command(tmp_path):
     assert not missing, f"docs/reference/cli.md renders no section for: {', '.join(missing)}"
     for name, command in main.commands.items():
         assert f"charlm {name} [OPTIONS]" in text, f"no usage line for charlm {name}"
+
+
+def test_every_public_name_has_a_docstring_and_a_place_in_the_reference():
+    import charlm
+
+    page = (DOCS / "reference" / "python-api.md").read_text(encoding="utf-8")
+    for name in charlm.__all__:
+        obj = getattr(charlm, name)
+        if name != "__version__":
+            doc = (obj.__doc__ or "").strip()
+            assert doc and not doc.startswith(f"{name}("), f"charlm.{name} has no docstring of its own"
+        assert re.search(rf"^\.\. auto\w+:: charlm\.{re.escape(name)}$", page, flags=re.M), \
+            f"charlm.{name} is not on docs/reference/python-api.md"
