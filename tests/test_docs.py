@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -126,8 +127,11 @@ def command_lines():
 def test_doc_command_line_parses(args):
     try:
         parse_command_line(args)
+        error = None
     except click.ClickException as exc:
-        pytest.fail(f"charlm {shlex.join(args)}\n    {type(exc).__name__}: {exc.format_message()}", pytrace=False)
+        error = f"charlm {shlex.join(args)}\n    {type(exc).__name__}: {exc.format_message()}"
+    if error:
+        pytest.fail(error, pytrace=False)
 
 
 _INLINE = re.compile(r"(?<!`)`(charlm [^`]+)`(?!`)")
@@ -221,9 +225,14 @@ def test_doc_python_blocks_run(page, doc_workspace, tmp_path, monkeypatch):
     for example in examples:
         try:
             example.evaluate()
+            error = None
         except Exception as exc:
-            pytest.fail(f"{_rel(page)}, the code block at line {example.line} failed:\n"
-                        f"{type(exc).__name__}: {exc}", pytrace=False)
+            lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == page]
+            where = f", line {lines[-1]}" if lines else ""
+            error = (f"{_rel(page)}: the code block at line {example.line} failed{where}:\n"
+                     f"{''.join(traceback.format_exception_only(exc)).strip()}")
+        if error:
+            pytest.fail(error, pytrace=False)
 
 
 # ---------------------------------------------------------------------------------------------------
