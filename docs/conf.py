@@ -36,6 +36,8 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
 html_theme = "furo"
+html_static_path = ["_static"]
+html_css_files = ["charlm.css"]
 html_title = f"charlm {release}"
 
 # autodoc: the signatures show type hints as written; members in source order.

@@ -192,8 +192,10 @@ class OpenApiDirective(SphinxDirective):
             for alt in [prop, *prop.get("anyOf", []), prop.get("items", {})]:
                 if "$ref" in alt:
                     named.setdefault(_ref_name(alt["$ref"]), defs.get(_ref_name(alt["$ref"]), {}))
-            default = "required" if name in required else json.dumps(prop["default"]) if "default" in prop else ""
-            rows.append([_literal(name), _type(prop, defs), _literal(default) if default else "",
+            kind = _type(prop, defs)
+            default = ("required" if name in required else json.dumps(prop["default"]) if "default" in prop
+                       else "null" if kind.endswith("or null") else "")
+            rows.append([_literal(name), kind, _literal(default) if default else "",
                          _range(prop), prop.get("description", "")])
         table = _table(["field", "type", "default", "range", "meaning"], rows)
         if schema.get("additionalProperties") is False:

@@ -37,7 +37,7 @@ class OptionsDirective(SphinxDirective):
                 continue
             choices = f" One of: {', '.join(param.type.choices)}." if isinstance(param.type, click.Choice) else ""
             rows.append((", ".join(param.opts), _default(param), (param.help or "") + choices))
-        table = nodes.table()
+        table = nodes.table(classes=["charlm-options"])
         group = nodes.tgroup(cols=3)
         table += group
         for width in (22, 18, 60):
