@@ -94,7 +94,7 @@ def seed_error(seed) -> str | None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture of an :class:`~charlm.models.RNNLM`: everything needed to rebuild it."""
+    """The architecture of an :class:`~charlm.RNNLM`: everything needed to rebuild it."""
 
     vocab_size: int  # characters, <unk> included; the size of the one-hot input and of the output
     cell: str = "gru"  # "rnn" (tanh), "gru" or "lstm", with torch's gate equations

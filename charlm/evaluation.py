@@ -33,18 +33,29 @@ from charlm.models import detach_state
 
 @dataclass(frozen=True)
 class EvalResult:
+    """How well a model predicted a text: what :func:`~charlm.evaluate` and
+    :func:`~charlm.evaluation.evaluate_dynamic` return.
+
+    ``loss`` is the mean cross-entropy of the next character, in nats (natural log) per character,
+    over ``tokens`` predicted characters; :attr:`bits_per_char` and :attr:`perplexity` are the same
+    figure in other units (see the docs' page on units).
+    """
+
     loss: float  # mean cross-entropy, nats per character
     tokens: int  # characters predicted
 
     @property
     def bits_per_char(self) -> float:
+        """The loss in bits per character: ``loss / ln 2``."""
         return self.loss / math.log(2)
 
     @property
     def perplexity(self) -> float:
+        """``exp(loss)``: the number of equally likely characters that would be as uncertain (inf on overflow)."""
         return math.exp(self.loss) if self.loss < 700 else math.inf  # exp overflows past ~709
 
     def to_dict(self) -> dict:
+        """``tokens``, ``loss``, ``bits_per_char`` and ``perplexity``, as ``charlm eval --json`` prints them."""
         return {"tokens": self.tokens, "loss": self.loss, "bits_per_char": self.bits_per_char,
                 "perplexity": self.perplexity}
 

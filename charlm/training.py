@@ -67,6 +67,20 @@ RESERVE_MARGIN = 1.25  # the final work's estimate from earlier evaluations and 
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns (and ``charlm train`` summarises in its last line).
+
+    ``out`` is the run directory; ``steps`` the optimizer steps done in all (a resumed run counts
+    those before it), ``epochs_done`` the passes over the training text and ``tokens`` the characters
+    trained on; ``stop_reason`` says in words why the run ended. ``best`` is the
+    :class:`~charlm.evaluation.EvalResult` of the weights in ``best/`` on the held-out tail (the
+    whole tail: re-read at the end when periodic evaluations read only its start), ``last`` that of
+    the last evaluation, ``train_loss`` the mean training loss (nats per character) over the last
+    evaluation interval. The timings are in seconds: ``elapsed_s`` is this invocation's, of which
+    ``eval_s`` went to held-out evaluation (``final_eval_s`` of it to the final whole-tail figure)
+    and ``save_s`` to checkpoints. ``val_chars`` is the held-out tail's length and ``eval_chars`` what
+    each periodic evaluation read of it; ``precision`` is what the training steps ran in.
+    """
+
     out: Path
     steps: int
     epochs_done: float

@@ -6,7 +6,7 @@ drop-in replacements for ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` with ``batch_firs
 - the same equations (https://pytorch.org/docs/stable/generated/torch.nn.GRU.html), including
   the GRU's reset gate acting on ``W_hn h + b_hn`` rather than on ``h`` as some textbooks write it;
 - the same parameter names and shapes (``weight_ih_l0`` is ``(G*H, I)`` with the ``G`` gates stacked
-  in torch's order: GRU ``r, z, n``; LSTM ``i, f, g, o``), so their ``state_dict``s are interchangeable;
+  in torch's order: GRU ``r, z, n``; LSTM ``i, f, g, o``), so their state dicts are interchangeable;
 - the same initialisation (every parameter uniform in ``±1/sqrt(H)``), the same dropout between
   layers (training only, not after the last layer), and the same state: ``(L, B, H)``, or a pair
   ``(h, c)`` of those for the LSTM.
