@@ -11,7 +11,7 @@ What charlm wrote before markers existed is recognised by its contents: a run di
 checkpoint's ``manifest.json`` in ``last/`` or ``best/``, a checkpoint by its manifest, a web export
 by its ``charlm.json``, an ONNX model by the ``charlm`` entry of its metadata.
 
-Each kind names the entries it may hold (:data:`KINDS`); a folder holding anything else (the
+Each kind names the entries it may hold (``KINDS``); a folder holding anything else (the
 user's notes beside a run, a ``docs/`` folder) is not replaced, even when it has a marker.
 """
 
