@@ -117,8 +117,7 @@ def measure(label, model, vocab, checkpoint, args, peak):
 
 def onnx_rows(label, model, vocab, checkpoint, args) -> dict:
     """onnxruntime against the PyTorch path on one model (see the module's docstring)."""
-    from charlm.export import export_onnx
-    from charlm.onnx_engine import OnnxModel
+    from charlm.export import OnnxModel, export_onnx
 
     prefix = "".join(c for c in "time traveller " if c in vocab.stoi)
     ck = load_checkpoint(checkpoint)

@@ -171,9 +171,10 @@ def test_phone_width_layout(browser, small):
     page.close()
 
 
-def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tmp_path):
-    """charlm export --format web, served by Python's own static file server: the page's greedy text is
-    charlm generate's."""
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tmp_path, quantize):
+    """charlm export --format web (fp32, or --quantize int8), served by Python's own static file server: the
+    page's greedy text is charlm generate's on the same exported file (and, for fp32, the checkpoint's)."""
     import functools
     import http.server
 
@@ -188,8 +189,14 @@ def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tm
     meta = {"corpus": {"path": "tiny.txt", "preprocess": "raw"}, "progress": {"step": 3, "best_val_loss": 2.5}}
     ckpt = load_checkpoint(save_checkpoint(tmp_path / "run" / "best", model, vocab, meta))
     site = tmp_path / "site"
-    r = CliRunner().invoke(main, ["export", str(ckpt.path), "--format", "web", "--out", str(site), "--quiet"])
+    r = CliRunner().invoke(main, ["export", str(ckpt.path), "--format", "web", "--out", str(site), "--quiet",
+                                  *(["--quantize", quantize] if quantize else [])])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["generate", "the ", "--length", "200", "--checkpoint", str(site / "model.onnx")])
+    assert r.exit_code == 0, r.output
+    expected = r.output[:-1]  # charlm generate --engine onnx on the page's own model file
+    if quantize is None:
+        assert expected == generate(ckpt.model, ckpt.vocab, "the ", 200)
     assert {".charlm", "index.html", "app.js", "model.onnx", "model.tokenizer.json", "charlm.json", "ort.wasm.min.js",
             "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"} <= {p.name for p in site.iterdir()}
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
@@ -201,13 +208,15 @@ def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tm
         page.on("request", lambda req: requests.append(req.url))
         page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/index.html")
         expect(page.locator("#card")).to_contain_text("LSTM 48", timeout=30_000)
+        if quantize:
+            expect(page.locator("#card")).to_contain_text("int8 weights")
         page.fill("#prompt", "the ")
         _set_range(page, "#temperature", 0)
         _set_range(page, "#length", 200)
         page.click("#generate")
         expect(page.locator("#stats")).to_contain_text("· length", timeout=30_000)
         shown = page.eval_on_selector("#output", "el => el.textContent")
-        assert shown == generate(ckpt.model, ckpt.vocab, "the ", 200)
+        assert shown == expected
         page.fill("#stop-at", shown[30:33])
         page.click("#generate")
         expect(page.locator("#stats")).to_contain_text("· stop", timeout=30_000)

@@ -15,7 +15,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from charlm.export import ExportError, export_onnx, read_metadata  # noqa: E402
-from charlm.onnx_engine import OnnxModel  # noqa: E402
+from charlm.export import OnnxModel  # noqa: E402
 
 TEXT = "the time traveller smiled and the machine was gone\n" * 4
 VARIANTS = [("rnn", "torch", 0, 2), ("rnn", "scratch", 6, 1), ("gru", "torch", 6, 2), ("gru", "scratch", 0, 3),
@@ -153,7 +153,7 @@ def test_an_export_replaces_an_earlier_one_whole(tmp_path):
 
 
 def test_a_web_export_without_onnxruntime_web_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
-    from charlm import webexport
+    from charlm.export import web as webexport
 
     ckpt = _checkpoint(tmp_path, "gru", "torch", 6, 1)
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -186,7 +186,7 @@ def test_the_bound_loop_step_equals_a_plain_run_and_the_sampler_restores_torch_t
 
 
 def test_threads_follow_the_weights_a_step_reads():
-    from charlm.onnx_engine import step_threads
+    from charlm.export import step_threads
 
     small = {"cell": "lstm", "num_layers": 1, "hidden_size": 64, "vocab_size": 40}
     large = {"cell": "lstm", "num_layers": 2, "hidden_size": 320, "vocab_size": 40}

@@ -178,7 +178,7 @@ def test_eval_with_any_numbers_and_paths(template, tmp_path, data):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_export_with_any_paths_changes_nothing_outside_out(template, tmp_path, data, monkeypatch):
-    from charlm import webexport
+    from charlm.export import web as webexport
 
     monkeypatch.setattr(webexport, "ort_web_files", lambda progress=True: {n: b"//" for n in webexport.ORT_WEB_FILES})
     fmt = data.draw(st.sampled_from(["onnx", "web"]))

@@ -60,7 +60,7 @@ def docs(tmp_path):
 def fake_runtime(monkeypatch):
     """onnxruntime-web's files, stood in for (the page is not run here: tests/test_browser.py runs it)."""
     pytest.importorskip("onnxruntime")
-    from charlm import webexport
+    from charlm.export import web as webexport
 
     monkeypatch.setattr(webexport, "ort_web_files", lambda progress=True: {n: b"//" for n in webexport.ORT_WEB_FILES})
 
@@ -118,7 +118,7 @@ def test_a_web_export_onto_a_file_is_one_line(tmp_path, ckpt, fake_runtime):
 
 def test_two_models_exported_into_one_folder_both_work(tmp_path, ckpt):
     pytest.importorskip("onnxruntime")
-    from charlm.onnx_engine import OnnxModel
+    from charlm.export import OnnxModel
 
     other = tmp_path / "other"
     vocab = Vocab.from_text("abc def\n" * 10)

@@ -1,4 +1,5 @@
-"""Generation with an exported model on onnxruntime (``charlm generate --engine onnx``).
+"""Generation and evaluation with an exported model on onnxruntime (``charlm generate --engine onnx``,
+``charlm eval MODEL.onnx``).
 
 The same loop as :func:`charlm.sample.iter_generate`: the prompt warms the state up (here one
 character at a time through the one-step graph), ``<unk>`` is never emitted, and each character is
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.config import SampleConfig
-from charlm.export import ExportError, read_metadata, tokenizer_path
+from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, SampleConfig, TrainConfig
+from charlm.export.graph import ExportError, read_metadata, tokenizer_path
 from charlm.sample import DrawParams, _Uniforms, draw
 from charlm.vocab import Vocab
 
@@ -45,7 +46,7 @@ class OnnxModel:
         if hashlib.sha256(vocab_path.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:
             raise ExportError(f"{vocab_path} is not the vocabulary {self.path.name} was exported with "
                               f"(its sha256 differs from the model's metadata)")
-        self.vocab = Vocab.load(vocab_path)
+        self.vocab, self.vocab_path = Vocab.load(vocab_path), vocab_path
         self.meta, self.preprocess = meta, meta["preprocess"]
         self.threads = step_threads(meta) if threads is None else threads
         options = ort.SessionOptions()
@@ -55,6 +56,31 @@ class OnnxModel:
         self.lstm = meta["cell"] == "lstm"
         self.shape = (meta["num_layers"], meta["hidden_size"])
         self.zero_logits = np.asarray(meta["zero_state_logits"], dtype=np.float32)
+
+    # what charlm.evaluation reads of a checkpoint to find its run's held-out text (held_out_ids)
+    @property
+    def corpus_info(self) -> dict:
+        """The run's corpus as the checkpoint knew it (path, preprocessing, split, sha256); {} for exports
+        made before charlm 0.2 kept it."""
+        return dict(self.meta.get("corpus") or {})
+
+    @property
+    def corpus_path(self) -> Path | None:
+        path = self.corpus_info.get("path")
+        return Path(path) if path else None
+
+    @property
+    def val_fraction(self) -> float:
+        return self.corpus_info.get("val_fraction", TrainConfig.val_fraction)
+
+    @property
+    def min_count(self) -> int:
+        return self.corpus_info.get("min_count", TrainConfig.min_count)
+
+    @property
+    def quantization(self) -> str | None:
+        """None for fp32 weights, "int8" for a model exported with --quantize int8."""
+        return self.meta.get("quantization")
 
     def init_state(self, n: int) -> list[np.ndarray]:
         L, H = self.shape
@@ -172,3 +198,33 @@ class BoundStep:
         self.session.run_with_iobinding(self.bindings[self.turn])
         self.turn ^= 1
         return self.logits
+
+
+def evaluate_onnx(model: OnnxModel, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVAL_NUM_STEPS,
+                  progress=None):
+    """A :class:`charlm.EvalResult`: the mean next-character cross-entropy of the exported ``model`` over ``ids``, read as
+    :func:`charlm.evaluate` reads them: ``B = min(batch_size, (n-1) // 2)`` rows of ``(n-1) // B``
+    characters, each row's first prediction made after its first character, the state carried from
+    the zero state to the row's end (one onnxruntime step per column, the B rows together), and the
+    model's whole distribution (``<unk>`` included) scored in float64. So an fp32 export gives the
+    checkpoint's figure up to float rounding. ``progress(done, total)`` follows the columns."""
+    from charlm.data import _as_numpy
+    from charlm.evaluation import EvalResult, _rows
+    from charlm.tokens import windows
+
+    ids = _as_numpy(ids)
+    B, cols, row_starts = _rows(len(ids), batch_size)
+    run = model.stepper(B)
+    total = 0.0
+    rows = np.arange(B)
+    for start in range(0, cols, num_steps):  # a block of columns at a time: the text is never read whole
+        width = min(num_steps, cols - start)
+        block = windows(ids, row_starts + start, width + 1).astype(np.int64)  # (B, width+1)
+        for t in range(width):
+            logits = run.step(block[:, t]).astype(np.float64)  # (B, V): after reading column t
+            top = logits.max(axis=1)
+            log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            total += float((log_z - logits[rows, block[:, t + 1]]).sum())
+        if progress is not None:
+            progress(start + width, cols)
+    return EvalResult(loss=total / (B * cols), tokens=B * cols)

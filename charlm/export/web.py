@@ -1,7 +1,7 @@
 """``charlm export --format web``: a static folder that generates in the browser with onnxruntime-web.
 
 The folder: ``index.html`` and ``app.js`` (the page), ``model.onnx`` and ``model.tokenizer.json``
-(the export of :mod:`charlm.export`), ``charlm.json`` (what the page needs from the model's
+(the export of :mod:`charlm.export.graph`), ``charlm.json`` (what the page needs from the model's
 metadata), onnxruntime-web's WebAssembly build (``ort.wasm.min.js``, ``ort-wasm-simd-threaded.mjs``
 and ``.wasm``), so nothing is loaded from a CDN and any static file server works (the page asks for
 one thread, which needs no cross-origin isolation headers), and the marker ``.charlm`` that lists
@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
-from charlm.export import ExportError, export_onnx, metadata, replace_tree
+from charlm.export.graph import ExportError, export_onnx, metadata, replace_tree
 from charlm.outputs import check_folder, check_not_cwd, write_marker
 from charlm.tokens import cache_root
 
@@ -39,7 +39,7 @@ ORT_WEB_ENV = "CHARLM_ORT_WEB"
 PAGE_FILES = ("index.html", "app.js")
 
 
-def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
+def export_web(ckpt, out: str | os.PathLike, progress: bool = True, quantize: str | None = None) -> Path:
     """Write the folder ``out`` (replacing an earlier web export there); nothing half-written is left, and a
     folder or file charlm did not write is refused, untouched."""
     out = Path(out)
@@ -53,15 +53,15 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
     except OSError as exc:
         raise ExportError(f"--out: cannot write in {parent} ({exc.strerror or exc})") from None
     try:
-        export_onnx(ckpt, tmp / "model.onnx")
-        page_meta = {k: v for k, v in metadata(ckpt, "").items() if k != "tokenizer_sha256"}
+        export_onnx(ckpt, tmp / "model.onnx", quantize=quantize)
+        # (the corpus's path stays off a page that may be published)
+        page_meta = {k: v for k, v in metadata(ckpt, "", quantize).items() if k not in ("tokenizer_sha256", "corpus")}
         page_meta["onnxruntime_web"] = ORT_WEB_VERSION
-        page_meta["held_out_bits_per_char"] = _bits(ckpt)
         (tmp / "charlm.json").write_text(json.dumps(page_meta), encoding="utf-8")
         for name, data in runtime.items():
             (tmp / name).write_bytes(data)
         for name in PAGE_FILES:
-            (tmp / name).write_text(resources.files("charlm.web").joinpath(name).read_text(encoding="utf-8"),
+            (tmp / name).write_text(resources.files("charlm.export.page").joinpath(name).read_text(encoding="utf-8"),
                                     encoding="utf-8")
         write_marker(tmp, "web", [p.name for p in tmp.iterdir()])
         for path in tmp.iterdir():
@@ -71,13 +71,6 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _bits(ckpt) -> float | None:
-    import math
-
-    best = ckpt.progress.get("best_val_loss")
-    return None if best is None else best / math.log(2)
 
 
 def ort_web_files(progress: bool = True) -> dict[str, bytes]:

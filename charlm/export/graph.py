@@ -1,4 +1,4 @@
-"""``charlm export``: a trained model as a one-step ONNX graph (and a web page that runs it).
+"""``charlm export --format onnx``: a trained model as a one-step ONNX graph.
 
 The graph is what a generation loop needs: ``ids`` (N,) int64 and the carried state ``h`` (L, N, H)
 (and ``c`` for the LSTM) in; ``logits`` (N, V) and the new state ``h_out`` (and ``c_out``) out; N is
@@ -154,11 +154,16 @@ def _is_vocabulary(path: Path) -> bool:
     return path.is_file()
 
 
-def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
+def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True, quantize: str | None = None) -> Path:
     """Write ``out`` (the ONNX model) and its vocabulary beside it (:func:`tokenizer_path`); nothing is left
-    half-written, and a file there that charlm did not export is refused, untouched."""
+    half-written, and a file there that charlm did not export is refused, untouched. ``quantize="int8"``
+    stores the weights in 8-bit integers (:mod:`charlm.export.quantize`); the metadata says so."""
     import onnx
 
+    from charlm.export.quantize import QUANTIZATIONS, quantize_int8
+
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     out = Path(out)
     if out.suffix != ".onnx" or not out.stem:
         raise ExportError(f"--out {out}: an ONNX model's file name ends in .onnx (e.g. --out model.onnx)")
@@ -173,9 +178,14 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_model, tmp_vocab = Path(tmp) / out.name, Path(tmp) / vocab_path.name
         ckpt.vocab.save(tmp_vocab)
-        _torch_export(step, args, inputs, outputs, tmp_model, dynamo)
+        if quantize is None:
+            _torch_export(step, args, inputs, outputs, tmp_model, dynamo)
+        else:
+            fp32 = Path(tmp) / f"fp32-{out.name}"
+            _torch_export(step, args, inputs, outputs, fp32, dynamo)
+            quantize_int8(fp32, tmp_model)
         model = onnx.load(str(tmp_model))
-        meta = metadata(ckpt, hashlib.sha256(tmp_vocab.read_bytes()).hexdigest())
+        meta = metadata(ckpt, hashlib.sha256(tmp_vocab.read_bytes()).hexdigest(), quantize)
         del model.metadata_props[:]
         entry = model.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(meta)
@@ -188,6 +198,20 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True) -> Path:
 
 
 def _torch_export(step, args, inputs, outputs, path: Path, dynamo: bool) -> None:
+    import logging
+    import warnings
+
+    # the exporter logs a warning per torchvision operator it cannot register (torchvision is not needed)
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        _export(step, args, inputs, outputs, path, dynamo)
+    finally:
+        quiet.setLevel(level)
+
+
+def _export(step, args, inputs, outputs, path: Path, dynamo: bool) -> None:
     import warnings
 
     n = "N"
@@ -209,16 +233,23 @@ def _torch_export(step, args, inputs, outputs, path: Path, dynamo: bool) -> None
                           opset_version=OPSET)
 
 
-def metadata(ckpt, vocab_sha256: str) -> dict:
+def metadata(ckpt, vocab_sha256: str, quantization: str | None = None) -> dict:
+    """The ``charlm`` metadata entry of an export of ``ckpt`` (its fields: the docs' file formats page)."""
+    import math
+
     from charlm import __version__
 
     cfg = ckpt.model.config
     with torch.no_grad():
         zero = ckpt.model.head.bias.detach().float().tolist()  # the head's answer to the zero state
+    best = ckpt.progress.get("best_val_loss")
     return {"format": 1, "charlm_version": __version__, "cell": cfg.cell, "impl": cfg.impl,
             "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "embedding_dim": cfg.embedding_dim,
             "vocab_size": cfg.vocab_size, "preprocess": ckpt.preprocess, "tokenizer_sha256": vocab_sha256,
-            "zero_state_logits": zero, "inputs": _io_names(cfg.cell)[0], "outputs": _io_names(cfg.cell)[1]}
+            "zero_state_logits": zero, "inputs": _io_names(cfg.cell)[0], "outputs": _io_names(cfg.cell)[1],
+            "quantization": quantization, "parameters": ckpt.model.num_parameters(),
+            "corpus": ckpt.corpus_info or None,  # so that charlm eval MODEL.onnx finds the run's held-out text
+            "held_out_bits_per_char": None if best is None else best / math.log(2), "step": ckpt.progress.get("step")}
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -13,7 +13,8 @@ async function load() {
   const held = meta.held_out_bits_per_char;
   $("card").textContent = `${meta.num_layers} × ${meta.cell.toUpperCase()} ${meta.hidden_size}` +
     `${meta.embedding_dim ? ", embedding " + meta.embedding_dim : ", one-hot"} · ${meta.vocab_size} characters` +
-    ` (${meta.preprocess})` + (held ? ` · held out ${held.toFixed(3)} bits/char` : "") +
+    ` (${meta.preprocess})` + (meta.quantization ? ` · ${meta.quantization} weights` : "") +
+    (held ? ` · held out ${held.toFixed(3)} bits/char` : "") +
     ` · charlm ${meta.charlm_version}, onnxruntime-web ${meta.onnxruntime_web}`;
   $("length").max = 5000;
   $("top-k").max = Math.min(100, meta.vocab_size - 1);

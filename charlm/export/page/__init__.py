@@ -1,0 +1,1 @@
+"""The page of ``charlm export --format web`` (see :mod:`charlm.export.web`)."""

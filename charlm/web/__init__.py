@@ -1,1 +1,0 @@
-"""The page of ``charlm export --format web`` (see :mod:`charlm.webexport`)."""

@@ -1,0 +1,143 @@
+"""int8 exports (charlm export --quantize int8) and charlm eval / info of an exported model.
+
+How close an int8 model must stay to its fp32 export: along the fp32 model's greedy 200-character text,
+the int8 model (fed the same characters) picks the same next character at >= 95% of the positions, and
+its log-probabilities differ by at most 0.1 nats anywhere. Both are measured teacher-forced, on the same
+text: free-running greedy texts part for good at the first near-tie (one model here shares a 14-character
+prefix with its int8 export although 99% of its choices agree), so comparing them would measure luck,
+not quantization.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charlm import Vocab
+from charlm.cli import main
+from charlm.config import TrainConfig
+from charlm.training import train
+
+pytest.importorskip("onnxruntime")
+
+from charlm.export import OnnxModel, export_onnx, read_metadata  # noqa: E402
+from test_export import VARIANTS, _checkpoint  # noqa: E402
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    return z - np.logaddexp.reduce(z)
+
+
+def _teacher_forced(a: OnnxModel, b: OnnxModel, ids: np.ndarray, skip: int) -> tuple[float, float]:
+    """(share of positions where b's greedy choice is a's, largest |log p_a - log p_b|) along ``ids``."""
+    sa, sb, same, worst = a.init_state(1), b.init_state(1), [], 0.0
+    for t in range(len(ids) - 1):
+        la, sa = a.step(ids[t:t + 1], sa)
+        lb, sb = b.step(ids[t:t + 1], sb)
+        if t >= skip:
+            same.append(int(la[0, 1:].argmax()) == int(lb[0, 1:].argmax()))  # never <unk>, as generation
+            worst = max(worst, float(np.abs(_log_softmax(la[0]) - _log_softmax(lb[0])).max()))
+    return float(np.mean(same)), worst
+
+
+@pytest.mark.parametrize("cell, impl, embedding_dim, layers", VARIANTS,
+                         ids=[f"{c}-{i}-{'emb' if e else 'onehot'}-{n}layer" for c, i, e, n in VARIANTS])
+def test_an_int8_export_of_every_cell_and_input_kind_stays_close_to_fp32(tmp_path, cell, impl, embedding_dim, layers):
+    ckpt = _checkpoint(tmp_path, cell, impl, embedding_dim, layers)
+    fp32 = OnnxModel(export_onnx(ckpt, tmp_path / "fp32.onnx"))
+    int8 = OnnxModel(export_onnx(ckpt, tmp_path / "int8.onnx", quantize="int8"))
+    assert (fp32.quantization, int8.quantization) == (None, "int8")
+    assert read_metadata(int8.path)["quantization"] == "int8"
+    assert int8.path.stat().st_size < fp32.path.stat().st_size
+    greedy = "".join(c for (c,) in fp32.iter_generate("the ", 200))
+    agree, worst = _teacher_forced(fp32, int8, ckpt.vocab.encode("the " + greedy).astype(np.int64), skip=3)
+    assert agree >= 0.95 and worst <= 0.1, (agree, worst)
+    sampled = "".join(c for (c,) in int8.iter_generate("the ", 100, temperature=0.9, seed=3))
+    assert len(sampled) == 100 and set(sampled) <= set(ckpt.vocab.itos[1:])  # the engine runs it, <unk> never
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mirror):
+    """A small model trained for a few hundred steps on the Time Machine, and its fp32 and int8 exports."""
+    root = tmp_path_factory.mktemp("quantize")
+    corpus = root / "timemachine.txt"
+    corpus.write_bytes((mirror / "timemachine.txt").read_bytes())
+    train(TrainConfig(corpus=str(corpus), out=str(root / "run"), hidden_size=96, embedding_dim=16, batch_size=16,
+                      num_steps=32, max_steps=300, eval_every=150, time_limit=None))
+    for name, extra in (("fp32.onnx", []), ("int8.onnx", ["--quantize", "int8"])):
+        r = CliRunner().invoke(main, ["export", str(root / "run"), "--out", str(root / name), *extra])
+        assert r.exit_code == 0, r.output
+    return root
+
+
+def _eval_json(*args) -> list[dict]:
+    r = CliRunner().invoke(main, ["eval", *map(str, args), "--json"])
+    assert r.exit_code == 0, r.output
+    return [json.loads(line) for line in r.output.splitlines()]
+
+
+def test_charlm_eval_of_an_fp32_export_is_the_checkpoints_figure(trained):
+    """The same held-out text (the run's, re-read from its corpus) and any file, read the same way."""
+    other = trained / "other.txt"
+    other.write_text((trained / "timemachine.txt").read_text()[5000:25000])
+    for args in ((), (other,)):
+        (run,), (onnx,) = _eval_json(trained / "run", *args), _eval_json(trained / "fp32.onnx", *args)
+        assert onnx["tokens"] == run["tokens"] and onnx["file"] == run["file"]
+        assert onnx["loss"] == pytest.approx(run["loss"], abs=1e-4)
+
+
+def test_an_int8_export_keeps_the_held_out_figure_within_a_hundredth_of_a_bit(trained):
+    (run,), (int8,) = _eval_json(trained / "run"), _eval_json(trained / "int8.onnx")
+    assert run["tokens"] == int8["tokens"]
+    assert abs(int8["bits_per_char"] - run["bits_per_char"]) <= 0.01, (run, int8)
+    assert run["bits_per_char"] < 3.5  # a model that learned something: the comparison means something
+
+
+def test_info_and_generate_take_an_exported_model(trained):
+    r = CliRunner().invoke(main, ["info", str(trained / "int8.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "weights:      int8" in r.output and "2 x LSTM 96, embedding 16" in r.output
+    assert "int8.tokenizer.json" in r.output
+    r = CliRunner().invoke(main, ["info", str(trained / "fp32.onnx")])
+    assert "weights:      fp32" in r.output
+    auto = CliRunner().invoke(main, ["generate", "The ", "--length", "50", "--checkpoint", str(trained / "int8.onnx")])
+    explicit = CliRunner().invoke(main, ["generate", "The ", "--length", "50", "--engine", "onnx", "--checkpoint",
+                                         str(trained / "int8.onnx")])
+    assert auto.exit_code == 0 and auto.output == explicit.output and len(auto.output) == 55
+
+
+def _one_line(result, code=1) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_every_refusal_is_one_line(trained, tmp_path):
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])),
+         str(tmp_path / "foreign.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    for command in ("eval", "info"):
+        assert "not one charlm exported" in _one_line(CliRunner().invoke(main, [command, str(tmp_path / "foreign.onnx")]))
+        assert "not an ONNX model" in _one_line(CliRunner().invoke(main, [command, str(tmp_path / "junk.onnx")]))
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes((trained / "int8.onnx").read_bytes())
+    (tmp_path / "m.tokenizer.json").write_text(Vocab.from_text("abc").to_json())  # not this model's vocabulary
+    for command in (["eval", str(copy)], ["info", str(copy)], ["generate", "a", "--checkpoint", str(copy)]):
+        assert "not the vocabulary m.onnx was exported with" in _one_line(CliRunner().invoke(main, command))
+    (tmp_path / "m.tokenizer.json").unlink()
+    assert "m.tokenizer.json is missing" in _one_line(CliRunner().invoke(main, ["eval", str(copy)]))
+    line = _one_line(CliRunner().invoke(main, ["export", str(trained / "run"), "--out", str(tmp_path / "q.onnx"),
+                                               "--quantize", "int4"]), code=2)
+    assert "Invalid value for '--quantize'" in line
+    assert "--dynamic needs the checkpoint" in _one_line(CliRunner().invoke(
+        main, ["eval", str(trained / "int8.onnx"), "--dynamic"]), code=2)
+    assert "onnxruntime's CPU" in _one_line(CliRunner().invoke(
+        main, ["eval", str(trained / "int8.onnx"), "--device", "cuda"]), code=2)
