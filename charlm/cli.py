@@ -745,9 +745,12 @@ def export(run, fmt, out, quantize, quiet):
                    "takes N).")
 @click.option("--queue-size", type=click.IntRange(min=0), default=16,
               help="Requests that may wait for a slot; more are answered 503.")
+@click.option("--stream-interval", type=_FloatRange(0, 10), default=0.05,
+              help="Seconds between a stream's pieces, at least (the first character is sent at once): fewer, "
+                   "larger pieces leave more of the CPU to generation.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length, max_seconds, slots, queue_size,
-          device):
+          stream_interval, device):
     """A local web page and a streaming HTTP API on CHECKPOINT (default: the newest run under ./checkpoints).
 
     \b
@@ -767,7 +770,7 @@ def serve(checkpoint, host, port, allow_hosts, cors_origin, api_key, max_length,
     ckpt = _load(str(path), device)
     config = ServeConfig(host=host, port=port, allow_hosts=tuple(allow_hosts), cors_origin=cors_origin,
                          api_key=api_key, max_length=max_length, max_seconds=max_seconds, slots=slots,
-                         queue_size=queue_size)
+                         queue_size=queue_size, stream_interval=stream_interval)
     run_dir = ckpt.path.parent if ckpt.path.name in ("best", "last") else ckpt.path
     try:
         server = make_server(ckpt, config, model_id=run_dir.name, command_checkpoint=str(path), engine_thread=False)

@@ -12,8 +12,8 @@ not the text (up to float rounding of logits at a tie).
 Speed: after the prefix (one ``model.forward`` call, cuDNN on GPUs), each step runs
 :class:`charlm.models.stepper.Stepper` on the model's own weights under ``inference_mode``: a table lookup for the first layer's input,
 one matmul per layer and the cell's pointwise ops in place, with no autograd and no module
-dispatch. One greedy sequence on a CPU reads each argmax as a Python int and indexes the table with
-it; other cases keep the ids on the device. On a CPU, one sequence's wide matmuls are split over
+dispatch. One sequence on a CPU (greedy or sampled) reads each id as a Python int and takes its
+table row with it; other cases keep the ids on the device. On a CPU, one sequence's wide matmuls are split over
 the threads, and 2 to 8 sequences run on one thread.
 """
 
@@ -173,6 +173,7 @@ def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temp
                 yield from _greedy_one(stepper, itos, length, chunk)
                 return
             pending = []  # ids of the last few steps: decoded in one go, not one .tolist() per step
+            one = fast and N == 1 and cpu  # one sequence on a CPU: the id as an int picks its table row (no gather)
             for t in range(length):
                 ids = draw(logits, params, uniforms.next() if uniforms else None)  # (N,)
                 pending.append(ids)
@@ -182,7 +183,9 @@ def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temp
                     yield ["".join(itos[i] for i in row) for row in block]
                 if t + 1 == length:
                     break
-                if fast:
+                if one:
+                    stepper.step(int(ids))
+                elif fast:
                     stepper.step(ids)
                 else:  # the plain path: one model.forward call per character (d2l's predict_ch8)
                     out, state = model(ids.unsqueeze(1), state)
@@ -215,3 +218,44 @@ def generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temperatu
             p.append(c)
     texts = ["".join(p) for p in parts]
     return texts[0] if num_samples == 1 else texts
+
+
+def tie_margin(model, vocab, prefix: str, text: str, position: int, temperature: float = _DEFAULT.temperature,
+               top_k: int | None = _DEFAULT.top_k, top_p: float | None = _DEFAULT.top_p,
+               seed: int | None = _DEFAULT.seed) -> float:
+    """How close to a tie the character at ``position`` of ``text`` (a continuation of ``prefix`` with these
+    options) was: for temperature sampling, the distance from the sample's uniform (scaled to the
+    distribution's mass) to the nearest edge of the drawn character's interval of the cumulative
+    distribution; for greedy decoding, the gap between the two largest logits. Both computed on one
+    sequence, as :func:`generate` computes them.
+
+    Why: a batch's matrix products (a server stepping many requests at once) may differ from one
+    sequence's in the last bits of the logits, so two continuations that must be equal can part
+    where the model was all but tied; a margin of about 1e-5 or less says that is what happened.
+    """
+    SampleConfig(max(position, 0), temperature, top_k, top_p, seed, 1)  # validates
+    if not 0 <= position < len(text):
+        raise ValueError(f"position {position} is outside the text ({len(text)} characters)")
+    model.eval()
+    with torch.inference_mode():
+        ids = torch.as_tensor(vocab.encode(prefix + text[:position]).astype(np.int64)).unsqueeze(0)
+        if ids.shape[1]:
+            logits = _no_unk(model(ids)[0][:, -1].float())
+        else:
+            state = model.init_state(1)
+            h = state[0] if isinstance(state, tuple) else state
+            logits = _no_unk(model.head(h[-1]).float())
+        if temperature == 0:
+            top2 = logits[0].topk(2).values
+            return float(top2[0] - top2[1])
+        uniforms = _Uniforms(seed, 1, "cpu")
+        for _ in range(position):
+            uniforms.next()
+        u = uniforms.next()
+        params = DrawParams([(temperature, top_k, top_p)], logits.shape[-1], "cpu")
+        logits_t = _filter_rows((logits - logits.amax(-1, keepdim=True)) / params.temps, params)
+        cdf = logits_t.softmax(-1).double().cumsum(-1)[0]
+        target = float(u[0] * cdf[-1])
+        j = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
+        lower = float(cdf[j - 1]) if j > 0 else 0.0
+        return min(abs(target - lower), abs(float(cdf[min(j, len(cdf) - 1)]) - target))

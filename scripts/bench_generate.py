@@ -16,9 +16,10 @@ divided by the FLOPs one character costs. With ``--process`` it also times whole
 ``charlm generate --length 200000`` processes (start-up included) on each model's checkpoint.
 
 With ``--onnx`` it exports each model (``charlm export``, both exporters: TorchScript-based and
-``dynamo``) and compares onnxruntime with the PyTorch path: single-stream greedy characters/s as
-whole ``charlm generate`` processes (``--engine onnx`` against the default), interleaved, median of
-``--repeats``, and in-process; and batched sampling (``--onnx-batch`` samples, T 0.8).
+``dynamo``, and the dynamo export with ``--quantize int8``) and compares onnxruntime with the
+PyTorch path: single-stream greedy characters/s as whole ``charlm generate`` processes (PyTorch,
+the faster fp32 export, the int8 export), interleaved, median of ``--repeats``, and in-process; and
+batched sampling (``--onnx-batch`` samples, T 0.8).
 
     python scripts/bench_generate.py
     python scripts/bench_generate.py --cells gru --process
@@ -125,6 +126,7 @@ def onnx_rows(label, model, vocab, checkpoint, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: export_onnx(ck, Path(tmp) / name / "model.onnx", dynamo=name == "dynamo")
                  for name in ("torchscript", "dynamo")}
+        int8_path = export_onnx(ck, Path(tmp) / "int8" / "model.onnx", quantize="int8")
         engines = {name: OnnxModel(p) for name, p in paths.items()}
         n, N, L = args.length, args.onnx_batch, args.batched_length
         for name, engine in engines.items():
@@ -132,6 +134,9 @@ def onnx_rows(label, model, vocab, checkpoint, args) -> dict:
             if prefix + text != generate(model, vocab, prefix, 300):
                 raise SystemExit(f"{label}: the {name} ONNX model's greedy text differs from PyTorch's")
             out[f"{name}_greedy"] = rate(lambda: [None for _ in engine.iter_generate(prefix, n)], n)
+        int8 = OnnxModel(int8_path)
+        out["int8_greedy"] = rate(lambda: [None for _ in int8.iter_generate(prefix, n)], n)
+        out["fp32_bytes"], out["int8_bytes"] = paths["dynamo"].stat().st_size, int8_path.stat().st_size
         out["torch_greedy"] = rate(lambda: generate(model, vocab, prefix, n), n)
         best = max(engines, key=lambda k: out[f"{k}_greedy"])
         out["onnx_batched"] = rate(lambda: [None for _ in engines[best].iter_generate(
@@ -140,7 +145,8 @@ def onnx_rows(label, model, vocab, checkpoint, args) -> dict:
                                                      num_samples=N), N * L)
         base = [sys.executable, "-m", "charlm", "generate", prefix.strip(), "--length", str(args.process_length)]
         commands = {"torch": base + ["--checkpoint", str(checkpoint)],
-                    "onnx": base + ["--checkpoint", str(paths[best]), "--engine", "onnx"]}
+                    "onnx": base + ["--checkpoint", str(paths[best]), "--engine", "onnx"],
+                    "int8": base + ["--checkpoint", str(int8_path), "--engine", "onnx"]}
         walls = {k: [] for k in commands}
         for _ in range(args.repeats):  # interleaved
             for k, cmd in commands.items():
@@ -150,8 +156,10 @@ def onnx_rows(label, model, vocab, checkpoint, args) -> dict:
         for k in commands:
             out[f"{k}_process"] = args.process_length / statistics.median(walls[k])
     print(f"| {label} | {out['torch_greedy']:,.0f} | {out['torchscript_greedy']:,.0f} | {out['dynamo_greedy']:,.0f} | "
-          f"{out['torch_process']:,.0f} | {out['onnx_process']:,.0f} ({best}) | "
-          f"{out['onnx_process'] / out['torch_process']:.2f}x | {out['torch_batched']:,.0f} | "
+          f"{out['int8_greedy']:,.0f} | {out['torch_process']:,.0f} | {out['onnx_process']:,.0f} ({best}) | "
+          f"{out['int8_process']:,.0f} | {out['onnx_process'] / out['torch_process']:.2f}x | "
+          f"{out['int8_process'] / out['onnx_process']:.2f}x | {out['int8_process'] / out['torch_process']:.2f}x | "
+          f"{out['fp32_bytes'] / 1e6:.2f} / {out['int8_bytes'] / 1e6:.2f} MB | {out['torch_batched']:,.0f} | "
           f"{out['onnx_batched']:,.0f} |")
     return {"cell": label, "best_exporter": best, **out}
 
@@ -204,9 +212,10 @@ def main_onnx(args):
           f"single stream greedy over {args.length:,} characters in-process, whole `charlm generate --length "
           f"{args.process_length:,}` processes interleaved (median of {args.repeats}); batched: "
           f"x{args.onnx_batch}, T 0.8, {args.batched_length} characters each\n")
-    print("| model | PyTorch greedy | ONNX greedy (TorchScript exporter) | ONNX greedy (dynamo) | PyTorch process "
-          "| ONNX process | ONNX / PyTorch process | PyTorch batched | ONNX batched |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | PyTorch greedy | ONNX greedy (TorchScript exporter) | ONNX greedy (dynamo) | int8 greedy "
+          "| PyTorch process | ONNX process | int8 process | ONNX / PyTorch process | int8 / ONNX process "
+          "| int8 / PyTorch process | model file fp32 / int8 | PyTorch batched | ONNX batched |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     return [onnx_rows(*model, args) for model in models(args, vocab)]
 
 

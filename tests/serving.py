@@ -71,3 +71,20 @@ class Server:
         self.httpd.server_close()
 
 
+
+
+NEAR_TIE = 1e-5  # a distribution this close to a tie at the first differing character: float rounding, not a bug
+
+
+def assert_same_text(ckpt, prompt: str, options: dict, got: str, want: str) -> None:
+    """``got`` (from the server) is ``want`` (charlm.generate's), or the two part first where the lone model
+    was all but tied (a batch's products may differ from one sequence's in the last bits: tie_margin)."""
+    from charlm.sample import tie_margin
+
+    if got == want:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    assert k < min(len(got), len(want)), f"one text is a prefix of the other ({len(got)} and {len(want)} chars)"
+    margin = tie_margin(ckpt.model, ckpt.vocab, prompt, want, k, options.get("temperature", 0.0),
+                        options.get("top_k"), options.get("top_p"), options.get("seed"))
+    assert margin < NEAR_TIE, f"the texts part at character {k}, where the model was not tied (margin {margin:.2e})"

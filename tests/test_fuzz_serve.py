@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serving import make_checkpoint
+from serving import assert_same_text, make_checkpoint
 
 pytest.importorskip("fastapi", reason="charlm serve needs the serve extra (fastapi, uvicorn, prometheus-client)")
 
@@ -120,7 +120,15 @@ def _with_vocabulary_prompts(schema: dict, chars: list[str]) -> dict:
     return schema
 
 
+# An invalid body may also be refused for its size (413) or a missing Content-Length (411): documented answers
+# that Schemathesis's list of rejections leaves out by default (the file is read from the run's folder).
+CONFIG = """[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "411", "413", "415", "422", "428", "429"]
+"""
+
+
 def _fuzz(served, schema_location: str, extra: list[str]) -> subprocess.CompletedProcess:
+    (served["work"] / "schemathesis.toml").write_text(CONFIG)
     command = [*_schemathesis(), "run", schema_location, "--url", served["url"], "--checks", ",".join(CHECKS),
                "--max-time", str(SECONDS), "--workers", "1", "--seed", "1", "--generation-database", "none",
                "--request-timeout", "30", "--no-color", "--suppress-health-check", "all", *extra]
@@ -149,8 +157,8 @@ def test_the_fuzzer_finds_no_5xx_no_schema_violation_and_the_reference_stream_is
 
     assert not reference.errors, reference.errors
     assert len(reference.texts) >= 2
-    assert all(text == expected for text in reference.texts), [i for i, t in enumerate(reference.texts)
-                                                               if t != expected]
+    for text in reference.texts:  # the CLI's text (or parted only at a near-tie: see serving.assert_same_text)
+        assert_same_text(served["ckpt"], REFERENCE["prompt"], REFERENCE, text, expected)
 
     with urllib.request.urlopen(f"{served['url']}/metrics", timeout=30) as r:
         metrics = r.read().decode()
@@ -163,4 +171,5 @@ def test_the_fuzzer_finds_no_5xx_no_schema_violation_and_the_reference_stream_is
     cases = " + ".join(re.search(r"(\d+) generated", r.stdout).group(1) for r in rounds)
     print(f"fuzzing: {cases} cases, {sum(float(n) for _, n in statuses):,.0f} answers counted by the server, "
           f"statuses {sorted({s for s, _ in statuses})}; the reference streamed {len(reference.texts)} times, "
-          f"each the text charlm generate gives")
+          f"{sum(t == expected for t in reference.texts)} of them exactly the text charlm generate gives (the others "
+          f"parted from it at a near-tie)")

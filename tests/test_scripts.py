@@ -101,9 +101,10 @@ def test_bench_generate_onnx_compares_both_engines(capsys, load_script):
                                                           "--repeats", "1"])
     (row,) = rows
     assert row["best_exporter"] in ("torchscript", "dynamo")
-    for key in ("torch_greedy", "torchscript_greedy", "dynamo_greedy", "torch_process", "onnx_process",
-                "torch_batched", "onnx_batched"):
+    for key in ("torch_greedy", "torchscript_greedy", "dynamo_greedy", "int8_greedy", "torch_process", "onnx_process",
+                "int8_process", "torch_batched", "onnx_batched"):
         assert row[key] > 0
+    assert row["int8_bytes"] < row["fp32_bytes"]
     assert capsys.readouterr().out.count("\n| ") == 1 + 1
 
 

@@ -8,13 +8,17 @@ further requests wait in a bounded queue, and past that :meth:`Engine.submit` ra
 Each loop: requests that fit are admitted and their prompts warmed up, ``warmup_chars`` characters
 a loop each (so a long prompt does not stall the others); a warmed-up request joins the batch; then
 one tick draws a character for every active sequence (each with its own temperature, top-k, top-p
-and uniform stream: :func:`charlm.sample.draw`), delivers text every ``chunk`` characters, and steps
-the batch (:class:`charlm.models.stepper.Stepper`). A sequence that reaches its length or a stop
+and uniform stream: :func:`charlm.sample.draw`), delivers text (the first character at once, then
+chunks of at least ``chunk`` characters, at most one per ``flush_s`` seconds per request), and steps
+the batch (:class:`charlm.models.stepper.Stepper`). After each loop the ``flushers`` hand the events
+over (the server's :class:`~charlm.serve.server.Mailbox`: one wake-up of the HTTP side per loop). A sequence that reaches its length or a stop
 string, or whose request is cancelled (the client left) or timed out, leaves at that tick.
 
 A sequence's text is the one ``charlm.generate`` gives it alone with the same seed: the same prompt
 warm-up, the same uniform stream, the same decoding arithmetic row by row. Only the logits of a
-batched matmul may differ from a lone one's in the last bits.
+batched matmul may differ from a lone one's in the last bits (the CPU's kernels for a few rows and
+for one need not add in the same order), so two such texts can part where the model was all but
+tied between two characters: :func:`charlm.sample.tie_margin` measures how nearly.
 
 Events delivered to a request (``Request.deliver``, called on the engine thread):
 ``("prompt", entries)`` (the prompt's log-probabilities, when asked), ``("text", texts, entries)``
@@ -47,7 +51,7 @@ class Busy(Exception):
 class Request:
     prompt_ids: np.ndarray
     options: SampleConfig  # its length may be 0: the prompt is only scored (with prompt_logprobs)
-    deliver: Callable[[tuple], None]
+    deliver: Callable[[tuple], None] | None  # (the server sets it once the request exists)
     stop: tuple[str, ...] = ()  # the text ends before the first of these to appear
     logprobs: int | None = None  # per generated character: its log-probability and the top-N (None: none)
     prompt_logprobs: bool = False  # the prompt's characters' log-probabilities too (the first has none)
@@ -63,6 +67,8 @@ class Request:
     uniforms: object = None  # its samples' uniform streams (charlm.sample._Uniforms), made when it is warmed up
     rows: list = field(default_factory=list)
     ended: bool = False  # its slots are released and its last event sent (exactly once)
+    flushed: int = 0  # steps at its last text event
+    flushed_at: float = 0.0  # and when
 
     @property
     def n(self) -> int:
@@ -125,10 +131,10 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 class Engine:
     def __init__(self, model, vocab, slots: int = 16, queue_size: int = 16, chunk: int = 16,
-                 max_seconds: float = 60.0, warmup_chars: int = 256, metrics=None):
+                 max_seconds: float = 60.0, warmup_chars: int = 256, metrics=None, flush_s: float = 0.0):
         self.model, self.vocab, self.itos = model, vocab, vocab.itos
         self.slots, self.queue_size, self.chunk, self.max_seconds = slots, queue_size, chunk, max_seconds
-        self.warmup_chars, self.metrics = warmup_chars, metrics
+        self.warmup_chars, self.metrics, self.flush_s = warmup_chars, metrics, flush_s
         self.device = next(model.parameters()).device
         self.lock = threading.Lock()  # admission: reserved, queue, admitted
         self.wake = threading.Event()
@@ -147,6 +153,7 @@ class Engine:
         self.wants_logprobs = False
         self.uniform_parts: list = []
         self.stopping = False
+        self.flushers: list[Callable[[], None]] = []  # called after each loop: hand buffered events over
 
     # -- any thread ------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -195,9 +202,13 @@ class Engine:
             with torch.inference_mode():
                 while not self.stopping:
                     self._loop_once()
+                    for flush in self.flushers:
+                        flush()
         finally:
             for req in self._all_requests():
                 self._send(req, ("done", self._info(req, "cancelled")))
+            for flush in self.flushers:
+                flush()
             model.train(was_training)
             torch.set_num_threads(threads)
 
@@ -406,7 +417,9 @@ class Engine:
                 r.finish(reason)
             self.dirty = True
         done = all(r.done for r in req.rows)
-        if done or req.steps % self.chunk == 0 or req.steps == 1:  # the first character at once, then by chunks
+        # the first character at once, then chunks of at least `chunk` characters, at most one per `flush_s`
+        if done or req.steps == 1 or (req.steps - req.flushed >= self.chunk and now - req.flushed_at >= self.flush_s):
+            req.flushed, req.flushed_at = req.steps, now
             self._flush(req)
         if done:
             self._finish(req, None)
