@@ -41,8 +41,28 @@ FORMAT_VERSION = 1
 FILES = ("model.pt", "trainer.pt", "config.json", "tokenizer.json")
 
 
+class RunCorpus:
+    """What a saved model knows of the corpus its run trained on, from ``corpus_info`` (a dict): the
+    places that read a held-out text back (:func:`charlm.evaluation.held_out_ids`) need only these."""
+
+    corpus_info: dict
+
+    @property
+    def corpus_path(self) -> Path | None:
+        path = self.corpus_info.get("path")
+        return Path(path) if path else None
+
+    @property
+    def val_fraction(self) -> float:
+        return self.corpus_info.get("val_fraction", TrainConfig.val_fraction)
+
+    @property
+    def min_count(self) -> int:
+        return self.corpus_info.get("min_count", TrainConfig.min_count)
+
+
 @dataclass
-class Checkpoint:
+class Checkpoint(RunCorpus):
     """A loaded checkpoint. ``meta`` is what ``config.json`` holds besides the model's config; the
     properties below are the only places that know its layout."""
 
@@ -66,19 +86,6 @@ class Checkpoint:
     def preprocess(self) -> str:
         """How the corpus was normalised; apply the same to a prompt or an evaluation file."""
         return self.corpus_info.get("preprocess", TrainConfig.preprocess)
-
-    @property
-    def corpus_path(self) -> Path | None:
-        path = self.corpus_info.get("path")
-        return Path(path) if path else None
-
-    @property
-    def val_fraction(self) -> float:
-        return self.corpus_info.get("val_fraction", TrainConfig.val_fraction)
-
-    @property
-    def min_count(self) -> int:
-        return self.corpus_info.get("min_count", TrainConfig.min_count)
 
     @property
     def progress(self) -> dict:

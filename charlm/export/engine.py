@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, SampleConfig, TrainConfig
+from charlm.checkpoint import RunCorpus
+from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, SampleConfig
 from charlm.export.graph import ExportError, read_metadata, tokenizer_path
 from charlm.sample import DrawParams, _Uniforms, draw
 from charlm.vocab import Vocab
@@ -25,7 +26,7 @@ from charlm.vocab import Vocab
 _DEFAULT = SampleConfig()
 
 
-class OnnxModel:
+class OnnxModel(RunCorpus):
     """An exported charlm model: its onnxruntime session, its vocabulary (checked against the sha256
     in the model's metadata) and its preprocessing.
 
@@ -57,25 +58,11 @@ class OnnxModel:
         self.shape = (meta["num_layers"], meta["hidden_size"])
         self.zero_logits = np.asarray(meta["zero_state_logits"], dtype=np.float32)
 
-    # what charlm.evaluation reads of a checkpoint to find its run's held-out text (held_out_ids)
     @property
     def corpus_info(self) -> dict:
         """The run's corpus as the checkpoint knew it (path, preprocessing, split, sha256); {} for exports
         made before charlm 0.2 kept it."""
         return dict(self.meta.get("corpus") or {})
-
-    @property
-    def corpus_path(self) -> Path | None:
-        path = self.corpus_info.get("path")
-        return Path(path) if path else None
-
-    @property
-    def val_fraction(self) -> float:
-        return self.corpus_info.get("val_fraction", TrainConfig.val_fraction)
-
-    @property
-    def min_count(self) -> int:
-        return self.corpus_info.get("min_count", TrainConfig.min_count)
 
     @property
     def quantization(self) -> str | None:
