@@ -34,7 +34,7 @@ import torch
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CheckpointError, os_error_line
 from charlm.models import RNNLM
-from charlm.outputs import KINDS, check_folder
+from charlm.outputs import KINDS, check_folder, check_not_cwd
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -170,6 +170,7 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
                 raise CheckpointError(f"cannot write checkpoint {path}: {parent} is not a directory")
             break
     check_folder(path, "checkpoint", option="checkpoint")
+    check_not_cwd(path, option="checkpoint")  # (it is replaced by a rename: the caller's folder would vanish)
     if not path.name:
         raise CheckpointError(f"cannot write checkpoint {path}: name a folder for it")
     try:

@@ -434,7 +434,7 @@ def _onnx_model(path: str | None):
 
 def _is_onnx(path: str) -> bool:
     """Whether a CHECKPOINT argument names an exported model (a file ending in .onnx) rather than a run."""
-    return str(path).endswith(".onnx") and not Path(path).is_dir()
+    return str(path).lower().endswith(".onnx") and not Path(path).is_dir()
 
 
 def _prefix_error(exc: UnknownCharactersError, prefix: str, ckpt) -> click.ClickException:
@@ -472,11 +472,15 @@ def generate(prefix, checkpoint, length, temperature, top_k, top_p, seed, num_sa
     if engine == "auto":
         engine = "onnx" if checkpoint is not None and _is_onnx(checkpoint) else "torch"
     if engine == "onnx":
+        if device != "cpu":
+            raise click.UsageError(f"--device {device}: an exported model runs on onnxruntime's CPU")
         ckpt = _onnx_model(checkpoint)
         make_stream = ckpt.iter_generate
     else:
         from charlm.sample import iter_generate
 
+        if checkpoint is not None and _is_onnx(checkpoint):
+            raise click.UsageError(f"{checkpoint} is an exported model: pass --engine onnx (or auto)")
         ckpt = _load(checkpoint, device)
         make_stream = lambda *a: iter_generate(ckpt.model, ckpt.vocab, *a)  # noqa: E731
     if normalize:
@@ -699,7 +703,7 @@ def env_() -> None:
                    "charlm export is written: anything else is refused, untouched.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, show_default="none: fp32 weights",
               help="int8: the weight matrices in 8-bit integers, one scale per output column (onnxruntime's dynamic "
-                   "quantization): a model file about a quarter the size, and faster single-stream generation "
+                   "quantization): a model file about a third the size, and faster single-stream generation "
                    "where the weights do not fit in the CPU's cache; both formats take it.")
 @click.option("--quiet", is_flag=True, help="No download progress bar.")
 def export(run, fmt, out, quantize, quiet):

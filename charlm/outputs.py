@@ -35,6 +35,8 @@ KINDS = {
             "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm", MARKER),
     "token-cache": ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part", "provisional.bin"),
 }
+# The folders inside a folder of a kind, and the kind each must be (what their entries may be).
+NESTED = {"run": {name: "checkpoint" for name in ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*")}}
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
          "token-cache": "a charlm token cache entry"}
 
@@ -90,7 +92,15 @@ def foreign_entries(directory: str | os.PathLike, kind: str) -> list[str]:
     if not _recognised(directory, kind):
         return names
     patterns = KINDS[kind]
-    return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    for name in names:  # the folders inside (a run's checkpoints): their entries too, named by their path here
+        inner = next((k for p, k in NESTED.get(kind, {}).items() if fnmatch.fnmatchcase(name, p)), None)
+        if inner is not None and (directory / name).is_dir() and not (directory / name).is_symlink():
+            foreign += [f"{name}/{e.name}" for e in sorted((directory / name).iterdir(), key=lambda e: e.name)
+                        if not any(fnmatch.fnmatchcase(e.name, q) for q in KINDS[inner])]
+        elif inner is not None and (directory / name).is_symlink():
+            foreign.append(name)  # a link where charlm keeps a checkpoint: not charlm's to delete through
+    return foreign
 
 
 def _listing(names: list[str], limit: int = 3) -> str:
@@ -102,8 +112,9 @@ def check_folder(path: str | os.PathLike, kind: str, option: str = "--out", hint
     """Refuse (one line) to write the folder ``path`` as ``kind`` unless it is missing, empty or charlm's
     own of that kind holding only that kind's entries; a file where the folder should be is refused too."""
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise NotOwnedError(f"{option} {path} is a broken symbolic link; charlm does not write through it")
+    if path.is_symlink():
+        raise NotOwnedError(f"{option} {path} is a symbolic link; charlm replaces a folder of its own only "
+                            f"(name the folder itself)")
     if path.exists() and not path.is_dir():
         raise NotOwnedError(f"{option} {path} is a file, not a folder; charlm writes {_WHAT[kind]} there "
                             f"only into a new, empty or earlier charlm folder{hint}")
@@ -122,8 +133,9 @@ def check_not_cwd(path: str | os.PathLike, option: str = "--out") -> None:
     """A folder replaced whole cannot be the current directory or one above it."""
     resolved, here = Path(path).resolve(), Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
+        example = f" (e.g. {option} site)" if option.startswith("--") else ""
         raise NotOwnedError(f"{option} {path} is the current directory{'' if resolved == here else ' or above it'}; "
-                            f"name a folder of its own (e.g. {option} site)")
+                            f"name a folder of its own{example}")
 
 
 def remove_entries(directory: Path, kind: str) -> None:

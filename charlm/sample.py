@@ -25,12 +25,16 @@ import numpy as np
 import torch
 
 from charlm.config import SampleConfig
+from charlm.errors import ConfigError
 from charlm.models.stepper import Stepper, step_bytes
 
 _BLOCK = 1024  # uniforms drawn per sample at a time
 _SINGLE_THREAD_MAX_N = 8  # decode 2 to this many samples on one CPU thread, if the model is small:
 _SINGLE_THREAD_MAX_BYTES = 768 * 1024  # a step reading fewer bytes of weights (``step_bytes``) than this
 _DEFAULT = SampleConfig()
+GREEDY_BELOW = 1e-30  # temperatures under this decode greedily (see DrawParams)
+MAX_TEMPERATURE = 1e30
+MIN_TOP_P = 1e-30
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -49,7 +53,10 @@ class DrawParams:
     settings are drawn together: a row decodes exactly as it would in a batch of its own settings."""
 
     def __init__(self, settings: list[tuple[float, int | None, float | None]], vocab_size: int, device):
-        temps = [t for t, _, _ in settings]
+        # float32 holds the settings: a temperature under GREEDY_BELOW is greedy (its limit; it would
+        # underflow to 0), one over MAX_TEMPERATURE is that (inf would make NaN of the -inf logits), and a
+        # top-p under MIN_TOP_P is that (0 would drop every character; the most probable one stays)
+        temps = [0.0 if t < GREEDY_BELOW else min(t, MAX_TEMPERATURE) for t, _, _ in settings]
         self.all_greedy = all(t == 0 for t in temps)
         self.any_greedy = any(t == 0 for t in temps)
         self.greedy = torch.tensor([t == 0 for t in temps], device=device)
@@ -59,7 +66,7 @@ class DrawParams:
         self.kth = None if all(k is None or k >= vocab_size for k in ks) else torch.tensor(
             [[min(k or vocab_size, vocab_size) - 1] for k in ks], device=device)
         # top-p: a mass never reached (2) for rows without it, so nothing is dropped there
-        ps = [2.0 if p is None or p >= 1.0 else p for _, _, p in settings]
+        ps = [2.0 if p is None or p >= 1.0 else max(p, MIN_TOP_P) for _, _, p in settings]
         self.top_p = None if all(p == 2.0 for p in ps) else torch.tensor([[p] for p in ps], dtype=torch.float32,
                                                                           device=device)
 
@@ -235,24 +242,34 @@ def tie_margin(model, vocab, prefix: str, text: str, position: int, temperature:
     """
     SampleConfig(max(position, 0), temperature, top_k, top_p, seed, 1)  # validates
     if not 0 <= position < len(text):
-        raise ValueError(f"position {position} is outside the text ({len(text)} characters)")
+        raise ConfigError(f"position {position} is outside the text ({len(text)} characters)")
+    was_training = model.training
     model.eval()
+    try:
+        return _tie_margin(model, vocab, prefix, text, position, temperature, top_k, top_p, seed)
+    finally:
+        model.train(was_training)
+
+
+def _tie_margin(model, vocab, prefix, text, position, temperature, top_k, top_p, seed) -> float:
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        ids = torch.as_tensor(vocab.encode(prefix + text[:position]).astype(np.int64)).unsqueeze(0)
+        ids = torch.as_tensor(vocab.encode(prefix + text[:position]).astype(np.int64), device=device).unsqueeze(0)
         if ids.shape[1]:
             logits = _no_unk(model(ids)[0][:, -1].float())
         else:
-            state = model.init_state(1)
+            state = model.init_state(1, device=device)
             h = state[0] if isinstance(state, tuple) else state
             logits = _no_unk(model.head(h[-1]).float())
-        if temperature == 0:
+        logits = logits.cpu()
+        if temperature < GREEDY_BELOW:
             top2 = logits[0].topk(2).values
             return float(top2[0] - top2[1])
         uniforms = _Uniforms(seed, 1, "cpu")
         for _ in range(position):
             uniforms.next()
         u = uniforms.next()
-        params = DrawParams([(temperature, top_k, top_p)], logits.shape[-1], "cpu")
+        params = DrawParams([(temperature, top_k, top_p)], logits.shape[-1], "cpu")  # (the clamps of draw)
         logits_t = _filter_rows((logits - logits.amax(-1, keepdim=True)) / params.temps, params)
         cdf = logits_t.softmax(-1).double().cumsum(-1)[0]
         target = float(u[0] * cdf[-1])

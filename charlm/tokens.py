@@ -229,6 +229,8 @@ def prepare(corpus: str | os.PathLike, preprocess: str = "raw", min_count: int =
             hit = _open(target)  # built by another process while this one waited
             if hit is not None:
                 return hit
+            if target.exists():  # a stale entry is replaced once built: refused now if it is not charlm's
+                check_folder(target, "token-cache", option=CACHE_ENV, hint=f"; delete it or set {CACHE_ENV}")
             _build(corpus, files, sources, preprocess, min_count, target, chunk_bytes, progress)
     except OSError as exc:
         raise CorpusError(f"cannot write the token cache in {root}: {os_error_line(exc)}; set {CACHE_ENV} to a "
@@ -305,8 +307,7 @@ def _build(corpus, files, sources, preprocess, min_count, target: Path, chunk_by
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp / "meta.json.part", tmp / "meta.json")  # last: its presence means complete
-        if target.exists():  # a stale entry (another format, a truncated file): replaced if it is charlm's
-            check_folder(target, "token-cache", option=CACHE_ENV, hint=f"; delete it or set {CACHE_ENV}")
+        if target.exists():  # a stale entry (another format, a truncated file): checked to be charlm's before
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:

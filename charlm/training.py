@@ -30,7 +30,9 @@ the lr follows the same plan:
   since the invocation's first evaluation, whenever the time left cannot hold it: that depends on
   the clock, so such a run is repeatable only as far as the clock allowed the same plan.
 
-In every case the last step taken is the schedule's last step: its lr is the schedule's end (0).
+In every case the last step taken is the schedule's last step: its lr is the schedule's end (0), but
+for a plan of one step (its only step trains at the base lr), and for a time limit too short to measure
+(under WARM_STEPS steps in all), whose plan ends at the step where the time ran out.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from charlm.rundir import RunDir, default_out
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
 STEP_EVENT_EVERY = 10  # steps between "step" events
 FINAL_EVAL_SHARE = 0.1  # of --time-limit, at most, for the final evaluation of the best weights on the whole tail
+WARM_STEPS = 10  # steps a time-limited invocation runs before its step time counts (the first ones run cold)
 RESERVE_MARGIN = 1.25  # the final work's estimate from earlier evaluations and saves, with room for noise
 
 
@@ -293,6 +296,7 @@ class Trainer:
         self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
         self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
         self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
+        self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
         self.time_shortened = False  # the time limit shortened the plan (the stop reason says so)
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
@@ -389,9 +393,14 @@ class Trainer:
         left = cfg.time_limit - now - self.reserve()
         if left <= 0:
             return st.step
-        if self.interval_s_per_step is None:
+        if self.interval_s_per_step is not None:
+            per_step = max((now - self.plan_mark[1]) / (st.step - self.plan_mark[0]), self.interval_s_per_step)
+        elif self.step_mark is not None and st.step - self.step_mark[0] >= WARM_STEPS:
+            # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
+            # warm-up, so that the plan is fitted long before the time is up rather than cut at the end
+            per_step = (now - self.step_mark[1]) / (st.step - self.step_mark[0])
+        else:
             return None
-        per_step = max((now - self.plan_mark[1]) / (st.step - self.plan_mark[0]), self.interval_s_per_step)
         return st.step + int(left / per_step)
 
     def _proposal(self) -> int:
@@ -426,7 +435,10 @@ class Trainer:
         st, cfg = self.state, self.cfg
         if not self.planned or st.planned_steps is None:
             return
-        if self.shorten_plan(self.total_steps()):
+        bound = self.total_steps()
+        if bound <= st.step:  # no step will be taken (--max-steps reached): the saved plan stays as it was
+            return
+        if self.shorten_plan(bound):
             self.emit("warning", {"message": f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} "
                                              f"(--max-steps or --epochs), falling from step {st.step:,}"})
         elif cfg.max_steps and cfg.max_steps > st.planned_steps:
@@ -561,6 +573,8 @@ class Trainer:
             for X, Y in self.batches():
                 if cfg.max_steps is not None and st.step >= cfg.max_steps:
                     return f"--max-steps {cfg.max_steps} reached"
+                if st.planned_steps is not None and st.step >= st.planned_steps:  # a resumed run already at its end
+                    return f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done"
                 self.train_step(X, Y)
                 reason = self.after_step(stop)
                 if reason is not None:
@@ -587,6 +601,8 @@ class Trainer:
             if patience is not None and st.evals_since_best >= patience:
                 reason = f"no held-out improvement in {patience} evaluations"
         timed = cfg.time_limit is not None
+        if timed and self.step_mark is None and st.step - self.first_step == WARM_STEPS:
+            self.step_mark = (st.step, self.elapsed())
         time_up = timed and not self.planned and self.elapsed() + self.reserve() >= cfg.time_limit
         (signalled, time_up), proposal = self.dist.agree([bool(stop["signal"]), time_up], self._proposal(),
                                                          self.device)

@@ -283,3 +283,40 @@ def test_a_folder_named_like_an_interrupted_replacement_is_never_deleted(tmp_pat
     assert digest(backup) == before and (project / "manifest.json").is_file()
     os.rename(backup, tmp_path / "thesis")
     save_checkpoint(project, ckpt.model, ckpt.vocab)
+
+
+def test_overwrite_never_deletes_a_file_put_inside_a_checkpoint(tmp_path, corpus):
+    out = tmp_path / "r"
+    assert _train(corpus, out).exit_code == 0
+    (out / "last" / "notes.txt").write_text("mine")
+    before = digest(tmp_path)
+    line = one_line_error(_train(corpus, out, "--overwrite"))
+    assert "last/notes.txt" in line
+    assert digest(tmp_path) == before
+
+
+def test_an_export_left_half_way_is_retried(tmp_path, ckpt):
+    """A kill between the export's two renames leaves one of its two files: the same export then succeeds."""
+    pytest.importorskip("onnx")
+    assert run("export", ckpt.path, "--out", tmp_path / "a.onnx").exit_code == 0
+    (tmp_path / "a.tokenizer.json").rename(tmp_path / "z.tokenizer.json")  # a vocabulary, no model beside it
+    r = run("export", ckpt.path, "--out", tmp_path / "z.onnx")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_symlinked_out_is_one_line_and_leaves_nothing(tmp_path, ckpt, fake_runtime):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    before = digest(tmp_path)
+    line = one_line_error(run("export", ckpt.path, "--format", "web", "--out", tmp_path / "link", "--quiet"))
+    assert "symbolic link" in line
+    assert digest(tmp_path) == before
+
+
+def test_save_checkpoint_never_replaces_the_current_directory(tmp_path, ckpt, monkeypatch):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(NotOwnedError, match="current directory"):
+        save_checkpoint(".", ckpt.model, ckpt.vocab)
+    assert Path.cwd() == here and not any(here.iterdir())

@@ -141,3 +141,15 @@ def test_every_refusal_is_one_line(trained, tmp_path):
         main, ["eval", str(trained / "int8.onnx"), "--dynamic"]), code=2)
     assert "onnxruntime's CPU" in _one_line(CliRunner().invoke(
         main, ["eval", str(trained / "int8.onnx"), "--device", "cuda"]), code=2)
+
+
+@pytest.mark.parametrize("raw", ["{not json", "[1]", '{"format": 2}', '{"format": 1}'])
+def test_metadata_that_is_not_this_charlms_is_one_line(trained, tmp_path, raw):
+    import onnx
+
+    model = onnx.load(str(trained / "fp32.onnx"))
+    next(p for p in model.metadata_props if p.key == "charlm").value = raw
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    (tmp_path / "m.tokenizer.json").write_bytes((trained / "fp32.tokenizer.json").read_bytes())
+    for command in ("info", "eval"):
+        _one_line(CliRunner().invoke(main, [command, str(tmp_path / "m.onnx")]))

@@ -312,3 +312,19 @@ def test_cli_generate_seed_gives_the_library_text(ckpt_dir, model_vocab):
     assert first.exit_code == 0, first.output
     assert first.output.rstrip("\n") == generate(m, v, "the ", 40, temperature=0.9, top_k=5, seed=7)
     assert run(*args, "--seed", 8).output != first.output
+
+
+def test_settings_past_float32s_range_decode_as_their_limits(tmp_path):
+    """Temperatures and top-p are held in float32: a temperature under 1e-30 decodes greedily (its limit,
+    instead of dividing by an underflowed 0), a huge one samples (no NaN from -inf / inf), and a top-p too
+    small for float32 keeps the most probable character (instead of dropping all of them)."""
+    from charlm import RNNLM, Vocab, generate
+
+    vocab = Vocab.from_text("the quick brown fox jumps over the lazy dog\n")
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), cell="gru", hidden_size=16)
+    greedy = generate(model, vocab, "the ", 40)
+    assert generate(model, vocab, "the ", 40, temperature=1e-300, seed=3) == greedy
+    assert generate(model, vocab, "the ", 40, temperature=0.7, top_p=1e-50, seed=3) == greedy
+    hot = generate(model, vocab, "the ", 300, temperature=1e300, seed=3)[4:]
+    assert len(set(hot)) > 10 and set(hot) <= set(vocab.itos[1:])  # all but uniform, never <unk>

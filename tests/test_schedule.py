@@ -193,3 +193,43 @@ def test_a_time_limit_too_short_to_measure_still_ends_on_the_schedule(corpus, tm
     seen = recorded_lrs(monkeypatch)
     result = train(config(corpus, tmp_path / "r", max_steps=1000, time_limit=5 / 64))
     assert result.steps == 6 and seen == [0.5] * 5 + [0.0]
+
+
+def test_a_resume_that_cannot_step_leaves_the_plan_as_it_was(corpus, tmp_path):
+    """Stopped at step 20 of a 40-step plan, resumed by mistake with --max-steps 10 (already passed): no step is
+    taken, the plan is saved as it was, and the right resume then equals the run never stopped."""
+    def stop_at_20(event, info):
+        if event == "step" and info["step"] == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(config(corpus, tmp_path / "straight", max_steps=40, lr_schedule="cosine"))
+    with pytest.raises(TrainingInterrupted):
+        train(config(corpus, tmp_path / "parts", max_steps=40, lr_schedule="cosine"), callback=stop_at_20)
+    mistaken = train(config(corpus, tmp_path / "parts", max_steps=10, lr_schedule="cosine"), resume=True)
+    assert mistaken.steps == 20 and mistaken.stop_reason == "--max-steps 10 reached"
+    assert trainer_state(tmp_path / "parts")["planned_steps"] == 40
+    assert trainer_state(tmp_path / "parts")["plan_anchor"] is None
+    train(config(corpus, tmp_path / "parts", max_steps=40, lr_schedule="cosine"), resume=True)
+    assert lrs(tmp_path / "parts") == lrs(tmp_path / "straight")
+    assert_same_weights(tmp_path / "parts", tmp_path / "straight")
+
+
+def test_resuming_a_finished_plan_takes_no_step(corpus, tmp_path, monkeypatch):
+    seen = recorded_lrs(monkeypatch)
+    train(config(corpus, tmp_path / "r", max_steps=20))
+    rows = lrs(tmp_path / "r")
+    again = train(config(corpus, tmp_path / "r", max_steps=30), resume=True)
+    assert again.steps == 20 and again.stop_reason == "the hold-decay schedule's 20 planned steps done"
+    assert len(seen) == 20 and lrs(tmp_path / "r") == rows
+
+
+def test_a_time_limit_without_two_evaluations_fits_the_plan_from_the_steps_time(corpus, tmp_path, monkeypatch):
+    """No evaluation before the limit (--eval-every huge): the plan is fitted from the steps' own time after
+    the warm-up, so the lr falls smoothly to 0 at the last step instead of dropping to 0 at the deadline."""
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: (self.state.step - self.first_step) / 64)
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    seen = recorded_lrs(monkeypatch)
+    result = train(config(corpus, tmp_path / "r", max_steps=10_000, eval_every=10**6, time_limit=100 / 64,
+                          lr_schedule="cosine"))
+    assert 95 <= result.steps <= 100 and seen[-1] == 0.0
+    assert max(a - b for a, b in zip(seen, seen[1:])) < 0.5 / 10  # no cliff

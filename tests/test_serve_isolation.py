@@ -264,3 +264,41 @@ def test_logprobs_0_gives_empty_top_logprobs_for_prompt_and_completion(ckpt):
         assert lp["tokens"][:3] == ["t", "h", "e"] and len(lp["tokens"]) == 7
         assert lp["top_logprobs"][0] is None and lp["token_logprobs"][0] is None  # nothing predicts the first
         assert lp["top_logprobs"][1:] == [{}] * 6  # prompt and completion alike
+
+
+def test_a_stream_cut_by_shutdown_says_cancelled(ckpt):
+    events, done = [], threading.Event()
+
+    def deliver(event):
+        events.append(event)
+        if event[0] in ("done", "error"):
+            done.set()
+
+    engine = Engine(ckpt.model, ckpt.vocab, slots=2)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    engine.submit(Request(ckpt.vocab.encode("the "), SampleConfig(length=10**7, temperature=1.0, seed=1), deliver))
+    time.sleep(0.3)
+    engine.stop()
+    assert done.wait(10)
+    thread.join(10)
+    info = events[-1][1]
+    assert events[-1][0] == "done" and info["finish_reason"] == "cancelled" and info["finish_reasons"] == ["cancelled"]
+    with pytest.raises(Exception, match="stopping"):
+        engine.submit(Request(ckpt.vocab.encode("a"), SampleConfig(length=1), deliver))
+
+
+def test_a_mailbox_whose_loop_closed_is_dropped(ckpt):
+    import asyncio
+
+    from charlm.serve import ServeConfig
+    from charlm.serve.server import Job, Service
+
+    service = Service(ckpt, ServeConfig(), "run", "run")
+    loop = asyncio.new_event_loop()
+    req, _ = service.submit(Job("the", SampleConfig(length=3)), loop)
+    loop.close()
+    assert len(service.engine.flushers) == 1
+    req.deliver(("text", ["x"], None))
+    service.engine._flush_all()
+    assert service.engine.flushers == [] and service.mailboxes == {} and req.cancelled.is_set()

@@ -41,7 +41,7 @@ class OnnxModel(RunCorpus):
         meta = read_metadata(self.path)
         vocab_path = tokenizer_path(self.path)
         if not vocab_path.is_file() and (self.path.parent / "tokenizer.json").is_file():
-            vocab_path = self.path.parent / "tokenizer.json"  # the name of exports before charlm 0.2
+            vocab_path = self.path.parent / "tokenizer.json"  # the name exports gave it before NAME.tokenizer.json
         if not vocab_path.is_file():
             raise ExportError(f"{vocab_path} is missing: the model's vocabulary travels beside it")
         if hashlib.sha256(vocab_path.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:
@@ -61,7 +61,7 @@ class OnnxModel(RunCorpus):
     @property
     def corpus_info(self) -> dict:
         """The run's corpus as the checkpoint knew it (path, preprocessing, split, sha256); {} for exports
-        made before charlm 0.2 kept it."""
+        made before the metadata kept it."""
         return dict(self.meta.get("corpus") or {})
 
     @property

@@ -137,11 +137,10 @@ def _charlm_meta(path: Path) -> dict | None:
 
 
 def _check_targets(out: Path, vocab_path: Path) -> None:
-    """Refuse to replace a file that is not an earlier charlm export: the model, or the charlm vocabulary
-    named after it (its own, or another export's that a kill left between the two renames)."""
-    meta = _charlm_meta(out) if out.is_file() else None
-    check_file(out, meta is not None, "an ONNX model")
-    check_file(vocab_path, meta is not None and _is_vocabulary(vocab_path), f"the vocabulary of {out.name}")
+    """Refuse to replace a file that is not an earlier charlm export: the model (charlm's metadata in it), or
+    the vocabulary named after it (a charlm vocabulary: its own, or one a kill left beside no model yet)."""
+    check_file(out, out.is_file() and _charlm_meta(out) is not None, "an ONNX model")
+    check_file(vocab_path, _is_vocabulary(vocab_path), f"the vocabulary of {out.name}")
 
 
 def _is_vocabulary(path: Path) -> bool:
@@ -192,8 +191,8 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True, quantize: str
         model.producer_name = "charlm"
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp_model))
-        os.replace(tmp_vocab, vocab_path)
-        os.replace(tmp_model, out)
+        os.replace(tmp_model, out)  # the model first: a kill before the vocabulary's rename leaves a model that
+        os.replace(tmp_vocab, vocab_path)  # refuses the old vocabulary (its sha256), and a retry replaces both
     return out
 
 
@@ -267,9 +266,24 @@ def read_metadata(path: str | os.PathLike) -> dict:
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     if raw is None:
         raise ExportError(f"{path} is an ONNX model, but not one charlm exported (no '{META_KEY}' metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: its '{META_KEY}' metadata is not charlm's (not a JSON object)")
+    if meta.get("format") != 1:
+        raise ExportError(f"{path} was exported in format {meta.get('format')!r}; this charlm reads format 1 "
+                          f"(a newer charlm exported it?)")
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ExportError(f"{path}: its '{META_KEY}' metadata lacks {', '.join(missing)}")
     meta["session"] = session
     return meta
+
+
+_REQUIRED_META = ("cell", "num_layers", "hidden_size", "embedding_dim", "vocab_size", "preprocess", "tokenizer_sha256",
+                  "zero_state_logits", "impl")
 
 
 def _check_writable(directory: Path) -> None:
@@ -288,7 +302,11 @@ def replace_tree(src: Path, dest: Path) -> None:
     to be charlm's by the caller); the earlier one goes to a fresh temporary name, then is deleted."""
     if dest.exists():
         old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-        os.replace(dest, old)  # (onto the empty folder just made: a rename, never a merge)
+        try:
+            os.replace(dest, old)  # (onto the empty folder just made: a rename, never a merge)
+        except OSError:
+            old.rmdir()
+            raise
         os.replace(src, dest)
         shutil.rmtree(old, ignore_errors=True)
     else:

@@ -2,11 +2,12 @@
 
 onnxruntime's own dynamic quantization (``onnxruntime.quantization.quantize_dynamic``), not a
 quantizer of charlm's: each weight matrix a step multiplies by (``W_hh`` of layer 0, ``[W_ih ; W_hh]``
-above it, the output layer) and layer 0's input table are stored as signed int8 with one scale per
-output column (``per_channel``); the activations are quantized on the fly, step by step. The model
-file is about a quarter of the fp32 one, and a step reads a quarter of the bytes, which is what a
-single stream's speed depends on wherever the weights do not fit in the CPU's cache. The state, the
-biases and the nonlinearities stay fp32.
+above it, the output layer) is stored as signed int8 with one scale per
+output column (``per_channel``); the activations are quantized on the fly, step by step. Those
+products read a quarter of the bytes they did, which is what a single stream's speed depends on
+wherever the weights do not fit in the CPU's cache; the model file is about a third of the fp32 one
+(layer 0's input table, the state, the biases and the nonlinearities stay fp32; a small model's
+file is nearer a half).
 """
 
 from __future__ import annotations

@@ -153,15 +153,16 @@ class Engine:
         self.wants_logprobs = False
         self.uniform_parts: list = []
         self.stopping = False
-        self.flushers: list[Callable[[], None]] = []  # called after each loop: hand buffered events over
+        self.closed = False  # the engine has stopped taking requests (set under the lock)
+        self.flushers: list[Callable[[], bool | None]] = []  # after each loop: hand buffered events over
 
     # -- any thread ------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         if req.n > self.slots:
             raise ValueError(f"{req.n} samples need more than the {self.slots} slots")
-        if self.stopping:
-            raise Busy("the server is stopping")
         with self.lock:
+            if self.closed:  # (under the lock: the engine's last collection of requests takes it too)
+                raise Busy("the server is stopping")
             self._prune_queue()
             if not self.queue and self.reserved + req.n <= self.slots:
                 self.reserved += req.n
@@ -202,15 +203,20 @@ class Engine:
             with torch.inference_mode():
                 while not self.stopping:
                     self._loop_once()
-                    for flush in self.flushers:
-                        flush()
+                    self._flush_all()
         finally:
             for req in self._all_requests():
+                for r in req.rows:  # (rows still generating have no reason of their own yet)
+                    r.finish("cancelled")
                 self._send(req, ("done", self._info(req, "cancelled")))
-            for flush in self.flushers:
-                flush()
+            self._flush_all()
             model.train(was_training)
             torch.set_num_threads(threads)
+
+    def _flush_all(self) -> None:
+        """Hand the buffered events over; a flusher that returns False (its event loop closed) is dropped."""
+        if self.flushers:
+            self.flushers = [f for f in self.flushers if f() is not False]
 
     def _loop_once(self) -> None:
         if self.admitted:  # (read without the lock: a request seen one loop late waits one tick)
@@ -257,6 +263,7 @@ class Engine:
         """Every request the engine holds or has queued, taken out of the queue (at shutdown)."""
         seen = dict.fromkeys([*self.warming, *(r.req for r in self.rows if not r.req.ended)])
         with self.lock:
+            self.closed = True
             seen.update(dict.fromkeys([*self.admitted, *self.queue]))
             self.admitted, self.queue = [], deque()
         return list(seen)

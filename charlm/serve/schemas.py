@@ -8,6 +8,7 @@ completions API; a few are accepted only at their neutral value (named in the er
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import annotated_types as at
@@ -96,7 +97,8 @@ def parse(model: type[BaseModel], body: dict) -> BaseModel:
         raise BodyError(*_describe(model, body, exc.errors())) from None
     for name, neutral in (NEUTRAL.items() if model is CompletionBody else ()):
         if getattr(parsed, name) not in neutral:
-            raise BodyError(f"'{name}' is not supported by this server (only {neutral[0]!r})", "unsupported_value")
+            accepted = " or ".join("null" if v is None else json.dumps(v) for v in neutral)
+            raise BodyError(f"'{name}' is not supported by this server (only {accepted})", "unsupported_value")
     return parsed
 
 

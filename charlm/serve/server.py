@@ -171,7 +171,7 @@ class Service:
         events: asyncio.Queue = asyncio.Queue()
         mailbox = self.mailboxes.get(loop)
         if mailbox is None:
-            mailbox = self.mailboxes[loop] = Mailbox(loop)
+            mailbox = self.mailboxes[loop] = Mailbox(loop, on_close=lambda: self.mailboxes.pop(loop, None))
             self.engine.flushers.append(mailbox.flush)
         req = Request(self.ckpt.vocab.encode(job.prompt), job.options, deliver=None, stop=job.stop,
                       logprobs=job.logprobs, prompt_logprobs=job.echo and job.logprobs is not None)
@@ -191,21 +191,31 @@ class Mailbox:
 
     :meth:`put` and :meth:`flush` run on the engine's thread only."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items = loop, []
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_close=None):
+        self.loop, self.items, self.on_close = loop, [], on_close
 
     def put(self, queue: asyncio.Queue, req: Request, event: tuple) -> None:
         self.items.append((queue, req, event))
 
-    def flush(self) -> None:
-        if not self.items:
-            return
+    def flush(self) -> bool:
+        """Hand the events over; False once the loop is closed (the engine then drops this mailbox)."""
         items, self.items = self.items, []
-        try:
-            self.loop.call_soon_threadsafe(_hand_over, items)
-        except RuntimeError:  # the loop is closed: nobody will read these; stop their work
-            for _, req, _ in items:
-                req.cancel()
+        if self.loop.is_closed():
+            self._closed(items)
+            return False
+        if items:
+            try:
+                self.loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:  # closed meanwhile
+                self._closed(items)
+                return False
+        return True
+
+    def _closed(self, items: list) -> None:
+        for _, req, _ in items:  # nobody will read these: stop their work
+            req.cancel()
+        if self.on_close is not None:
+            self.on_close()
 
 
 def _hand_over(items: list) -> None:
