@@ -702,8 +702,8 @@ def env_() -> None:
               help="onnx: the model's file (NAME.onnx); web: a folder. Only a new path, an empty folder or an earlier "
                    "charlm export is written: anything else is refused, untouched.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, show_default="none: fp32 weights",
-              help="int8: the weight matrices in 8-bit integers (7 bits used, so that every CPU computes the same "
-                   "figures), one scale per output column (onnxruntime's dynamic quantization): a model file about a third the size, and faster single-stream generation "
+              help="int8: the weight matrices in 8-bit integers (7 bits used, so that no CPU's integer sums "
+                   "saturate), one scale per output column (onnxruntime's dynamic quantization): a model file about a third the size, and faster single-stream generation "
                    "where the weights do not fit in the CPU's cache; both formats take it.")
 @click.option("--quiet", is_flag=True, help="No download progress bar.")
 def export(run, fmt, out, quantize, quiet):

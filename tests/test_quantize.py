@@ -3,7 +3,7 @@
 How close an int8 model must stay to its fp32 export: along the fp32 model's greedy 200-character text,
 the int8 model (fed the same characters) has log-probabilities within 0.1 nats of the fp32 model's
 everywhere, and picks the same next character wherever the fp32 model's choice led the runner-up by
-more than 0.05 nats (from 4% of the positions, for an untrained from-scratch LSTM whose outputs are
+more than 0.05 nats (from 1% of the positions, for an untrained from-scratch LSTM whose outputs are
 nearly uniform, to all of them; a near-tie may go either way). Both are measured teacher-forced, on the same
 text: free-running greedy texts part for good at the first near-tie, so comparing them would measure
 luck, not quantization.
@@ -28,6 +28,7 @@ from charlm.training import train
 pytest.importorskip("onnxruntime")
 
 from charlm.export import OnnxModel, export_onnx, read_metadata  # noqa: E402
+from charlm.export.graph import ExportError  # noqa: E402
 from charlm.export.quantize import WEIGHT_LIMIT, int8_weight_range  # noqa: E402
 from test_export import VARIANTS, _checkpoint  # noqa: E402
 
@@ -70,7 +71,7 @@ def test_an_int8_export_of_every_cell_and_input_kind_stays_close_to_fp32(tmp_pat
     assert int8_weight_range(fp32.path) == 0
     greedy = "".join(c for (c,) in fp32.iter_generate("the ", 200))
     clear, agree, worst = _teacher_forced(fp32, int8, ckpt.vocab.encode("the " + greedy).astype(np.int64), skip=3)
-    assert clear > 0 and agree == 1.0 and worst <= 0.1, (clear, agree, worst)
+    assert clear >= 0.01 and agree == 1.0 and worst <= 0.1, (clear, agree, worst)
     sampled = "".join(c for (c,) in int8.iter_generate("the ", 100, temperature=0.9, seed=3))
     assert len(sampled) == 100 and set(sampled) <= set(ckpt.vocab.itos[1:])  # the engine runs it, <unk> never
 
@@ -82,7 +83,7 @@ def test_an_onnxruntime_that_writes_full_range_weights_is_refused(tmp_path, monk
     real = q.quantize_dynamic
     monkeypatch.setattr(q, "quantize_dynamic", lambda *a, reduce_range=False, **kw: real(*a, **kw))
     ckpt = _checkpoint(tmp_path, "lstm", "torch", 6, 2)
-    with pytest.raises(Exception, match="only weights up to 64 give the same figures on every CPU"):
+    with pytest.raises(ExportError, match="only weights up to 64 give the same figures on every CPU"):
         export_onnx(ckpt, tmp_path / "out" / "int8.onnx", quantize="int8")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 

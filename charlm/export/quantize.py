@@ -10,13 +10,14 @@ wherever the weights do not fit in the CPU's cache; the model file is about a th
 file is nearer a half).
 
 The weights use 7 bits of the int8 range (``reduce_range``: -64..64, not -127..127). onnxruntime
-multiplies the activations (uint8, 0..255) by the weights (int8) and, on x86 CPUs without VNNI (every
-AVX2-only CPU, and AVX-512 ones before it), adds each pair of products in a saturating 16-bit
-instruction: with full-range weights, 255 x 127 x 2 overflows 32,767 and the sum is silently clipped.
+multiplies the activations (uint8, 0..255) by the weights (int8) and, on x86 CPUs without VNNI (AVX2-only
+ones without AVX-VNNI, such as the AMD EPYC the figures below come from, and AVX-512 ones before VNNI),
+adds each pair of products in a saturating 16-bit instruction: with full-range weights, 255 x 127 x 2 overflows 32,767 and the sum is silently clipped.
 On such a CPU a full-range export's log-probabilities were off by up to 1.2 nats (and the greedy
 choice changed at 98% of the positions) for a model whose weights fill their columns' ranges, and
 by 0.45 nats for the quickstart model; with 7 bits no pair can reach the limit (255 x 64 x 2 =
-32,640), so the same file gives the same figures on every CPU, at the cost of one bit of precision.
+32,640), so no CPU's integer sums saturate and the figures agree from CPU to CPU up to fp32 rounding,
+at the cost of one bit of precision.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-WEIGHT_LIMIT = 64  # |int8 weight| <= this: no pair of u8 x s8 products saturates int16 (see above)
+WEIGHT_LIMIT = 64  # abs(int8 weight) <= this: no pair of u8 x s8 products saturates int16 (see above)
 QUANTIZATIONS = ("int8",)  # what --quantize takes (and None: fp32 weights)
 
 
@@ -56,12 +57,18 @@ def quantize_int8(src: str | os.PathLike, dest: str | os.PathLike) -> None:
 
 
 def int8_weight_range(path: str | os.PathLike) -> int:
-    """The largest |weight| among the int8 weight matrices of ``path``'s ``MatMulInteger`` nodes (0: none)."""
+    """The largest absolute value among the int8 initializers of ``path`` (its weights; 0 where there is none).
+
+    Every int8 tensor is looked at (a ``MatMulInteger``'s weights, or any other quantized node's), and a
+    ``MatMulInteger`` whose weights are not an initializer is an error: nothing int8 goes unchecked."""
     import numpy as np
     import onnx
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = onnx.load(str(path)).graph
-    weights = {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"}
+    names = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "MatMulInteger" and node.input[1] not in names:
+            raise ValueError(f"{path}: MatMulInteger {node.name!r} multiplies by {node.input[1]!r}, not a stored weight")
     return max((int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max()) for t in graph.initializer
-                if t.name in weights), default=0)
+                if t.data_type == TensorProto.INT8 and t.dims and np.prod(t.dims) > 0), default=0)
