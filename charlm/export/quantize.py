@@ -12,7 +12,8 @@ file is nearer a half).
 The weights use 7 bits of the int8 range (``reduce_range``: -64..64, not -127..127). onnxruntime
 multiplies the activations (uint8, 0..255) by the weights (int8) and, on x86 CPUs without VNNI (AVX2-only
 ones without AVX-VNNI, such as the AMD EPYC the figures below come from, and AVX-512 ones before VNNI),
-adds each pair of products in a saturating 16-bit instruction: with full-range weights, 255 x 127 x 2 overflows 32,767 and the sum is silently clipped.
+adds each pair of products in a saturating 16-bit instruction: with full-range weights, 255 x 127 x 2
+overflows 32,767 and the sum is silently clipped.
 On such a CPU a full-range export's log-probabilities were off by up to 1.2 nats (and the greedy
 choice changed at 98% of the positions) for a model whose weights fill their columns' ranges, and
 by 0.45 nats for the quickstart model; with 7 bits no pair can reach the limit (255 x 64 x 2 =
@@ -30,7 +31,8 @@ QUANTIZATIONS = ("int8",)  # what --quantize takes (and None: fp32 weights)
 
 
 def quantize_int8(src: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Write ``dest``: the fp32 model ``src`` with int8 weights (7-bit range, per output channel), activations dynamic."""
+    """Write ``dest``: the fp32 model ``src`` with int8 weights (7-bit range, per output channel) and
+    dynamic activations."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -69,6 +71,7 @@ def int8_weight_range(path: str | os.PathLike) -> int:
     names = {t.name for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "MatMulInteger" and node.input[1] not in names:
-            raise ValueError(f"{path}: MatMulInteger {node.name!r} multiplies by {node.input[1]!r}, not a stored weight")
+            raise ValueError(f"{path}: MatMulInteger {node.name!r} multiplies by {node.input[1]!r}, "
+                             "not a stored weight")
     return max((int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max()) for t in graph.initializer
                 if t.data_type == TensorProto.INT8 and t.dims and np.prod(t.dims) > 0), default=0)
