@@ -21,9 +21,9 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_PRIOR_CHARS, DYNAMIC_RULE,
-                           DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
-                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
+from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
+                           DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, MAX_LAYERS, MAX_LR,
+                           MAX_SAMPLES, MAX_STREAM_INTERVAL, MAX_UNITS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
@@ -191,9 +191,11 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--cell", type=click.Choice(CELLS), default=_d("cell"), help="Recurrent cell.")
 @click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
               help="torch: PyTorch's kernels (cuDNN on GPUs); scratch: charlm's own cells (same weights).")
-@click.option("--hidden-size", type=click.IntRange(min=1), default=_d("hidden_size"), help="Units per recurrent layer.")
-@click.option("--num-layers", type=click.IntRange(min=1), default=_d("num_layers"), help="Stacked recurrent layers.")
-@click.option("--embedding-dim", type=click.IntRange(min=0), default=_d("embedding_dim"),
+@click.option("--hidden-size", type=click.IntRange(1, MAX_UNITS), default=_d("hidden_size"),
+              help="Units per recurrent layer (at most 2**31 - 1, the dimensions torch's kernels take).")
+@click.option("--num-layers", type=click.IntRange(1, MAX_LAYERS), default=_d("num_layers"),
+              help="Stacked recurrent layers.")
+@click.option("--embedding-dim", type=click.IntRange(0, MAX_UNITS), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
 @click.option("--dropout", type=_FloatRange(0, 1, max_open=True), default=_d("dropout"),
               help="Dropout between layers and before the output layer (the locked dropouts below replace it "
@@ -212,8 +214,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--sampling", type=click.Choice(SAMPLINGS), default=_d("sampling"),
               help="random: shuffled windows, fresh state each batch; sequential: state carried across batches.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_d("optimizer"), help="SGD (d2l) or Adam.")
-@click.option("--lr", type=_FloatRange(min=0, min_open=True), default=None,
-              show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
+@click.option("--lr", type=_FloatRange(0, MAX_LR, min_open=True), default=None,
+              show_default="1.0 for sgd, 0.003 for adam",
+              help="Learning rate (at most 1e30: float32 holds it through Adam's first steps).")
 @click.option("--clip", type=_FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
 @click.option("--weight-decay", type=_FloatRange(min=0), default=None,
@@ -253,9 +256,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "else fp32. Weights, optimizer state and held-out evaluation stay fp32.")
 @click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
               help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
-@click.option("--dist-timeout", type=_FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
+@click.option("--dist-timeout", type=_FloatRange(*DIST_TIMEOUT_RANGE), default=_d("dist_timeout"),
               help="Under torchrun: seconds a process waits for another that stopped answering before the run "
-                   "stops (torchrun notices one that exits within a second).")
+                   "stops (torchrun notices one that exits within a second); at most a week.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
@@ -524,8 +527,9 @@ def _rule_defaults(i: int) -> str:
 @click.option("--dynamic-rule", type=click.Choice(sorted(DYNAMIC_RULES)), default=DYNAMIC_RULE, show_default=True,
               help="Dynamic evaluation's step: rms divides each gradient by the root of its running mean square "
                    "(Krause et al.), sgd is the plain step.")
-@click.option("--dynamic-lr", type=_FloatRange(min=0, min_open=True), default=None,
-              show_default=_rule_defaults(0), help="Dynamic evaluation's step size.")
+@click.option("--dynamic-lr", type=_FloatRange(0, MAX_LR, min_open=True), default=None,
+              show_default=_rule_defaults(0), help="Dynamic evaluation's step size (at most 1e30; a step that makes "
+                                                   "the loss infinite is one line).")
 @click.option("--dynamic-decay", type=_FloatRange(0, 1), default=None, show_default=_rule_defaults(2),
               help="Dynamic evaluation: the share of the way back to the trained weights after each step (rms: "
                    "times each weight's root mean square over their mean, at most all the way).")
@@ -744,12 +748,12 @@ def export(run, fmt, out, quantize, quiet):
 @click.option("--max-length", type=click.IntRange(min=1), default=5000, help="Most characters one request may ask for.")
 @click.option("--max-seconds", type=_FloatRange(min=0, min_open=True), default=60.0,
               help="Time cap of one generation.")
-@click.option("--slots", type=click.IntRange(min=1), default=16,
+@click.option("--slots", type=click.IntRange(1, MAX_SAMPLES), default=16,
               help="Sequences generated together, one batched step per character (a request for N samples "
                    "takes N).")
 @click.option("--queue-size", type=click.IntRange(min=0), default=16,
               help="Requests that may wait for a slot; more are answered 503.")
-@click.option("--stream-interval", type=_FloatRange(0, 10), default=0.05,
+@click.option("--stream-interval", type=_FloatRange(0, MAX_STREAM_INTERVAL), default=0.05,
               help="Seconds between a stream's pieces, at least (the first character is sent at once): fewer, "
                    "larger pieces leave more of the CPU to generation.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
