@@ -237,6 +237,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest.json ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: unreadable manifest.json (not a JSON object)")
     for name in FILES:
         file = path / name
         if not file.is_file():
