@@ -22,7 +22,8 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_PRIOR_CHARS, DYNAMIC_RULE,
-                           DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, OPTIMIZERS,
+                           DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_PRESET, IMPLS, INHERITED, LR_SCHEDULES, NEW_CHARS,
+                           OPTIMIZERS,
                            PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
@@ -258,6 +259,15 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "stops (torchrun notices one that exits within a second).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="Start from this trained model (a run, meaning its best/, or a checkpoint): its architecture, "
+                   "vocabulary, preprocessing and weights; the optimizer, schedule and --out are new. "
+                   "--cell, --impl, --hidden-size, --num-layers, --embedding-dim, --preprocess and --min-count "
+                   "come from it and cannot be given; the fine-tuning defaults apply where no option is given.")
+@click.option("--new-chars", type=click.Choice(NEW_CHARS), default=_d("new_chars"),
+              help="With --init-from, the text's characters the model does not know: extend adds them to its "
+                   "vocabulary (learned from this text; the model's other predictions start unchanged), unk reads "
+                   "them as <unk>, error stops and names them.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start over.")
 @click.option("--d2l", is_flag=True,
@@ -280,6 +290,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     # What the user typed wins over the preset, which wins over a resumed run's settings.
     explicit = {k: v for k, v in options.items()
                 if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
+    if options["init_from"] is not None:
+        _check_init_from(explicit, resume, d2l)
     values = dict(_DEFAULTS)
     out = options["out"] or str(default_out(corpus))
     if resume:
@@ -289,6 +301,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
         values.update({k: v for k, v in saved.items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)
+    if options["init_from"] is not None:
+        values.update(FINETUNE_PRESET)
     values.update(explicit)
     values.update(corpus=corpus, out=out)
     if values.get("time_limit") == 0:
@@ -327,6 +341,19 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
         return
     result.save_s += _draw_curve(result.out)  # the summary's "saving": checkpoints and curve.png
     click.echo(_summary(result, cfg))
+
+
+def _check_init_from(explicit: dict, resume: bool, d2l: bool) -> None:
+    """--init-from takes the architecture and the reading of text from the parent: those options are refused."""
+    given = [f"--{name.replace('_', '-')}" for name in INHERITED if name in explicit]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be given with --init-from: the architecture, vocabulary "
+                               f"and preprocessing come from the model it starts from")
+    if d2l:
+        raise click.UsageError("--d2l sets an architecture; --init-from takes the model's own")
+    if resume:
+        raise click.UsageError("--resume continues the run in --out from its last/; --init-from starts a new run "
+                               "(a fine-tuning run resumes with --resume alone)")
 
 
 def _draw_curve(out: Path) -> float:
@@ -391,6 +418,9 @@ class _TrainProgress:
                        f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
                        f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), {where}, "
                        f"into {info['out']}", file=sys.stderr)
+            lineage = info.get("lineage")
+            if lineage and not info["resumed"]:
+                tqdm.write(_started_from(lineage, info.get("new_chars") or ()), file=sys.stderr)
         elif event == "step" and self.bar is not None:
             self.bar.update(info["step"] - self.bar.n)
             if info["interval_steps"]:
@@ -409,6 +439,18 @@ class _TrainProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _started_from(lineage: dict, new_chars) -> str:
+    """The start line's second line for a fine-tuning run: its parent, and what became of the new characters."""
+    figure = lineage.get("held_out_bits_per_char")
+    line = (f"starting from {lineage['parent']} (step {lineage.get('step', '?')}"
+            + (f", {figure:.4f} bits/char held out" if isinstance(figure, (int, float)) else "") + ")")
+    if new_chars:
+        shown = ", ".join(f"{c!r} x {n:,}" for c, n in new_chars[:5]) + (" ..." if len(new_chars) > 5 else "")
+        what = {"extend": "added to its vocabulary", "unk": "read as <unk>"}.get(lineage.get("new_chars"), "")
+        line += f"; {len(new_chars)} character(s) it did not know {what}: {shown}"
+    return line
 
 
 def _load(checkpoint: str | None, device: str = "cpu"):
@@ -652,9 +694,20 @@ def info(checkpoint):
         f"{corpus.get('val_fraction', 0):.0%} held out)",
         f"trained:      {progress.get('step', '?')} steps",
         *_held_out_lines(progress, corpus),
+        *_lineage_lines(ckpt.lineage),
         f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))
+
+
+def _lineage_lines(lineage: dict | None) -> list[str]:
+    """``charlm info``'s lines for where a fine-tuned model started (none for a model trained from scratch)."""
+    from charlm.finetune import describe
+
+    if not isinstance(lineage, dict):
+        return []
+    first, *rest = describe(lineage)
+    return [f"started from: {first}", *(f"              {line}" for line in rest)]
 
 
 def _held_out_lines(progress: dict, corpus: dict) -> list[str]:
@@ -693,6 +746,7 @@ def _onnx_info(model) -> str:
         "held-out:     " + (f"{best:.4f} bits/char on {meta['held_out_chars']:,} held-out characters"
                              if best and meta.get("held_out_chars") else f"{best:.4f} bits/char" if best else "n/a")
         + (" (the checkpoint's; charlm eval measures this file's)" if best else ""),
+        *_lineage_lines(model.lineage),
         f"exported by:  charlm {meta.get('charlm_version', '?')}",
     ])
 
