@@ -34,11 +34,16 @@ KINDS = {
     "web": ("index.html", "app.js", "model.onnx", "model.tokenizer.json", "tokenizer.json", "charlm.json",
             "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm", MARKER),
     "token-cache": ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part", "provisional.bin"),
+    # charlm tune's folder (charlm.tune): the Optuna journal, the trials' runs, the results
+    "tune": ("study.journal", "study.journal.lock", "tune.lock", "trials", "final", "best.json", "best-command.txt",
+             "final-command.txt", "trials.csv", "history.png", "importances.png", MARKER),
+    "trials": ("[0-9][0-9][0-9][0-9]*",),  # a search's trials/: one run folder per Optuna trial number
 }
 # The folders inside a folder of a kind, and the kind each must be (what their entries may be).
-NESTED = {"run": {name: "checkpoint" for name in ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*")}}
+NESTED = {"run": {name: "checkpoint" for name in ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*")},
+          "tune": {"final": "run", "trials": "trials"}}
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
-         "token-cache": "a charlm token cache entry"}
+         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
 
 
 class NotOwnedError(CharlmError):
