@@ -525,10 +525,13 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
                                   val_fraction=val_fraction, seed=seed, device=device, precision=precision)
     except CharlmError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        import optuna
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"charlm tune needs the tune extra ({exc.name} is missing): "
+                                   f"pip install 'charlm-rnn[tune]'") from None
     corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
     import signal
-
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress lines and the summary say what happens
     signal.signal(signal.SIGTERM, _interrupt)  # between trials too (a trial's training handles its own)

@@ -320,7 +320,8 @@ class TuneConfig:
             (self.trial_time is None or self.trial_time > 0, f"--trial-time must be > 0, got {self.trial_time}"),
             (self.final_time is None or self.final_time > 0, f"--final-time must be > 0, got {self.final_time}"),
             (self.final_time is None or self.time_budget is None or self.final_time < self.time_budget,
-             f"--final-time {self.final_time:g} leaves no time to search in --time-budget {self.time_budget:g}"),
+             f"--final-time {_show_setting(self.final_time)} leaves no time to search in --time-budget "
+             f"{_show_setting(self.time_budget)}"),
             (self.pruner is None or self.pruner in PRUNERS, f"--pruner must be one of {', '.join(PRUNERS)}"),
             (self.preprocess is None or self.preprocess in PREPROCESS_MODES,
              f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}"),
@@ -387,7 +388,8 @@ class TuneFolder:
             self.lock()
 
     def lock(self) -> None:
-        """One process at a time: an exclusive lock on ``tune.lock``, held until this process exits."""
+        """One process at a time: an exclusive lock on ``tune.lock``, held until :meth:`unlock` (or the process's
+        end: a killed process holds it no more)."""
         if self._lock is not None:
             return
         try:
@@ -408,6 +410,11 @@ class TuneFolder:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def create(self, overwrite: bool) -> None:
         """The folder, marked and locked; with ``overwrite``, the earlier search's entries deleted first."""
@@ -516,10 +523,12 @@ def train_command(cfg: TrainConfig, out: str | None = None) -> str:
     """The ``charlm train`` command line that runs ``cfg``: every option whose value differs from
     ``charlm train``'s default (which are TrainConfig's), floats written so that they read back exactly."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if cfg.max_chars is not None or cfg.d2l:  # (only --d2l sets them; charlm tune never does)
+        raise ConfigError("max_chars and d2l have no charlm train option of their own")
     words = ["charlm", "train", str(cfg.corpus), "--out", str(out or cfg.out)]
     for f in dataclasses.fields(TrainConfig):
         name, value = f.name, getattr(cfg, f.name)
-        if name in ("corpus", "out", "d2l") or value == defaults[name]:
+        if name in ("corpus", "out") or value == defaults[name]:
             continue
         if value is None and name in ("time_limit", "patience"):
             value = 0  # charlm train's way of saying "none"
@@ -868,7 +877,7 @@ class _Search:
         result = self.results(reason)
         if result.best_number is None:
             hint = ("the time ran out before a trial finished its --trial-steps: give more --time-budget or fewer "
-                    "--trial-steps" if reason == "--time-budget spent" else "see trials.csv's notes")
+                    "--trial-steps" if reason == "--time-budget spent" else f"see {self.folder.path / 'trials.csv'}")
             raise TuneError(f"no trial completed ({result.pruned} pruned, {result.failed} failed): {hint}")
         if cfg.final_time:
             try:
@@ -1039,7 +1048,12 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, callbac
                         f"pip install 'charlm-rnn[tune]'") from None
     emit = callback or (lambda event, info: None)
     search = _Search(cfg, resume, overwrite, emit, train_callback)
-    return search.run()
+    try:
+        return search.run()
+    finally:
+        search.folder.unlock()
 
 
-__all__ = ["Dim", "TuneConfig", "TuneFolder", "TuneResult", "default_space", "parse_space", "train_command", "tune"]
+__all__ = ["tune", "TuneConfig", "TuneResult", "TrialTiming", "Dim", "parse_spec", "parse_space", "default_space",
+           "batch_shape_ranges", "trial_chars", "macs_per_char", "sized_space", "default_trial_time", "check_space",
+           "TuneFolder", "open_storage", "make_pruner", "train_command"]
