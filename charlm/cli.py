@@ -445,7 +445,7 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
 @click.option("--trial-steps", type=click.IntRange(min=1), default=None,
               help="Each trial's training steps: its command line then reproduces it to the bit.")
 @click.option("--trial-time", type=_FloatRange(min=0, min_open=True), default=None,
-              show_default="a tenth of --time-budget, else 60 (when --trial-steps is not given)",
+              show_default="without --trial-steps: a tenth of --time-budget, else 60",
               help="Each trial's seconds of training.")
 @click.option("--final-time", type=_FloatRange(min=0, min_open=True), default=None,
               help="After the search, train the best configuration for this many seconds into OUT/final (out of "
@@ -454,7 +454,7 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
               help="Narrow, widen or fix one dimension of the search space: NAME=LOW:HIGH, NAME=LOW:HIGH:log, "
                    "NAME=A,B,... or NAME=VALUE; repeat for several. NAME is a charlm train option (hidden_size, "
                    "cell, lr, ...); --show-space prints the space.")
-@click.option("--pruner", type=click.Choice(_PRUNERS), default=None, show_default="hyperband (a resumed study: its own)",
+@click.option("--pruner", type=click.Choice(_PRUNERS), default=None, show_default="hyperband, or a resumed study's",
               help="What stops the trials that fall behind, at their evaluations: Optuna's Hyperband, successive "
                    "halving, the median rule, or none.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="tunes/<corpus stem>",
@@ -462,7 +462,8 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
 @click.option("--resume", is_flag=True,
               help="Continue the search in --out; a trial stopped by Ctrl-C or a kill runs again from its start.")
 @click.option("--overwrite", is_flag=True, help="Delete the search in --out and start over.")
-@click.option("--storage", default=None, envvar="CHARLM_TUNE_STORAGE", show_envvar=True, show_default="OUT/study.journal",
+@click.option("--storage", default=None, envvar="CHARLM_TUNE_STORAGE", show_envvar=True,
+              show_default="OUT/study.journal",
               help="A database URL Optuna takes, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB: tune "
                    "processes on several machines share its study, each with its own --out. sqlite:///FILE is "
                    "for one process only.")
@@ -471,13 +472,13 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
               help="Also write TensorBoard events of each trial into DIR/<study>/trial-NNNN (and of the final run "
                    "into DIR/<study>/final): the tensorboard extra.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=None,
-              show_default="raw (a resumed study: its own)", help=_PREPROCESS_HELP)
-@click.option("--min-count", type=click.IntRange(min=1), default=None, show_default="1 (a resumed study: its own)",
+              show_default="raw, or a resumed study's", help=_PREPROCESS_HELP)
+@click.option("--min-count", type=click.IntRange(min=1), default=None, show_default="1, or a resumed study's",
               help=_MIN_COUNT_HELP)
 @click.option("--val-fraction", type=_FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              show_default="0.1 (a resumed study: its own)",
+              show_default="0.1, or a resumed study's",
               help="Fraction of the text, from its end, held out: what the trials are compared on.")
-@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None, show_default="0 (a resumed study: its own)",
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None, show_default="0, or a resumed study's",
               help="Every trial's training seed, and the sampler's (with the journal).")
 @click.option("--device", default="auto", help=f"Where the trials train: {DEVICE_CHOICES}.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", help="The trials' training precision.")
@@ -515,7 +516,7 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
         tune_mod.check_space(sized, len(data.train_ids), corpus)
         budget = f"{trial_steps:,} steps" if trial_steps else f"{seconds:g}s"
         click.echo(f"search space for {corpus} ({len(data.train_ids):,} training characters, {budget} per trial):")
-        click.echo("\n".join(f"  --space {d.describe()}" + ("" if not d.fixed else "  (fixed)") for d in sized.values()))
+        click.echo("\n".join(f"  --space {d.describe()}" + ("  (fixed)" if d.fixed else "") for d in sized.values()))
         return
     try:
         cfg = tune_mod.TuneConfig(corpus=corpus, out=out, trials=trials, time_budget=time_budget,

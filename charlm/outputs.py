@@ -40,8 +40,8 @@ KINDS = {
     "trials": ("[0-9][0-9][0-9][0-9]*",),  # a search's trials/: one run folder per Optuna trial number
 }
 # The folders inside a folder of a kind, and the kind each must be (what their entries may be).
-NESTED = {"run": {name: "checkpoint" for name in ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*")},
-          "tune": {"final": "run", "trials": "trials"}}
+NESTED = {"run": {name: "checkpoint" for name in ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*")}}
+NESTED["tune"] = {"final": "run", "trials": "trials"}
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
          "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
 

@@ -267,7 +267,8 @@ def default_trial_time(search_budget: float | None) -> float:
     return search_budget / TRIALS_PER_BUDGET if search_budget is not None else DEFAULT_TRIAL_TIME
 
 
-def sized_space(train_chars: int, steps: int | None, seconds: float | None, overrides: dict[str, Dim]) -> dict[str, Dim]:
+def sized_space(train_chars: int, steps: int | None, seconds: float | None,
+                overrides: dict[str, Dim]) -> dict[str, Dim]:
     """:func:`default_space` for a trial budget of ``steps`` or ``seconds``, with the ``--space`` items over it."""
     space = default_space(train_chars, trial_chars(train_chars, steps, seconds))
     space.update(overrides)
@@ -468,7 +469,8 @@ def open_storage(url: str | None, journal: Path):
                         f"postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE or sqlite:///FILE") from None
     shown = parsed.render_as_string(hide_password=True)
     backend = parsed.get_backend_name()
-    engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if backend in ("postgresql", "mysql") else {}
+    timeout = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    engine_kwargs = timeout if backend in ("postgresql", "mysql") else {}
     retry = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
              else "failed_trial_callback")  # (the name since Optuna 4.9)
     try:

@@ -1,4 +1,5 @@
-"""TensorBoard events (charlm train --tensorboard, charlm tune --tensorboard), read back with TensorBoard's own reader."""
+"""TensorBoard events (charlm train --tensorboard, charlm tune --tensorboard), read back with TensorBoard's own
+event reader."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'charlm-rnn[tensorboard]')")
+pytest.importorskip("tensorboard", reason="needs the tensorboard extra: pip install 'charlm-rnn[tensorboard]'")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 

@@ -81,7 +81,8 @@ def test_default_space_is_sized_from_the_corpus_and_the_trial_budget():
     # small texts over-fit: regularisation searched wider
     assert small["weight_drop"].high > large["weight_drop"].high
     tm = default_space(160_000, 10**9)  # The Time Machine: charlm train's defaults lie inside
-    assert tm["hidden_size"].low <= 320 <= tm["hidden_size"].high and tm["batch_size"].low <= 32 <= tm["batch_size"].high
+    assert tm["hidden_size"].low <= 320 <= tm["hidden_size"].high
+    assert tm["batch_size"].low <= 32 <= tm["batch_size"].high
 
 
 def test_space_syntax_ranges_choices_fixed_values():
