@@ -12,10 +12,13 @@ Loading never unpickles code (``torch.load(weights_only=True)``, no fallback), m
 chosen device (a GPU checkpoint loads on a CPU-only machine) and checks every file against the
 manifest, so a tampered or truncated checkpoint is refused with one line.
 
-Saving writes a sibling temporary directory and renames it into place. Replacing an existing
-checkpoint takes two renames (old -> ``NAME.old``, new -> ``NAME``); a kill between them leaves
-``NAME.old``, which :func:`load_checkpoint` and the next save fall back to. So at any instant one
-complete checkpoint can be loaded.
+Saving writes a sibling temporary directory (``.NAME.tmp-XXXX``) and renames it into place. Replacing
+an existing checkpoint takes two renames: the old one, marked inside as the backup of ``NAME``
+(``.charlm-old``), to ``.NAME.old-XXXX``, then the new one to ``NAME``; the backup is then deleted. A
+kill between the renames leaves the marked backup, which :func:`load_checkpoint` reads in place and
+the next save of ``NAME`` puts back or deletes. So at any instant one complete checkpoint can be
+loaded, loading never moves or deletes anything, and a folder charlm did not mark (a user's
+``model.old`` beside ``model``) is never touched.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -34,7 +38,8 @@ import torch
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CheckpointError, os_error_line
 from charlm.models import RNNLM
-from charlm.outputs import KINDS, check_folder, check_not_cwd
+from charlm.outputs import (FILE, check_folder, check_not_cwd, check_parent, default_folder_mode, entry_kind,
+                            folder_mode, resolve_path)
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -48,9 +53,21 @@ class RunCorpus:
     corpus_info: dict
 
     @property
+    def run_folder(self) -> Path | None:
+        """The run directory the model was saved in, where it is known (a run's ``best/`` or ``last/``)."""
+        return None
+
+    @property
     def corpus_path(self) -> Path | None:
-        path = self.corpus_info.get("path")
-        return Path(path) if path else None
+        """The run's corpus: its absolute path, else the same file found from the run folder (the
+        project moved or seen from another machine's mount), else the path as stored."""
+        info = self.corpus_info
+        if not info.get("path"):
+            return None
+        candidates = [Path(info["path"])]
+        if info.get("path_from_run") and self.run_folder is not None:
+            candidates.append((self.run_folder / info["path_from_run"]).resolve())
+        return next((c for c in candidates if c.exists()), candidates[0])
 
     @property
     def val_fraction(self) -> float:
@@ -83,6 +100,13 @@ class Checkpoint(RunCorpus):
         return dict(self.meta.get("corpus", {}))
 
     @property
+    def run_folder(self) -> Path | None:
+        if self.path is None:
+            return None
+        name = self.path.name
+        return self.path.parent if name in ("best", "last") or name.startswith((".best.old-", ".last.old-")) else None
+
+    @property
     def preprocess(self) -> str:
         """How the corpus was normalised; apply the same to a prompt or an evaluation file."""
         return self.corpus_info.get("preprocess", TrainConfig.preprocess)
@@ -91,6 +115,18 @@ class Checkpoint(RunCorpus):
     def progress(self) -> dict:
         """``step``, ``epoch``, ``best_val_loss``, ... at the time of saving."""
         return dict(self.meta.get("progress", {}))
+
+
+def corpus_paths(corpus: str | os.PathLike, run: str | os.PathLike) -> dict:
+    """The corpus's place as a run stores it: ``path``, absolute (``charlm eval RUN`` works from any folder),
+    and ``path_from_run``, relative to the run folder (a project moved whole, runs and corpora together)."""
+    absolute = Path(corpus).resolve()
+    return {"path": str(absolute), "path_from_run": os.path.relpath(absolute, Path(run).resolve())}
+
+
+def held_out_entry(result) -> dict:
+    """The whole held-out figure of a checkpoint's weights, as its progress keeps it (``held_out``)."""
+    return {"loss": result.loss, "chars": result.tokens}
 
 
 def _sha256(path: Path) -> str:
@@ -118,57 +154,74 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _named(path: str | os.PathLike) -> Path:
-    """``path``, made absolute when it has no name of its own (``.``, ``..``), so that its siblings can be named."""
-    path = Path(path)
-    return path if path.name else path.resolve()
+OLD_MARK = ".charlm-old"  # inside a checkpoint moved aside by a replacement: names what it is the backup of
 
 
-def _checkpoint_files_only(path: Path) -> bool:
-    """Whether the folder ``path`` holds only the files a checkpoint is made of (a manifest not required:
-    a deletion that a kill interrupted may have taken it first)."""
+def checkpoint_files_only(path: Path) -> bool:
+    """Whether ``path`` is a real folder holding only the files a checkpoint is made of (a manifest not
+    required: a deletion that a kill interrupted may have taken it first)."""
     try:
         return path.is_dir() and not path.is_symlink() and all(
-            p.name in KINDS["checkpoint"] for p in path.iterdir())
+            entry_kind("checkpoint", p.name) == FILE and p.is_file() and not p.is_symlink() for p in path.iterdir())
     except OSError:
         return False
 
 
 def _is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a complete checkpoint folder charlm wrote, holding nothing else."""
-    return _checkpoint_files_only(path) and (path / "manifest.json").is_file()
+    return checkpoint_files_only(path) and (path / "manifest.json").is_file()
+
+
+def _backups(path: Path) -> list[Path]:
+    """The checkpoints a replacement of ``path`` moved aside (``.NAME.old-XXXX``, each marked as the backup of
+    ``NAME`` by charlm), newest first. A folder of that shape without the mark is the user's, never listed."""
+    prefix = f".{path.name}.old-"
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    found = []
+    for candidate in candidates:
+        try:
+            mark = json.loads((candidate / OLD_MARK).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(mark, dict) and mark.get("of") == path.name and checkpoint_files_only(candidate):
+            found.append(candidate)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def recover(path: str | os.PathLike) -> None:
-    """Finish a replacement that a kill interrupted: put ``NAME.old`` back if ``NAME`` is missing, or delete
-    it if ``NAME`` is there. Only a ``NAME.old`` made of a checkpoint's files is moved or deleted: a folder
-    of that name that charlm did not write (``project.old`` beside ``project``) is left alone."""
-    path = _named(path)
-    if not path.name:  # the root folder
+    """Finish a replacement of the checkpoint ``path`` that a kill interrupted (a write: only writers call
+    it): the backup put back where ``path`` is missing, deleted where ``path`` is there. Only folders charlm
+    marked as such a backup are moved or deleted: a user's ``model.old`` beside ``model`` is never touched."""
+    path = Path(path)
+    if not path.name:
         return
-    old = path.with_name(path.name + ".old")
-    if not path.exists():
-        if _is_checkpoint(old):
-            os.replace(old, path)
-    elif _is_checkpoint(path) and _checkpoint_files_only(old):
-        shutil.rmtree(old, ignore_errors=True)
+    backups = _backups(path)
+    if not path.exists() and not path.is_symlink():
+        complete = [b for b in backups if (b / "manifest.json").is_file()]
+        if complete:
+            os.replace(complete[0], path)
+            (path / OLD_MARK).unlink(missing_ok=True)
+            backups = [b for b in backups if b != complete[0]]
+    if _is_checkpoint(path):
+        for backup in backups:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: dict | None = None,
                     trainer_state: dict | None = None) -> Path:
-    """Write a complete checkpoint to ``path`` atomically (see the module docstring).
+    """Write a complete checkpoint to ``path`` atomically (see the module docstring) and return where.
 
     A failure to write (an unwritable place, a full disk) is a one-line ``CheckpointError``, and
     whatever checkpoint was at ``path`` before is still there. ``path`` must be new, an empty folder
     or a checkpoint: a folder or file charlm did not write is refused (:class:`~charlm.outputs.NotOwnedError`)
-    and left as it is.
+    and left as it is. The path is resolved first (:func:`~charlm.outputs.resolve_path`): ``missing/../mine``
+    is ``mine``.
     """
-    path = _named(path)
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CheckpointError(f"cannot write checkpoint {path}: {parent} is not a directory")
-            break
+    path = resolve_path(path)
+    check_parent(path, option="checkpoint")
     check_folder(path, "checkpoint", option="checkpoint")
     check_not_cwd(path, option="checkpoint")  # (it is replaced by a rename: the caller's folder would vanish)
     if not path.name:
@@ -184,6 +237,8 @@ def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_sta
     recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        mode = folder_mode(path)
+        os.chmod(tmp, default_folder_mode() if mode is None else mode)  # (mkdtemp makes it 0700)
         state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         _torch_save(state_dict, tmp / "model.pt")
         _torch_save(trainer_state or {}, tmp / "trainer.pt")
@@ -195,35 +250,74 @@ def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_sta
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         vocab.save(tmp / "tokenizer.json")
-        manifest = {name: _sha256(tmp / name) for name in FILES}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        for name in (*FILES, "manifest.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        old = path.with_name(path.name + ".old")
-        replacing = path.exists()
-        if replacing:
-            if old.exists():  # recover() left it: not a checkpoint, so not charlm's to delete
-                raise CheckpointError(f"cannot write checkpoint {path}: {old} is in the way (charlm did not "
-                                      f"write it); move it")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if replacing:
-            shutil.rmtree(old, ignore_errors=True)
+        _write_manifest(tmp)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json`` for the files of the checkpoint folder being written, then everything to disk."""
+    manifest = {name: _sha256(folder / name) for name in FILES}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    for name in (*FILES, "manifest.json"):
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the complete checkpoint ``tmp`` to ``path``. An earlier checkpoint there is first marked as the
+    backup of ``path`` and moved aside to ``.NAME.old-XXXX``, then deleted: a kill at any moment leaves either
+    ``path`` or that backup, which the next write (:func:`recover`) finishes, and a reader falls back to."""
+    if path.exists():
+        (path / OLD_MARK).write_text(json.dumps({"of": path.name}) + "\n", encoding="utf-8")
+        old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def update_progress(path: str | os.PathLike, **progress) -> None:
+    """Add ``progress`` fields to the saved checkpoint ``path`` (its weights untouched), atomically as a save:
+    a copy whose large files are hard links, its config and manifest rewritten, swapped in."""
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    meta["progress"] = {**meta.get("progress", {}), **progress}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        os.chmod(tmp, folder_mode(path) or default_folder_mode())
+        for name in FILES:
+            if name == "config.json":
+                continue
+            try:
+                os.link(path / name, tmp / name)
+            except OSError:
+                shutil.copyfile(path / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _write_manifest(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (meaning its ``best/``, else its ``last/``)."""
+    """A checkpoint directory, or a run directory (meaning its ``best/``, else its ``last/``). Reading only:
+    where a replacement was cut short and the checkpoint is missing, its marked backup is read in place."""
     path = Path(path)
     for candidate in (path, path / "best", path / "last"):
-        recover(candidate)
         if (candidate / "manifest.json").is_file():
             return candidate
+        if not candidate.exists() and candidate.name:
+            complete = [b for b in _backups(candidate) if (b / "manifest.json").is_file()]
+            if complete:
+                return complete[0]
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     raise CheckpointError(f"{path} holds no checkpoint (no manifest.json here, nor in best/ or last/)")

@@ -876,7 +876,6 @@ def info(checkpoint):
         return
     ckpt = _load(checkpoint)
     cfg, corpus, progress = ckpt.config, ckpt.corpus_info, ckpt.progress
-    best = progress.get("best_val_loss")
     inputs = "one-hot" if cfg.embedding_dim == 0 else f"embedding {cfg.embedding_dim}"
     sample = "".join(ckpt.vocab.itos[1:41])
     lines = [
@@ -889,10 +888,29 @@ def info(checkpoint):
         f"corpus:       {corpus.get('path', '?')} (preprocess {corpus.get('preprocess', '?')}, "
         f"{corpus.get('val_fraction', 0):.0%} held out)",
         f"trained:      {progress.get('step', '?')} steps",
-        "best val:     " + (f"{best / math.log(2):.4f} bits/char, perplexity {math.exp(best):.3f}" if best else "n/a"),
+        *_held_out_lines(progress, corpus),
         f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))
+
+
+def _held_out_lines(progress: dict, corpus: dict) -> list[str]:
+    """``charlm info``'s held-out figures, each named for what it is: the whole held-out text's (what ``charlm
+    eval`` measures), and the best of the periodic evaluations, when those read only the tail's first part."""
+    def figure(loss: float) -> str:
+        return f"{loss / math.log(2):.4f} bits/char, perplexity {math.exp(min(loss, 700)):.3f}"
+
+    held_out, best = progress.get("held_out"), progress.get("best_val_loss")
+    val_chars, eval_chars = corpus.get("val_chars"), corpus.get("eval_chars")
+    lines = []
+    if isinstance(held_out, dict) and held_out.get("loss") is not None:
+        lines.append(f"held-out:     {figure(held_out['loss'])} (the whole held-out text, {held_out.get('chars', 0):,} "
+                     f"characters scored: charlm eval's figure)")
+    if best is not None and not (lines and val_chars and eval_chars and eval_chars >= val_chars):
+        scope = (f"on the first {eval_chars:,} of {val_chars:,} held-out characters" if val_chars and eval_chars
+                 and eval_chars < val_chars else "on the held-out characters")
+        lines.append(f"best eval:    {figure(best)} {scope} (the best periodic evaluation during training)")
+    return lines or ["held-out:     n/a"]
 
 
 def _onnx_info(model) -> str:
@@ -909,8 +927,9 @@ def _onnx_info(model) -> str:
         f"corpus:       {corpus.get('path', '?')} (preprocess {model.preprocess}, {corpus.get('val_fraction', 0):.0%} "
         f"held out)" if corpus else f"corpus:       ? (preprocess {model.preprocess})",
         f"trained:      {meta['step']:,} steps" if meta.get("step") is not None else "trained:      ?",
-        "best val:     " + (f"{best:.4f} bits/char (the checkpoint's; charlm eval measures this file's)" if best
-                             else "n/a"),
+        "held-out:     " + (f"{best:.4f} bits/char on {meta['held_out_chars']:,} held-out characters"
+                             if best and meta.get("held_out_chars") else f"{best:.4f} bits/char" if best else "n/a")
+        + (" (the checkpoint's; charlm eval measures this file's)" if best else ""),
         f"exported by:  charlm {meta.get('charlm_version', '?')}",
     ])
 

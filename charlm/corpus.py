@@ -26,6 +26,7 @@ import numpy as np
 
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.errors import CorpusError
+from charlm.outputs import check_parent, resolve_path
 from charlm.vocab import Vocab
 
 __all__ = ["KNOWN_CORPORA", "MIRROR_ENV", "PREPROCESS_MODES", "Corpus", "CorpusError", "download", "ensure_corpus",
@@ -259,7 +260,10 @@ def download(
         raise CorpusError(
             f"unknown corpus {name!r}; known corpora: {', '.join(sorted(KNOWN_CORPORA))}"
         )
-    directory = Path(directory)
+    directory = resolve_path(directory)  # (nope/../corpora is corpora, checked as such)
+    check_parent(directory, option="--dir")
+    if directory.exists() and not directory.is_dir():
+        raise CorpusError(f"--dir {directory} is a file, not a folder")
     target = directory / (filename or known.filename)
     if target.is_file() and _sha256_file(target) == known.sha256:
         return target

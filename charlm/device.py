@@ -263,3 +263,60 @@ def grad_scaler(precision: str, device: torch.device):
     """A loss scaler for fp16 (small gradients would underflow); a disabled one, which passes
     everything through unchanged, otherwise."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+# A training step holds, per parameter, the weights, their gradients, the optimizer's state (Adam's two
+# moments; nothing for plain SGD) and the trainer's copy of the best weights; per character of a batch, each
+# layer's gates and states kept for the backward pass and the logits with their softmax and gradient.
+_OPTIMIZER_COPIES = {"adam": 2, "sgd": 0}
+
+
+def training_footprint(config: ModelConfig, batch_size: int, num_steps: int, optimizer: str) -> tuple[int, int]:
+    """(parameters, bytes) that training ``config`` needs, estimated without allocating anything (the model
+    is built on the meta device); a ``ConfigError`` (one line) when no such model can even be described."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            params = RNNLM.from_config(config).num_parameters()
+    except (RuntimeError, OverflowError, ValueError) as exc:
+        inputs = f"{config.embedding_dim:,}-dim embedded" if config.embedding_dim else "one-hot"
+        raise ConfigError(f"a {config.num_layers} x {config.cell.upper()} {config.hidden_size:,} model with {inputs} "
+                          f"inputs is too large to build ({str(exc).splitlines()[0][:100]}); use a smaller "
+                          f"--hidden-size or --embedding-dim") from None
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[config.cell]
+    per_char = config.num_layers * (gates + 3) * config.hidden_size + config.input_size + 3 * config.vocab_size
+    return params, 4 * (params * (3 + _OPTIMIZER_COPIES.get(optimizer, 2)) + batch_size * num_steps * per_char)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: the GPU's free memory, or the system's available memory (Linux's
+    MemAvailable, else the free pages); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_memory(config: ModelConfig, batch_size: int, num_steps: int, optimizer: str,
+                 device: torch.device) -> int:
+    """Refuse (one line) a model whose training cannot fit in the device's available memory, before anything
+    is allocated or written; the number of parameters otherwise."""
+    params, need = training_footprint(config, batch_size, num_steps, optimizer)
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(f"training a {params:,}-parameter model (--hidden-size {config.hidden_size}, --num-layers "
+                          f"{config.num_layers}, --embedding-dim {config.embedding_dim}) with batches of "
+                          f"{batch_size} x {num_steps} needs about {need / 2**30:,.1f} GiB, but {device} has "
+                          f"{free / 2**30:,.1f} GiB available; use a smaller --hidden-size, --embedding-dim or "
+                          f"--batch-size")
+    return params

@@ -6,13 +6,20 @@ written; anything else is replaced only when charlm recognises it as its own, an
 entries it would write itself. A folder or file charlm did not write is refused in one line that
 names it, and nothing is touched.
 
+Every writer first resolves its path (:func:`resolve_path`): ``missing/../mine`` is ``mine``, whatever
+exists yet, so the path checked is the path written. A symbolic link as the last component is refused.
+
 A folder charlm owns says so with a marker file, ``.charlm`` (JSON: ``{"kind": ..., "files": [...]}``).
 What charlm wrote before markers existed is recognised by its contents: a run directory by a
 checkpoint's ``manifest.json`` in ``last/`` or ``best/``, a checkpoint by its manifest, a web export
 by its ``charlm.json``, an ONNX model by the ``charlm`` entry of its metadata.
 
-Each kind names the entries it may hold (``KINDS``); a folder holding anything else (the
-user's notes beside a run, a ``docs/`` folder) is not replaced, even when it has a marker.
+Each kind names the entries it may hold and what each must be (``KINDS``: a file, or a folder of
+another kind); a folder holding anything else (the user's notes beside a run, a ``docs/`` folder, a
+folder named like a file charlm writes, a symbolic link) is not replaced, even when it has a marker.
+
+One process at a time writes a run folder: :class:`FolderLock` (an ``flock`` on ``.charlm.lock``,
+which names its holder; the system releases it when the process ends, so a stale one is taken over).
 """
 
 from __future__ import annotations
@@ -20,34 +27,68 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import socket
+import stat
+import sys
+import time
 from pathlib import Path
 
 from charlm.errors import CharlmError, os_error_line
 
 MARKER = ".charlm"
-
-# The entries a folder of each kind may hold: names, or fnmatch patterns of a writer's temporary names.
+LOCK = ".charlm.lock"
+FILE = "file"
+# The entries a folder of each kind may hold (names, or fnmatch patterns of a writer's temporary names), and
+# what each must be: a regular file (FILE) or a real folder of the kind named.
 KINDS = {
-    "run": ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*", "metrics.csv", "curve.png",
-            MARKER),
-    "checkpoint": ("model.pt", "trainer.pt", "config.json", "tokenizer.json", "manifest.json"),
-    "web": ("index.html", "app.js", "model.onnx", "model.tokenizer.json", "tokenizer.json", "charlm.json",
-            "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm", MARKER),
-    "token-cache": ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part", "provisional.bin"),
-    # charlm tune's folder (charlm.tune): the Optuna journal, the trials' runs, the results
-    "tune": ("study.journal", "study.journal.lock", "tune.lock", "trials", "final", "best.json", "best-command.txt",
-             "final-command.txt", "trials.csv", "history.png", "importances.png", MARKER),
-    "trials": ("[0-9][0-9][0-9][0-9]*",),  # a search's trials/: one run folder per Optuna trial number
+    "run": {"last": "checkpoint", "best": "checkpoint", ".last.old-*": "checkpoint", ".best.old-*": "checkpoint",
+            ".last.tmp-*": "checkpoint", ".best.tmp-*": "checkpoint", "metrics.csv": FILE,
+            ".metrics.csv.tmp-*": FILE, "curve.png": FILE, MARKER: FILE, LOCK: FILE},
+    "checkpoint": {"model.pt": FILE, "trainer.pt": FILE, "config.json": FILE, "tokenizer.json": FILE,
+                   "manifest.json": FILE, ".charlm-old": FILE},
+    "web": {name: FILE for name in ("index.html", "app.js", "model.onnx", "model.tokenizer.json", "tokenizer.json",
+                                    "charlm.json", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs",
+                                    "ort-wasm-simd-threaded.wasm", MARKER)},
+    "token-cache": {name: FILE for name in ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part",
+                                            "provisional.bin")},
+    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and their temporary files
+    "tune": {"trials": "trials", "final": "run", ".*.tmp": FILE, MARKER: FILE, LOCK: FILE,
+             **{name: FILE for name in ("study.journal", "study.journal.lock", "best.json", "best-command.txt",
+                                        "final-command.txt", "trials.csv", "history.png", "importances.png")}},
+    "trials": {"[0-9][0-9][0-9][0-9]*": "run"},  # a search's trials/: one run folder per Optuna trial number
 }
-# The folders inside a folder of a kind, and the kind each must be (what their entries may be).
-NESTED = {"run": {name: "checkpoint" for name in ("last", "best", "last.old", "best.old", ".last.tmp-*", ".best.tmp-*")}}
-NESTED["tune"] = {"final": "run", "trials": "trials"}
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
          "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
 
 
 class NotOwnedError(CharlmError):
     """A path charlm was asked to write holds something charlm did not write; nothing was touched."""
+
+
+class LockedError(CharlmError):
+    """Another process is writing the folder (its lock is held)."""
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The path the system will write for ``path``, whatever exists yet: its folder resolved (symbolic links
+    followed, ``..`` taken after them, as the system takes them; ``missing/../mine`` is ``mine`` even before
+    ``missing`` exists), its last component kept as named (a symbolic link there is the writer's to refuse).
+    Relative to the current directory when inside it (so messages stay short), else absolute."""
+    path = Path(path)
+    full = path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+    here = Path.cwd().resolve()
+    try:
+        relative = full.relative_to(here)
+    except ValueError:
+        return full
+    return relative if relative.parts else full
+
+
+def default_folder_mode() -> int:
+    """The mode the umask gives a new folder (``tempfile.mkdtemp`` makes 0700 whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def write_marker(directory: str | os.PathLike, kind: str, files: list[str] | None = None) -> None:
@@ -59,6 +100,8 @@ def write_marker(directory: str | os.PathLike, kind: str, files: list[str] | Non
 def marker_kind(directory: Path) -> str | None:
     """The kind a folder's marker names, or None (no marker, or not one charlm wrote)."""
     try:
+        if not (directory / MARKER).is_file():
+            return None
         body = json.loads((directory / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
@@ -66,22 +109,54 @@ def marker_kind(directory: Path) -> str | None:
     return kind if kind in KINDS else None
 
 
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def _recognised(directory: Path, kind: str) -> bool:
     """Whether ``directory`` is charlm's, by its marker or (for what predates markers) its contents."""
     if marker_kind(directory) == kind:
         return True
     if kind == "run":
-        return any((directory / name / "manifest.json").is_file() for name in ("last", "best", "last.old", "best.old"))
+        return any(_is_file(directory / name / "manifest.json") for name in ("last", "best"))
     if kind == "checkpoint":
-        return (directory / "manifest.json").is_file()
+        return _is_file(directory / "manifest.json")
     if kind == "web":
         try:
             return "onnxruntime_web" in json.loads((directory / "charlm.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             return False
     if kind == "token-cache":
-        return (directory / "meta.json").is_file() or (directory / "meta.json.part").is_file()
+        return _is_file(directory / "meta.json") or _is_file(directory / "meta.json.part")
     return False
+
+
+def entry_kind(kind: str, name: str) -> str | None:
+    """What the entry ``name`` of a folder of ``kind`` must be (FILE or a kind), or None: not charlm's."""
+    return next((what for pattern, what in KINDS[kind].items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def _foreign_inside(directory: Path, kind: str, prefix: str = "") -> list[str]:
+    """The entries of a folder of ``kind`` (known to be charlm's) that charlm's writer did not write: unknown
+    names, and known names of the wrong kind (a folder named like a file, a file or link where a folder
+    goes); the folders inside are checked the same way. Named by their path below the first folder."""
+    foreign = []
+    for entry in sorted(directory.iterdir(), key=lambda e: e.name):
+        what, shown = entry_kind(kind, entry.name), prefix + entry.name
+        if what is None or entry.is_symlink():
+            foreign.append(shown)
+        elif what == FILE:
+            if not entry.is_file():
+                foreign.append(shown + "/")
+        elif not entry.is_dir():
+            foreign.append(shown)
+        else:
+            foreign += _foreign_inside(entry, what, shown + "/")
+    return foreign
 
 
 def foreign_entries(directory: str | os.PathLike, kind: str) -> list[str]:
@@ -96,16 +171,7 @@ def foreign_entries(directory: str | os.PathLike, kind: str) -> list[str]:
         return []
     if not _recognised(directory, kind):
         return names
-    patterns = KINDS[kind]
-    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    for name in names:  # the folders inside (a run's checkpoints): their entries too, named by their path here
-        inner = next((k for p, k in NESTED.get(kind, {}).items() if fnmatch.fnmatchcase(name, p)), None)
-        if inner is not None and (directory / name).is_dir() and not (directory / name).is_symlink():
-            foreign += [f"{name}/{e.name}" for e in sorted((directory / name).iterdir(), key=lambda e: e.name)
-                        if not any(fnmatch.fnmatchcase(e.name, q) for q in KINDS[inner])]
-        elif inner is not None and (directory / name).is_symlink():
-            foreign.append(name)  # a link where charlm keeps a checkpoint: not charlm's to delete through
-    return foreign
+    return _foreign_inside(directory, kind)
 
 
 def _listing(names: list[str], limit: int = 3) -> str:
@@ -134,6 +200,15 @@ def check_folder(path: str | os.PathLike, kind: str, option: str = "--out", hint
                             f"touched{hint or '; choose another ' + option}")
 
 
+def check_parent(path: Path, option: str = "--out") -> None:
+    """Refuse (one line) a path whose nearest existing ancestor is not a folder (a file where a folder goes)."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise NotOwnedError(f"{option} {path}: cannot write there, {parent} is a file, not a directory")
+            return
+
+
 def check_not_cwd(path: str | os.PathLike, option: str = "--out") -> None:
     """A folder replaced whole cannot be the current directory or one above it."""
     resolved, here = Path(path).resolve(), Path.cwd().resolve()
@@ -144,25 +219,112 @@ def check_not_cwd(path: str | os.PathLike, option: str = "--out") -> None:
 
 
 def remove_entries(directory: Path, kind: str) -> None:
-    """Delete what charlm wrote in ``directory`` (checked with :func:`check_folder` first), keeping the folder."""
+    """Delete what charlm wrote in ``directory`` (checked with :func:`check_folder` first), keeping the folder
+    and its lock. Only entries of the right kind go: a folder where a file belongs is left (and refused by
+    the check before)."""
     import shutil
 
-    patterns = KINDS[kind]
     for entry in directory.iterdir():
-        if any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        what = entry_kind(kind, entry.name)
+        if what is None or entry.name == LOCK or entry.is_symlink():
+            continue
+        if what == FILE and _is_file(entry):
+            entry.unlink()
+        elif what != FILE and _is_dir(entry) and not _foreign_inside(entry, what):
+            shutil.rmtree(entry)
 
 
 def check_file(path: Path, owned: bool, what: str, option: str = "--out") -> None:
     """Refuse (one line) to replace the file ``path`` unless it is missing or ``owned`` (charlm wrote it)."""
-    if path.is_symlink() and not path.exists():
-        raise NotOwnedError(f"{option} {path} is a broken symbolic link; charlm does not write through it")
+    if path.is_symlink():
+        raise NotOwnedError(f"{option} {path} is a symbolic link; charlm does not write through it")
     if path.is_dir():
         raise NotOwnedError(f"{option} {path} is a folder; charlm writes {what} there only as a new file or over "
                             f"one it wrote")
     if path.exists() and not owned:
         raise NotOwnedError(f"{path} exists and is not {what} charlm wrote; nothing was touched; move it or "
                             f"choose another {option}")
+
+
+class FolderLock:
+    """One writer at a time for a folder charlm owns: an ``flock`` on ``DIR/.charlm.lock`` (which names the
+    holder: pid, host, command, since when). The system drops it when its process ends, however that ends,
+    so a lock left by a killed process is simply taken over. Use as a context manager, or
+    :meth:`acquire` / :meth:`release`."""
+
+    def __init__(self, directory: str | os.PathLike, option: str = "--out"):
+        self.directory, self.option, self.fd = Path(directory), option, None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / LOCK
+
+    def holder(self) -> str:
+        """Who holds the lock, in words (from the lock file; "another process" when it says nothing)."""
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"process {int(info['pid'])} on {info['host']} ({info['command']}, since {since})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def check_free(self) -> None:
+        """Refuse (one line) when another process holds the lock; reads only (a probe on the existing file)."""
+        import fcntl
+
+        if not _is_file(self.path):
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LockedError(f"{self.option} {self.directory} is being written by {self.holder()}; wait for it to "
+                              f"end, or choose another {self.option}") from None
+        finally:
+            os.close(fd)  # (closing drops the probe's lock)
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        lock = self.path
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise NotOwnedError(f"{self.option} {self.directory}: {LOCK} is not a file charlm wrote; move it")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise NotOwnedError(f"{self.option} {self.directory}: cannot lock it ({os_error_line(exc)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LockedError(f"{self.option} {self.directory} is being written by {self.holder()}; wait for it to "
+                              f"end, or choose another {self.option}") from None
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command or "python",
+                           "since": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (body + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # (closing drops the flock; the file stays, naming the last holder)
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def folder_mode(path: Path) -> int | None:
+    """The permission bits of an existing folder (so that a replacement keeps them), else None."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode) if _is_dir(path) else None
+    except OSError:
+        return None

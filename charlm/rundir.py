@@ -7,6 +7,7 @@
       metrics.csv                 one row per held-out evaluation
       curve.png                   drawn from metrics.csv by whoever asks (the CLI)
       .charlm                     the marker that says charlm made this folder (charlm.outputs)
+      .charlm.lock                held by the one process writing the run (charlm.outputs.FolderLock)
 
 Only this module knows the names above and the columns of ``metrics.csv``.
 """
@@ -17,26 +18,40 @@ import csv
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
 from charlm.config import REGULARISERS, with_legacy
 from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
-from charlm.outputs import check_folder, remove_entries, write_marker
+from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_parent, remove_entries,
+                            resolve_path, write_marker)
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
 MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout", *REGULARISERS)
 OPTIMIZER_FIELDS = ("optimizer", "weight_decay")  # the optimizer state saved must fit the one rebuilt
-DATA_FIELDS = ("corpus", "preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
+SCHEDULE_FIELDS = ("lr", "lr_schedule")  # the lr plan a resume follows is the one the run started with
+# (the corpus is compared by its contents, the sha256 each checkpoint keeps: a path typed from another folder is
+# the same corpus)
+DATA_FIELDS = ("preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
                "seed", "eval_chars")
+RESUME_FIELDS = MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS + SCHEDULE_FIELDS
 
 
 def default_out(corpus: str | os.PathLike) -> Path:
-    return Path("checkpoints") / Path(corpus).stem
+    """``checkpoints/<the corpus's name without its suffix>``, named after the file or folder the corpus path
+    resolves to (``charlm train ..`` trains into ``checkpoints/<the parent's name>``, never ``checkpoints/..``)."""
+    return Path("checkpoints") / (Path(resolve_path(corpus).name).stem or "corpus")
 
 
-def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS) -> list[str]:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def config_differences(saved: dict, requested, names=RESUME_FIELDS) -> list[str]:
     """``name: saved -> requested`` for every model, data or optimizer option that differs (an option a run saved
     by an earlier charlm does not name had its default then: LEGACY_TRAIN, else today's)."""
     defaults = {f.name: f.default for f in dataclasses.fields(type(requested))}
@@ -50,61 +65,116 @@ def config_differences(saved: dict, requested, names=MODEL_FIELDS + DATA_FIELDS 
 
 
 class RunDir:
-    """One run's directory: checks before anything is written, checkpoints' places, metrics rows."""
+    """One run's directory: checks before anything is written, the one-writer lock, checkpoints' places,
+    metrics rows. ``path`` is resolved (:func:`~charlm.outputs.resolve_path`)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = resolve_path(path)
         self.metrics = self.path / "metrics.csv"
         self.curve = self.path / "curve.png"
+        self.lock: FolderLock | None = None
 
     def checkpoint(self, name: str) -> Path:
         """``last`` or ``best``."""
         return self.path / name
 
-    def check(self, resume: bool, overwrite: bool) -> None:
-        """Refuse a start that would clobber or misread a run; writes nothing. A folder that is not a
-        charlm run, or a run that also holds files charlm did not write, is never overwritten
-        (:mod:`charlm.outputs`); a resume writes only the run's own entries."""
-        if self.path.exists() and not self.path.is_dir():
-            raise TrainError(f"--out {self.path} is a file, not a directory")
-        if resume and overwrite:
-            raise TrainError("--resume and --overwrite contradict each other; pass one")
+    def holds_run(self) -> bool:
+        """Whether the folder holds anything beyond charlm's marker and lock (a run started, or other files)."""
         try:
-            existing = self.path.is_dir() and any(self.path.iterdir())
+            return self.path.is_dir() and any(p.name not in (MARKER, LOCK) for p in self.path.iterdir())
         except OSError as exc:
             raise TrainError(f"--out {self.path}: cannot read it ({os_error_line(exc)})") from None
-        if not existing or resume:
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a start that would clobber or misread a run; writes nothing. A folder that is not a
+        charlm run, or a run that also holds files charlm did not write (in ``last/`` and ``best/`` too),
+        is never written (:mod:`charlm.outputs`); a resume writes only the run's own entries."""
+        if resume and overwrite:
+            raise TrainError("--resume and --overwrite contradict each other; pass one")
+        check_parent(self.path)
+        if self.path.exists() and not self.path.is_dir() and not self.path.is_symlink():
+            raise TrainError(f"--out {self.path} is a file, not a directory")
+        if self.path.is_dir() and not self.path.is_symlink():
+            try:
+                FolderLock(self.path).check_free()
+            except LockedError as exc:
+                raise TrainError(str(exc)) from None
+        existing = self.path.is_symlink() or self.holds_run()
+        if not existing:
+            if resume:
+                raise TrainError(f"nothing to resume: {self.path} holds no run")
             return
-        check_folder(self.path, "run")
-        if not overwrite:
+        check_folder(self.path, "run", hint="; move them out to resume the run" if resume else "")
+        if not (resume or overwrite):
             raise RunExistsError(f"{self.path} already holds a run; pass --resume to continue it or "
                                  f"--overwrite to start over")
 
+    def acquire(self) -> None:
+        """Take the run's lock, creating the folder (marked as charlm's) when it is missing or empty; a
+        second process on the same folder is refused in one line naming the first. Re-checks the folder
+        under the lock (another process may have written it since :meth:`check`)."""
+        if self.lock is not None:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not self.holds_run():
+                write_marker(self.path, "run")
+            self.lock = FolderLock(self.path).acquire()
+        except OSError as exc:
+            raise TrainError(f"cannot create the run directory {self.path}: {os_error_line(exc)}") from None
+        except LockedError as exc:
+            raise TrainError(str(exc)) from None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def load_last(self, device, requested) -> ckpt_mod.Checkpoint:
-        """``last/`` with its trainer state, refused when ``requested``'s model or data options differ."""
+        """``last/`` with its trainer state, refused when ``requested``'s model or data options differ.
+        Reads only: a replacement of ``last/`` cut short is read from its backup."""
         last = self.checkpoint("last")
-        ckpt_mod.recover(last)
-        if not last.is_dir():
-            raise TrainError(f"nothing to resume: {last} does not exist")
         try:
             saved = ckpt_mod.load_checkpoint(last, device=device, with_trainer_state=True)
         except CheckpointError as exc:
+            if not last.exists() and "no such" in str(exc):
+                raise TrainError(f"nothing to resume: {last} does not exist") from None
             raise TrainError(str(exc)) from None
-        diffs = config_differences(saved.train_options, requested)
+        diffs = config_differences(saved.train_options, requested, RESUME_FIELDS)
         if diffs:
-            raise TrainError("--resume with different model, data or optimizer options: " + "; ".join(diffs))
+            raise TrainError("--resume with different model, data, optimizer or schedule options: " + "; ".join(diffs)
+                             + "; a run resumes with the options it started with")
         return saved
 
-    def create(self, overwrite: bool) -> None:
-        """The run's folder, marked as charlm's; with ``overwrite``, the earlier run's entries deleted first
-        (:meth:`check` made sure it holds nothing else)."""
+    def create(self, overwrite: bool, step: int | None = None) -> None:
+        """Once every check passed: the run's folder locked (:meth:`acquire`) and marked as charlm's; with
+        ``overwrite``, the earlier run's entries deleted first (:meth:`check` made sure it holds nothing
+        else); on a resume (``step``), a replacement a kill cut short finished, temporary folders left by
+        a kill deleted, and the metrics rows written after ``step`` dropped."""
+        self.acquire()
         try:
-            if overwrite and self.path.is_dir():
+            check_folder(self.path, "run")
+            if overwrite:
                 remove_entries(self.path, "run")
-            self.path.mkdir(parents=True, exist_ok=True)
+            else:
+                self._tidy()
             write_marker(self.path, "run")
+            if step is not None:
+                self.truncate_metrics(step)
         except OSError as exc:
-            raise TrainError(f"cannot create the run directory {self.path}: {os_error_line(exc)}") from None
+            raise TrainError(f"cannot write the run directory {self.path}: {os_error_line(exc)}") from None
+
+    def _tidy(self) -> None:
+        """Under the lock: finish or undo what a killed writer of this run left (its temporary entries)."""
+        import shutil
+
+        for name in ("last", "best"):
+            ckpt_mod.recover(self.checkpoint(name))
+        for entry in self.path.iterdir():
+            if entry.name.startswith((".last.tmp-", ".best.tmp-")) and ckpt_mod.checkpoint_files_only(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(".metrics.csv.tmp-") and entry.is_file() and not entry.is_symlink():
+                entry.unlink()
 
     # -- metrics.csv ------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
@@ -128,11 +198,21 @@ class RunDir:
         """On resume, drop rows written after the checkpoint being resumed (a kill between writes)."""
         if not self.metrics.exists():
             return
-        rows = [r for r in self.metrics_rows() if int(r["step"]) <= step]
-        with open(self.metrics, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        rows = self.metrics_rows()
+        kept = [r for r in rows if int(r["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".metrics.csv.tmp-", dir=self.path)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, self.metrics)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def last_train_loss(self) -> float | None:
         """Mean training loss over the last evaluation interval that had one."""
@@ -145,11 +225,10 @@ def saved_train_options(out: str | os.PathLike) -> dict:
 
     ``--resume`` starts from these; the resume itself then verifies the checkpoint in full.
     """
-    last = Path(out) / "last"
-    ckpt_mod.recover(last)
     try:
+        last = ckpt_mod.resolve_checkpoint_dir(resolve_path(out) / "last")
         return dict(json.loads((last / "config.json").read_text(encoding="utf-8"))["train"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
         return {}
 
 

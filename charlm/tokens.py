@@ -46,7 +46,7 @@ import numpy as np
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
-from charlm.outputs import check_folder
+from charlm.outputs import check_folder, resolve_path
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -218,7 +218,7 @@ def prepare(corpus: str | os.PathLike, preprocess: str = "raw", min_count: int =
         raise ConfigError(f"min count must be an integer >= 1, got {min_count!r}")
     files = source_files(corpus)
     sources, key = _sources_key(files, preprocess, min_count)
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = resolve_path(cache_dir if cache_dir is not None else cache_root())
     target = root / f"{Path(corpus).resolve().name}-{preprocess}-{key}"
     hit = _open(target)
     if hit is not None:

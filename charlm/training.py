@@ -54,10 +54,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from charlm.checkpoint import load_checkpoint, save_checkpoint
+from charlm.checkpoint import corpus_paths, held_out_entry, load_checkpoint, save_checkpoint, update_progress
 from charlm.config import HOLD_FRACTION, TrainConfig
 from charlm.data import RunData, load_split, make_batches, min_tokens, run_batches
-from charlm.device import autocast, check_precision, grad_scaler, resolve_device, resolve_precision
+from charlm.device import autocast, check_memory, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
 from charlm.distributed import init as init_distributed
@@ -280,16 +280,18 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: RunData, run: RunDir, device: torch.device, emit,
                  dist: Dist = Dist()):
-        self.cfg, self.data, self.run_dir, self.device, self.emit, self.dist = cfg, data, run, device, emit, dist
+        self.cfg, self.data, self.run_dir, self.device, self.dist = cfg, data, run, device, dist
+        self.warnings: list[str] = []  # said before the run starts (emit None): emitted with its start
+        self.emit = emit or (lambda event, info: self.warnings.append(info["message"]) if event == "warning" else None)
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config(len(data.vocab), len(data.train_ids))
-        self.model = RNNLM.from_config(self.model_config).to(device)
-        self.net = self.model  # what the training step calls: the model, or DDP around it
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout stream (one process: unchanged)
+        try:
+            self.model = RNNLM.from_config(self.model_config).to(device)
+        except (RuntimeError, MemoryError) as exc:  # (check_memory estimated it would fit)
+            raise TrainError(f"cannot build the model on {device} ({str(exc).splitlines()[0][:160]}); use a smaller "
+                             f"--hidden-size, --num-layers or --embedding-dim") from None
+        self.net = self.model  # what the training step calls: the model, or DDP around it (distribute())
+        self.restored = False
         self.weight_decay = cfg.resolved_weight_decay(len(data.train_ids))
         self.optimizer = _make_optimizer(cfg, self.model, self.weight_decay)
         self.autocast = lambda: autocast(cfg.precision, device)
@@ -318,15 +320,30 @@ class Trainer:
         self.t_start = time.perf_counter()  # reset when the loop starts
         self.meta_base = {
             "train": cfg.to_dict(),
-            "corpus": {"path": str(Path(cfg.corpus)), "preprocess": cfg.preprocess, "val_fraction": cfg.val_fraction,
+            "corpus": {**corpus_paths(cfg.corpus, run.path), "preprocess": cfg.preprocess,
+                       "val_fraction": cfg.val_fraction,
                        "max_chars": cfg.max_chars, "min_count": cfg.min_count, "chars": data.num_chars,
                        "train_chars": len(data.train_ids), "val_chars": len(data.val_ids),
                        "eval_chars": len(self.eval_ids), "sha256": data.sha256},
         }
 
+    def distribute(self) -> None:
+        """Under torchrun, once every rank agreed to start: DDP around the model (a collective), and each rank
+        its own dropout stream (a resumed run has its RNG states back already)."""
+        if not self.dist.enabled:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self.device
+        self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if not self.restored:
+            torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank)
+
     # -- state ---------------------------------------------------------------------------------
     def restore(self, saved) -> None:
-        """Continue from a checkpoint loaded with its trainer state (``last/``)."""
+        """Continue from a checkpoint loaded with its trainer state (``last/``); writes nothing (the run's
+        metrics rows after its step are dropped by :meth:`charlm.rundir.RunDir.create`)."""
+        self.restored = True
         self.model.load_state_dict(saved.model.state_dict())
         self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell,
                                       self.dist, self.scaler)
@@ -336,8 +353,7 @@ class Trainer:
             self.emit("warning", {"message": f"resuming a run saved by {saved_ranks} process(es) with "
                                              f"{self.dist.world_size}: the results will equal a run on "
                                              f"{saved_ranks} only statistically (other dropout streams)"})
-        if self.dist.is_main:  # rank 0 alone writes metrics.csv: two ranks rewriting it raced and lost rows
-            self.run_dir.truncate_metrics(self.state.step)
+        self.last_eval_step = self.state.step  # last/ was saved at an evaluation of this step
         best = self.run_dir.checkpoint("best")
         if len(self.eval_ids) < len(self.data.val_ids) and (best / "manifest.json").is_file():
             # the final evaluation on the whole tail reads the best weights, which may predate this invocation
@@ -355,9 +371,12 @@ class Trainer:
         if not self.dist.is_main:
             return
         st = self.state
-        meta = {**self.meta_base, "progress": {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
-                                               "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
-                                               "val_loss": val.loss if val else None}}
+        progress = {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
+                    "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
+                    "val_loss": val.loss if val else None}
+        if name == "best" and val is not None and len(self.eval_ids) >= len(self.data.val_ids):
+            progress["held_out"] = held_out_entry(val)  # periodic evaluations read the whole tail
+        meta = {**self.meta_base, "progress": progress}
         save_checkpoint(self.run_dir.checkpoint(name), self.model, self.data.vocab, meta, trainer_state)
         self.last_save_s = time.perf_counter() - t0
         self.save_s += self.last_save_s
@@ -517,6 +536,11 @@ class Trainer:
         st, iv = self.state, self.interval
         now = time.perf_counter()
         val = evaluate(self.model, self.eval_ids, device=self.device, dist=self.dist)
+        if not math.isfinite(val.loss):  # the weights diverged: nothing of them is kept
+            kept = (f"{self.run_dir.checkpoint('best')} keeps the best weights so far" if not math.isinf(st.best_loss)
+                    else "no checkpoint was kept")
+            raise TrainError(f"the held-out loss is not finite at step {st.step} (the weights diverged); {kept}; try "
+                             f"a lower --lr, --weight-decay or --clip")
         spent = time.perf_counter() - now
         self.eval_s += spent
         self.eval_s_per_char = spent / val.tokens
@@ -654,6 +678,9 @@ class Trainer:
         self.best_val = evaluate(self.model, val_ids[:chars], device=self.device, dist=self.dist)
         self.final_eval_s = time.perf_counter() - t0
         self.eval_s += self.final_eval_s
+        if chars == len(val_ids) and self.dist.is_main and self.state.step > self.first_step:
+            # the whole figure, kept where it was measured (a resume that took no step writes nothing)
+            update_progress(self.run_dir.checkpoint("best"), held_out=held_out_entry(self.best_val))
 
     def result(self, stop_reason: str) -> TrainResult:
         st = self.state
@@ -713,40 +740,69 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
 
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progress, device, dist: Dist) -> TrainResult:
+    """Every check, on every rank, before anything is written (the options, the model's size against the
+    device's memory, the run folder and its checkpoints, the resume's compatibility, the model built); then
+    all ranks agree to go on or stop; only then does rank 0 lock, create or replace the run folder."""
     run = RunDir(cfg.out or default_out(cfg.corpus))
-    error = None
-    try:  # every check on every rank, before anything is written; then all ranks agree to go on or stop
-        if cfg.batch_size % dist.world_size:
-            raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world_size} processes; "
-                             f"use a multiple of {dist.world_size}")
-        run.check(resume, overwrite)
-        saved = run.load_last(device, cfg) if resume else None
-        data = load_data(cfg, prepare_progress)
-        if saved is not None:
-            was = saved.corpus_info.get("sha256")
-            if was is not None and was != data.sha256:
-                raise TrainError(f"{cfg.corpus} changed since the run started (sha256 {was[:12]}..., now "
-                                 f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
-            if saved.vocab != data.vocab:
-                raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+    trainer = saved = error = None
+    try:
+        trainer, saved = _prepare_run(cfg, run, resume, overwrite, prepare_progress, device, dist)
+        if dist.is_main:  # one writer per run folder: locked, (re)checked under the lock, then written
+            run.create(overwrite, step=trainer.state.step if saved is not None else None)
     except CharlmError as exc:
         error = exc
-    if dist.any([error is not None], device)[0]:
-        raise error or TrainError("another process of this run could not start (rank 0 says why)")
-    if dist.is_main:
-        run.create(overwrite)
+    try:
+        if dist.any([error is not None], device)[0]:
+            raise error or TrainError("another process of this run could not start (rank 0 says why)")
+        return _run(trainer, run, saved is not None, emit, device, dist)
+    finally:
+        run.release()
 
-    trainer = Trainer(cfg, data, run, device, emit, dist)
+
+def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, prepare_progress, device,
+                 dist: Dist):
+    """The checks of :func:`_train` and the trainer they lead to (the model built, a resume's state restored,
+    the plan fixed), writing nothing; ``(trainer, saved)``."""
+    if cfg.batch_size % dist.world_size:
+        raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world_size} processes; "
+                         f"use a multiple of {dist.world_size}")
+    run.check(resume, overwrite)
+    saved = run.load_last(device, cfg) if resume else None
+    data = load_data(cfg, prepare_progress)
+    if saved is not None:
+        was = saved.corpus_info.get("sha256")
+        if was is not None and was != data.sha256:
+            raise TrainError(f"{cfg.corpus} changed since the run started (sha256 {was[:12]}..., now "
+                             f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
+        if saved.vocab != data.vocab:
+            raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+    decay, lr = cfg.resolved_weight_decay(len(data.train_ids)), cfg.resolved_lr()
+    if lr * decay >= 1:
+        raise TrainError(f"--lr {lr:g} with --weight-decay {decay:g} would shrink every weight by lr x decay = "
+                         f"{lr * decay:g} of itself each step (at least all of it); their product must be under 1")
+    check_memory(cfg.model_config(len(data.vocab), len(data.train_ids)), cfg.batch_size // dist.world_size,
+                 cfg.num_steps, cfg.optimizer, device)
+    trainer = Trainer(cfg, data, run, device, None, dist)
     if saved is not None:
         trainer.restore(saved)
     trainer.plan()
     if saved is not None:
         trainer.check_plan()
+    return trainer, saved
+
+
+def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist) -> TrainResult:
+    """The run itself, once the folder is locked and written: the start event, the loop, the final
+    evaluation and checkpoint, the whole-tail figure."""
+    trainer.emit, cfg, data = emit, trainer.cfg, trainer.data
+    for warning in trainer.warnings:
+        emit("warning", {"message": warning})
+    trainer.distribute()
     st = trainer.state
     emit("start", {"out": run.path, "device": device, "model": trainer.model, "model_config": trainer.model_config,
                    "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,
                    "step": st.step, "total_steps": st.planned_steps or trainer.total_steps(),
-                   "resumed": saved is not None,
+                   "resumed": resumed,
                    "precision": cfg.precision, "world_size": dist.world_size, "weight_decay": trainer.weight_decay})
     with _stop_on_signals() as stop:
         try:

@@ -48,8 +48,10 @@ from pathlib import Path
 from charlm.config import (CELLS, GATES, IMPLS, LR_SCHEDULES, OPTIMIZERS, PREPROCESS_MODES, PRECISIONS, SAMPLINGS,
                            SMALL_CORPUS_CHARS, TrainConfig, seed_error)
 from charlm.data import min_tokens
-from charlm.errors import ConfigError, StopTraining, TrainError, TrainingInterrupted, TuneError, TuneInterrupted
-from charlm.outputs import KINDS, check_folder, check_not_cwd, write_marker
+from charlm.errors import (ConfigError, StopTraining, TrainError, TrainingInterrupted, TuneError, TuneInterrupted,
+                           os_error_line)
+from charlm.outputs import (LOCK, FolderLock, LockedError, check_folder, check_not_cwd, check_parent, remove_entries,
+                            resolve_path, write_marker)
 
 TUNE_EVALS = 10  # held-out evaluations (and pruning decisions) per trial
 TRIAL_EPOCHS = 10_000  # a trial ends at its budget (steps or seconds), not after a number of epochs
@@ -64,9 +66,9 @@ ERRORS_IN_A_ROW = 3  # trials of this process that fail in a row (TrainError) be
 HEARTBEAT_S = 20  # database storage: each running trial's heartbeat (Optuna's), ...
 GRACE_S = 60  # ... and the silence after which another worker fails it and runs it again
 CONNECT_TIMEOUT_S = 10  # database storage: seconds to wait for the server
+TABLE_ATTEMPTS = 5  # database storage: tries to create Optuna's tables (workers starting together race for it)
 PRUNERS = ("hyperband", "halving", "median", "none")
 JOURNAL = "study.journal"
-LOCK = "tune.lock"
 
 INT_FIELDS = ("hidden_size", "num_layers", "embedding_dim", "batch_size", "num_steps")
 FLOAT_FIELDS = ("lr", "weight_decay", "dropout", "weight_drop", "dropout_input", "dropout_hidden", "dropout_output",
@@ -344,40 +346,50 @@ class TuneConfig:
         return self.time_budget - (self.final_time or 0.0)
 
 
+def _stem(corpus: str | os.PathLike) -> str:
+    """The corpus's name without its suffix (a folder's own name for ``.``), as ``charlm train`` names runs."""
+    return Path(resolve_path(corpus).name).stem or "corpus"
+
+
 def default_tune_out(corpus: str | os.PathLike) -> Path:
-    return Path("tunes") / Path(corpus).stem
+    return Path("tunes") / _stem(corpus)
 
 
 def default_study(corpus: str | os.PathLike) -> str:
-    return Path(corpus).stem or "charlm"
+    return _stem(corpus)
 
 
 class TuneFolder:
-    """A search's folder: what it holds, the checks before anything is written, the one-process lock."""
+    """A search's folder: what it holds, the checks before anything is written, the one-process lock
+    (:class:`~charlm.outputs.FolderLock`). ``path`` is resolved (:func:`~charlm.outputs.resolve_path`)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = resolve_path(path)
         self.journal = self.path / JOURNAL
         self.trials = self.path / "trials"
         self.final = self.path / "final"
-        self._lock = None
+        self.lock: FolderLock | None = None
 
     def trial(self, number: int) -> Path:
         return self.trials / f"{number:04d}"
 
     def check(self, resume: bool, overwrite: bool, shared: bool) -> None:
-        """Refuse (one line, nothing written) a folder that is not charlm's, a search already there without
-        --resume or --overwrite, or nothing to resume; hold the folder's lock when it exists."""
+        """Refuse (one line, nothing written) a folder that is not charlm's (or holds anything charlm did not
+        write, in the trials' runs too), a folder another process is writing, a search already there without
+        --resume or --overwrite, or nothing to resume."""
         if resume and overwrite:
             raise TuneError("--resume and --overwrite contradict each other; pass one")
         if overwrite and shared:
             raise TuneError("--overwrite with --storage: the study's trials stay in the database; delete the study "
                             "(optuna delete-study --study-name NAME --storage URL) or choose another --study and --out")
+        check_parent(self.path)
         check_folder(self.path, "tune")
-        if self.trials.is_dir():
-            for run in sorted(self.trials.iterdir()):
-                check_folder(run, "run")
-        existing = self.path.is_dir() and any(self.path.iterdir())
+        if self.path.is_dir():
+            try:
+                FolderLock(self.path).check_free()
+            except LockedError as exc:
+                raise TuneError(str(exc)) from None
+        existing = self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
         if resume and not (existing and (shared or self.journal.is_file())):
             raise TuneError(f"nothing to resume: {self.path} holds no search")
         if existing and not resume and not overwrite:
@@ -385,53 +397,26 @@ class TuneFolder:
                             f"start over")
         if overwrite and existing:
             check_not_cwd(self.path)
-        if existing:
-            self.lock()
-
-    def lock(self) -> None:
-        """One process at a time: an exclusive lock on ``tune.lock``, held until :meth:`unlock` (or the process's
-        end: a killed process holds it no more)."""
-        if self._lock is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:  # (no fcntl: no lock)
-            return
-        handle = open(self.path / LOCK, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
-            raise TuneError(f"{self.path} is in use by another charlm tune (pid {holder}); wait for it to end or "
-                            f"choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock = handle
-
-    def unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
 
     def create(self, overwrite: bool) -> None:
-        """The folder, marked and locked; with ``overwrite``, the earlier search's entries deleted first."""
-        import fnmatch
-        import shutil
-
+        """The folder, marked as charlm's, and its lock taken (a second process is refused in one line naming the
+        first); with ``overwrite``, the earlier search's entries deleted, under the lock, after a last check."""
         try:
-            if overwrite and self.path.is_dir():
-                for entry in self.path.iterdir():
-                    if entry.name != LOCK and any(fnmatch.fnmatchcase(entry.name, p) for p in KINDS["tune"]):
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = FolderLock(self.path).acquire()
+            if overwrite:
+                check_folder(self.path, "tune")
+                remove_entries(self.path, "tune")
             write_marker(self.path, "tune")
-            self.lock()
+        except LockedError as exc:
+            raise TuneError(str(exc)) from None
         except OSError as exc:
-            raise TuneError(f"cannot create the tune folder {self.path}: {exc.strerror or exc}") from None
+            raise TuneError(f"cannot create the tune folder {self.path}: {os_error_line(exc)}") from None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def write(self, name: str, text: str) -> None:
         """A result file, replaced whole (a temporary file renamed over it)."""
@@ -458,7 +443,10 @@ def open_storage(url: str | None, journal: Path):
     if url is None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(str(journal)))
+        from optuna.storages.journal import JournalFileOpenLock
+
+        # (a lock file, not the default symbolic link: a kill mid-write must not leave a link in the folder)
+        return JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.engine import make_url
 
@@ -474,10 +462,16 @@ def open_storage(url: str | None, journal: Path):
     retry = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
              else "failed_trial_callback")  # (the name since Optuna 4.9)
     try:
-        with warnings.catch_warnings():  # (the heartbeat is "experimental")
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S, **{retry: retry_callback()})
+        for attempt in range(TABLE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():  # (the heartbeat is "experimental")
+                    warnings.simplefilter("ignore")
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=GRACE_S, **{retry: retry_callback()})
+            except sa_exc.IntegrityError:  # workers that start together on an empty database both create its tables
+                if attempt == TABLE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 + 0.3 * attempt)
     except sa_exc.NoSuchModuleError:
         raise TuneError(f"--storage {shown}: no database '{parsed.drivername}' is known; write e.g. "
                         f"postgresql+psycopg://..., mysql+pymysql://... or sqlite:///FILE") from None
@@ -485,8 +479,10 @@ def open_storage(url: str | None, journal: Path):
         raise TuneError(f"--storage {shown}: the driver of '{parsed.drivername}' is not installed"
                         f"{f' ({exc.name})' if exc.name else ''}; for PostgreSQL write postgresql+psycopg://... "
                         f"(the tune extra installs psycopg)") from None
-    except sa_exc.DBAPIError as exc:
+    except sa_exc.OperationalError as exc:
         raise TuneError(f"--storage {shown}: cannot connect: {_first_line(exc.orig)}") from None
+    except sa_exc.DBAPIError as exc:
+        raise TuneError(f"--storage {shown}: {_first_line(exc.orig)}") from None
     except (sa_exc.SQLAlchemyError, ValueError, TypeError) as exc:
         raise TuneError(f"--storage {shown}: {_first_line(exc)}") from None
 
@@ -1012,7 +1008,7 @@ class _Search:
 
 def default_best_out(corpus) -> Path:
     """Where the best trial's command line trains: checkpoints/<corpus stem>-tuned."""
-    return Path("checkpoints") / f"{Path(corpus).stem}-tuned"
+    return Path("checkpoints") / f"{_stem(corpus)}-tuned"
 
 
 def _best(study):
@@ -1053,7 +1049,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, callbac
     try:
         return search.run()
     finally:
-        search.folder.unlock()
+        search.folder.release()
 
 
 __all__ = ["tune", "TuneConfig", "TuneResult", "TrialTiming", "Dim", "parse_spec", "parse_space", "default_space",

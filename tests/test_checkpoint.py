@@ -10,7 +10,7 @@ import torch
 
 from charlm import RNNLM, Vocab
 from charlm import checkpoint as ck
-from charlm.errors import CheckpointError
+from charlm.errors import CharlmError, CheckpointError
 
 TEXT = "the time traveller smiled and the machine was gone\n" * 40
 
@@ -72,7 +72,7 @@ def test_a_missing_file_is_named(saved):
 def test_unwritable_place_is_one_line(saved, tmp_path):
     c = ck.load_checkpoint(saved)
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(CheckpointError, match="cannot write checkpoint .*a-file/ckpt: .*a-file is not a directory"):
+    with pytest.raises(CharlmError, match="checkpoint .*a-file/ckpt: cannot write there, .*a-file is a file, not a directory"):
         ck.save_checkpoint(tmp_path / "a-file" / "ckpt", c.model, c.vocab)
 
 

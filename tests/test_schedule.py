@@ -66,7 +66,8 @@ def test_a_plan_from_max_steps_reaches_the_optimizer_and_ends_the_run(corpus, tm
 
 
 def test_a_planned_schedule_ignores_plateaus_but_patience_still_stops(corpus, tmp_path):
-    result = train(config(corpus, tmp_path / "r", max_steps=200, eval_every=2, patience=1, lr=50.0, lr_decay=0.5))
+    result = train(config(corpus, tmp_path / "r", max_steps=200, eval_every=2, patience=1, lr=50.0, lr_decay=0.5,
+                          weight_decay=0))
     assert result.stop_reason == "no held-out improvement in 1 evaluations"  # lr 50: the loss gets worse
     assert all(lr == 50.0 for lr in lrs(tmp_path / "r").values())  # held: no plateau decay under a plan
 

@@ -110,9 +110,14 @@ def test_kill_between_renames_leaves_a_loadable_checkpoint(corpus, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path / "r" / "last", model, ck.load_checkpoint(tmp_path / "r" / "last").vocab)
     monkeypatch.setattr(ck.os, "replace", real_replace)
-    assert_same_weights(weights(tmp_path / "r"), before)  # load falls back to last.old
-    assert (tmp_path / "r" / "last" / "manifest.json").is_file()
-    assert not any(p.name.startswith(".last.tmp") for p in (tmp_path / "r").iterdir())
+    left = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert_same_weights(weights(tmp_path / "r"), before)  # a load reads the marked backup in place
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == left  # and moves nothing
+    assert not (tmp_path / "r" / "last").exists() and any(n.startswith(".last.old-") for n in left)
+    assert not any(n.startswith(".last.tmp") for n in left)
+    ck.save_checkpoint(tmp_path / "r" / "last", model, ck.load_checkpoint(tmp_path / "r" / "best").vocab)
+    assert (tmp_path / "r" / "last" / "manifest.json").is_file()  # the next write finished the replacement
+    assert not any(p.name.startswith((".last.old-", ".last.tmp")) for p in (tmp_path / "r").iterdir())
 
 
 def test_kill_while_writing_keeps_old_checkpoint(corpus, tmp_path, monkeypatch):
@@ -127,7 +132,8 @@ def test_kill_while_writing_keeps_old_checkpoint(corpus, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path / "r" / "last", c.model, c.vocab)
     assert tree_digest(tmp_path / "r" / "last") == digest
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".charlm", "best", "last", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".charlm", ".charlm.lock", "best", "last",
+                                                                  "metrics.csv"]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "pickle"])
@@ -160,7 +166,7 @@ def test_tampered_or_truncated_checkpoint_refused(corpus, tmp_path, damage):
 def test_nonfinite_loss_saves_and_stops(corpus, tmp_path):
     # SGD at lr 1e38 without clipping: the first update overflows the weights' scale, every later
     # loss is inf/NaN, the updates are skipped, and the run stops after five in a row.
-    cfg = tiny(corpus, tmp_path / "r", optimizer="sgd", lr=1e38, clip=0, max_steps=50, eval_every=100)
+    cfg = tiny(corpus, tmp_path / "r", optimizer="sgd", lr=1e38, clip=0, max_steps=50, eval_every=100, weight_decay=0)
     with pytest.raises(TrainError, match="not finite for 5 steps in a row at step 6") as err:
         train(cfg)
     assert "saved" in str(err.value)

@@ -199,7 +199,7 @@ def test_tune_by_time_with_a_final_run(corpus, tmp_path):
 
 
 def _start(corpus, out, *extra, tmp_path):
-    args = [sys.executable, "-m", "charlm", "tune", str(corpus), "--out", str(out), "--trial-steps", "60",
+    args = [sys.executable, "-m", "charlm", "tune", str(corpus), "--out", str(out), "--trial-steps", "30",
             "--pruner", "none", "--quiet", *[a for s in SPACE for a in ("--space", s)], *extra]
     log = open(tmp_path / f"{out.name}.log", "w")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -427,20 +427,19 @@ def test_bad_inputs_one_line_nothing_touched(corpus, write_corpus, tmp_path):
 
 
 def test_a_folder_in_use_is_refused(corpus, tmp_path):
-    from charlm.tune import TuneFolder
+    from charlm.outputs import FolderLock
 
     out = tmp_path / "t"
     assert invoke("tune", corpus, "--out", out, "--trials", 1, "--trial-steps", 4,
                   *[a for s in SPACE for a in ("--space", s)]).exit_code == 0
-    holder = TuneFolder(out)
-    holder.lock()  # another charlm tune holds it (a lock is per open file, so this process counts as another)
+    holder = FolderLock(out).acquire()  # another process holds it (a lock is per open file: this one counts)
     try:
         before = tree(out)
         result = invoke("tune", corpus, "--out", out, "--trials", 2, "--resume")
-        assert result.exit_code == 1 and "is in use by another charlm tune" in result.output
+        assert result.exit_code == 1 and "is being written by process" in result.output
         assert tree(out) == before
     finally:
-        holder.unlock()
+        holder.release()
 
 
 def test_missing_optuna_is_one_line_naming_the_extra(corpus, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from torch import nn
 
 from charlm.errors import CharlmError
 from charlm.models.stepper import lstm_gate_order
-from charlm.outputs import check_file
+from charlm.outputs import check_file, check_parent, resolve_path
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -163,10 +163,11 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True, quantize: str
 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
-    out = Path(out)
+    out = resolve_path(out)  # (x/../mine.onnx is mine.onnx, checked as such)
     if out.suffix != ".onnx" or not out.stem:
         raise ExportError(f"--out {out}: an ONNX model's file name ends in .onnx (e.g. --out model.onnx)")
     vocab_path = tokenizer_path(out)
+    check_parent(out)
     _check_targets(out, vocab_path)
     _check_writable(out.parent)
     step = OneStep(ckpt.model).eval()
@@ -241,14 +242,25 @@ def metadata(ckpt, vocab_sha256: str, quantization: str | None = None) -> dict:
     cfg = ckpt.model.config
     with torch.no_grad():
         zero = ckpt.model.head.bias.detach().float().tolist()  # the head's answer to the zero state
-    best = ckpt.progress.get("best_val_loss")
+    best, chars = held_out_figure(ckpt)
     return {"format": 1, "charlm_version": __version__, "cell": cfg.cell, "impl": cfg.impl,
             "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "embedding_dim": cfg.embedding_dim,
             "vocab_size": cfg.vocab_size, "preprocess": ckpt.preprocess, "tokenizer_sha256": vocab_sha256,
             "zero_state_logits": zero, "inputs": _io_names(cfg.cell)[0], "outputs": _io_names(cfg.cell)[1],
             "quantization": quantization, "parameters": ckpt.model.num_parameters(),
             "corpus": ckpt.corpus_info or None,  # so that charlm eval MODEL.onnx finds the run's held-out text
-            "held_out_bits_per_char": None if best is None else best / math.log(2), "step": ckpt.progress.get("step")}
+            "held_out_bits_per_char": None if best is None else best / math.log(2), "held_out_chars": chars,
+            "step": ckpt.progress.get("step")}
+
+
+def held_out_figure(ckpt) -> tuple[float | None, int | None]:
+    """The checkpoint's held-out loss and how many characters it covers: the whole held-out text's when the
+    run measured it, else the best periodic evaluation's (over the tail's first ``eval_chars``)."""
+    progress, corpus = ckpt.progress, ckpt.corpus_info
+    held_out = progress.get("held_out")
+    if isinstance(held_out, dict) and held_out.get("loss") is not None:
+        return held_out["loss"], held_out.get("chars")
+    return progress.get("best_val_loss"), corpus.get("eval_chars")
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
 from charlm.export.graph import ExportError, export_onnx, metadata, replace_tree
-from charlm.outputs import check_folder, check_not_cwd, write_marker
+from charlm.outputs import check_folder, check_not_cwd, check_parent, folder_mode, resolve_path, write_marker
 from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"
@@ -42,8 +42,9 @@ PAGE_FILES = ("index.html", "app.js")
 def export_web(ckpt, out: str | os.PathLike, progress: bool = True, quantize: str | None = None) -> Path:
     """Write the folder ``out`` (replacing an earlier web export there); nothing half-written is left, and a
     folder or file charlm did not write is refused, untouched."""
-    out = Path(out)
+    out = resolve_path(out)  # (q/../site is site, checked as such)
     check_not_cwd(out)
+    check_parent(out)
     check_folder(out, "web")
     runtime = ort_web_files(progress)  # before anything is written: no fetch, no folder
     parent = out.parent
@@ -66,7 +67,7 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True, quantize: st
         write_marker(tmp, "web", [p.name for p in tmp.iterdir()])
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, folder_mode(out) or 0o755)  # an existing folder keeps its mode; a new one is readable
         replace_tree(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
