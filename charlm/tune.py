@@ -754,7 +754,10 @@ class _Search:
         values = {name: dim.value for name, dim in self.space.items() if dim.fixed}
         values.update({name: dim.suggest(trial) for name, dim in self.space.items() if not dim.fixed})
         out = self.folder.trial(trial.number)
-        tcfg = self.trial_config(values, out)
+        try:
+            tcfg = self.trial_config(values, out)
+        except ConfigError as exc:  # settings that do not go together (a space widened past what train takes)
+            return self.bad_trial(trial, exc)
         trial.set_user_attr("run", str(out.resolve()))
         trial.set_user_attr("train", tcfg.to_dict())
         self.emit("trial-start", {"number": trial.number, "params": dict(trial.params), "out": out})
@@ -789,9 +792,7 @@ class _Search:
         except TrainingInterrupted:
             raise  # Optuna fails the trial; the search stops, and --resume runs it again
         except TrainError as exc:  # this configuration cannot train (e.g. its loss diverged): a bad trial
-            self.errors.append(str(exc))
-            trial.set_user_attr("error", str(exc))
-            raise optuna.TrialPruned(str(exc)) from None
+            return self.bad_trial(trial, exc)
         finally:
             if board is not None:
                 board.close()
@@ -805,6 +806,14 @@ class _Search:
                                                                               "elapsed_s": result.elapsed_s}))
             raise optuna.TrialPruned(result.stop_reason)
         return result.best.bits_per_char
+
+    def bad_trial(self, trial, exc: Exception):
+        """A trial whose settings cannot train: pruned, with the reason (ERRORS_IN_A_ROW of them stop the search)."""
+        import optuna
+
+        self.errors.append(str(exc))
+        trial.set_user_attr("error", str(exc))
+        raise optuna.TrialPruned(str(exc)) from None
 
     def measure_rate(self, values: dict, result) -> None:
         """The multiply-adds per second this trial trained at (for the next trials' --eval-every by time)."""

@@ -149,6 +149,7 @@ def test_a_callback_stops_a_run_saved_as_after_a_signal(corpus, tmp_path, event)
 
 
 # -- a search -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tune_prunes_writes_results_and_its_command_reproduces_the_best_trial_to_the_bit(corpus, tmp_path):
     out = tmp_path / "tune"
     seen = []
@@ -196,6 +197,18 @@ def test_tune_by_time_with_a_final_run(corpus, tmp_path):
         "hidden_size", result.final_config.hidden_size)
     # a trial by time is cut by its own --time-limit: its command says so
     assert "--time-limit 1.5" in result.command
+
+
+def test_settings_that_cannot_train_are_pruned_and_three_in_a_row_stop_the_search(corpus, tmp_path):
+    out = tmp_path / "t"
+    result = invoke("tune", corpus, "--out", out, "--trials", 5, "--trial-steps", 4, "--quiet", "--space", "lr=10",
+                    "--space", "weight_decay=0.5", *[a for s in SPACE for a in ("--space", s)])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert "3 trials in a row failed; the last: --lr 10 with --weight-decay 0.5" in result.output
+    trials = study_of(out, corpus.stem).trials
+    assert [t.state.name for t in trials] == ["PRUNED"] * 3 and all("error" in t.user_attrs for t in trials)
+    with open(out / "trials.csv") as f:
+        assert all("their product must be under 1" in row["note"] for row in csv.DictReader(f))
 
 
 def _start(corpus, out, *extra, tmp_path):
