@@ -54,9 +54,14 @@ KINDS = {
                                     "ort-wasm-simd-threaded.wasm", MARKER)},
     "token-cache": {name: FILE for name in ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part",
                                             "provisional.bin")},
+    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and their temporary files
+    "tune": {"trials": "trials", "final": "run", ".*.tmp": FILE, MARKER: FILE, LOCK: FILE,
+             **{name: FILE for name in ("study.journal", "study.journal.lock", "best.json", "best-command.txt",
+                                        "final-command.txt", "trials.csv", "history.png", "importances.png")}},
+    "trials": {"[0-9][0-9][0-9][0-9]*": "run"},  # a search's trials/: one run folder per Optuna trial number
 }
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
-         "token-cache": "a charlm token cache entry"}
+         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
 
 
 class NotOwnedError(CharlmError):

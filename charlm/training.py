@@ -12,6 +12,10 @@ Events:
 - ``"eval"``: a ``metrics.csv`` row, plus ``improved`` and ``best_val_bpc``;
 - ``"end"``: ``result``, the :class:`TrainResult`.
 
+A callback may end the run from a ``"step"`` or ``"eval"`` event by raising
+:class:`~charlm.errors.StopTraining`: the run stops there as after a signal (evaluated and saved, no
+whole-tail figure) and :func:`train` returns its result, whose ``stop_reason`` is the exception's message.
+
 Resuming is exact: the data order depends only on ``(seed, epoch)``; :class:`RunState` holds
 everything else that moves (the step, the position in the epoch, the best loss, the evaluations
 since it, the lr and its plan, the carried hidden state) and is saved whole, with the optimizer and
@@ -37,6 +41,7 @@ for a plan of one step (its only step trains at the base lr), and for a time lim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -57,7 +62,7 @@ from charlm.device import autocast, check_memory, check_precision, grad_scaler, 
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
 from charlm.distributed import init as init_distributed
-from charlm.errors import CharlmError, ProcessGroupError, TrainError, TrainingInterrupted
+from charlm.errors import CharlmError, ProcessGroupError, StopTraining, TrainError, TrainingInterrupted
 from charlm.evaluation import EvalResult, evaluate
 from charlm.models import RNNLM, detach_state
 from charlm.rundir import RunDir, default_out
@@ -567,8 +572,8 @@ class Trainer:
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.save("best", val)
         self.save("last", val)
+        self.last_eval_step = st.step  # (before the event: a callback that stops the run there leaves it evaluated)
         self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
-        self.last_eval_step = st.step
         return row
 
     def plateau_step(self, loss: float) -> None:
@@ -834,10 +839,15 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                    "lineage": trainer.meta_base.get("lineage"), "new_chars": data.new_chars})
     with _stop_on_signals() as stop:
         try:
-            stop_reason = trainer.run(stop)
+            stopped = False
+            try:
+                stop_reason = trainer.run(stop)
+            except StopTraining as exc:  # the callback's stop: ends the run as a signal does
+                stop_reason, stopped = str(exc), True
             if trainer.last_eval_step != st.step:
-                trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
-            if not stop["signal"]:
+                with contextlib.suppress(StopTraining):  # (the run ends here anyway)
+                    trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
+            if not stop["signal"] and not stopped:
                 trainer.evaluate_best_on_tail()
             result = trainer.result(stop_reason)
         except torch.OutOfMemoryError:
