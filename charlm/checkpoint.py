@@ -39,7 +39,7 @@ from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CheckpointError, os_error_line
 from charlm.models import RNNLM
 from charlm.outputs import (FILE, check_folder, check_not_cwd, check_parent, default_folder_mode, entry_kind,
-                            folder_mode, resolve_path)
+                            folder_mode, is_manifest, move_into_empty, new_folders, resolve_path, temp_prefix)
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -51,6 +51,7 @@ class RunCorpus:
     places that read a held-out text back (:func:`charlm.evaluation.held_out_ids`) need only these."""
 
     corpus_info: dict
+    meta: dict
 
     @property
     def run_folder(self) -> Path | None:
@@ -76,6 +77,12 @@ class RunCorpus:
     @property
     def min_count(self) -> int:
         return self.corpus_info.get("min_count", TrainConfig.min_count)
+
+    @property
+    def lineage(self) -> dict | None:
+        """Where a fine-tuned model started (``charlm train --init-from``; see :mod:`charlm.finetune`), else None."""
+        lineage = self.meta.get("lineage")
+        return lineage if isinstance(lineage, dict) else None
 
 
 @dataclass
@@ -113,8 +120,17 @@ class Checkpoint(RunCorpus):
 
     @property
     def progress(self) -> dict:
-        """``step``, ``epoch``, ``best_val_loss``, ... at the time of saving."""
+        """``step``, ``epoch``, ``best_val_loss`` (the best periodic evaluation), ``held_out`` (in ``best/``:
+        the whole held-out text's figure), ... at the time of saving."""
         return dict(self.meta.get("progress", {}))
+
+    def held_out_figure(self) -> tuple[float | None, int | None]:
+        """The held-out loss and how many characters it covers: the whole held-out text's when the run
+        measured it, else the best periodic evaluation's (over the tail's first ``eval_chars``)."""
+        held_out = self.progress.get("held_out")
+        if isinstance(held_out, dict) and held_out.get("loss") is not None:
+            return held_out["loss"], held_out.get("chars")
+        return self.progress.get("best_val_loss"), self.corpus_info.get("eval_chars")
 
 
 def corpus_paths(corpus: str | os.PathLike, run: str | os.PathLike) -> dict:
@@ -169,13 +185,13 @@ def checkpoint_files_only(path: Path) -> bool:
 
 def _is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a complete checkpoint folder charlm wrote, holding nothing else."""
-    return checkpoint_files_only(path) and (path / "manifest.json").is_file()
+    return checkpoint_files_only(path) and is_manifest(path / "manifest.json")
 
 
 def _backups(path: Path) -> list[Path]:
     """The checkpoints a replacement of ``path`` moved aside (``.NAME.old-XXXX``, each marked as the backup of
     ``NAME`` by charlm), newest first. A folder of that shape without the mark is the user's, never listed."""
-    prefix = f".{path.name}.old-"
+    prefix = temp_prefix(path.name) + "old-"
     try:
         candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
@@ -233,9 +249,14 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
 
 
 def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_state: dict | None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    with new_folders(path.parent):
+        recover(path)
+        _write(path, model, vocab, meta, trainer_state)
+    return path
+
+
+def _write(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_state: dict | None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name) + "tmp-", dir=path.parent))
     try:
         mode = folder_mode(path)
         os.chmod(tmp, default_folder_mode() if mode is None else mode)  # (mkdtemp makes it 0700)
@@ -255,7 +276,6 @@ def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_sta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _write_manifest(folder: Path) -> None:
@@ -271,9 +291,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
     """Rename the complete checkpoint ``tmp`` to ``path``. An earlier checkpoint there is first marked as the
     backup of ``path`` and moved aside to ``.NAME.old-XXXX``, then deleted: a kill at any moment leaves either
     ``path`` or that backup, which the next write (:func:`recover`) finishes, and a reader falls back to."""
-    if path.exists():
+    if path.is_dir() and not any(path.iterdir()):  # an empty folder (the user's, perhaps): filled, kept itself
+        move_into_empty(tmp, path, "checkpoint", last="manifest.json")
+        _fsync_dir(path)
+    elif path.exists():
         (path / OLD_MARK).write_text(json.dumps({"of": path.name}) + "\n", encoding="utf-8")
-        old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+        old = path.with_name(temp_prefix(path.name) + f"old-{secrets.token_hex(4)}")
         os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -289,7 +312,7 @@ def update_progress(path: str | os.PathLike, **progress) -> None:
     path = Path(path)
     meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     meta["progress"] = {**meta.get("progress", {}), **progress}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name) + "tmp-", dir=path.parent))
     try:
         os.chmod(tmp, folder_mode(path) or default_folder_mode())
         for name in FILES:

@@ -14,6 +14,7 @@ import atexit
 import dataclasses
 import gc
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,9 +23,10 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
-                           DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, IMPLS, LR_SCHEDULES, MAX_LAYERS, MAX_LR,
-                           MAX_SAMPLES, MAX_STREAM_INTERVAL, MAX_UNITS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
-                           SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
+                           DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_PRESET, IMPLS, INHERITED,
+                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS,
+                           OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
+                           SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -261,14 +263,26 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "stops (torchrun notices one that exits within a second); at most a week.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="Start from this trained model (a run, meaning its best/, or a checkpoint): its architecture, "
+                   "vocabulary, preprocessing and weights; the optimizer, schedule and --out are new. "
+                   "--cell, --impl, --hidden-size, --num-layers, --embedding-dim, --preprocess and --min-count "
+                   "come from it and cannot be given; the fine-tuning defaults apply where no option is given.")
+@click.option("--new-chars", type=click.Choice(NEW_CHARS), default=_d("new_chars"),
+              help="With --init-from, the text's characters the model does not know: extend adds them to its "
+                   "vocabulary (learned from this text; the model's other predictions start unchanged), unk reads "
+                   "them as <unk>, error stops and names them.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last/ checkpoint, exactly.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start over.")
 @click.option("--d2l", is_flag=True,
               help="The d2l book's recipe: letters, first 10,000 chars, one-hot GRU 256, batch 32 x 35, "
                    "SGD lr 1, clip 1, 500 epochs. Explicit options override it.")
+@click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Also write TensorBoard events (training loss, held-out bits/char, lr, throughput) into "
+                   "DIR/<run folder's name> (the tensorboard extra); view them with tensorboard --logdir DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")
 @click.pass_context
-def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
+def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
     """Train a character-level language model on CORPUS.
 
     \b
@@ -283,6 +297,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     # What the user typed wins over the preset, which wins over a resumed run's settings.
     explicit = {k: v for k, v in options.items()
                 if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
+    if options["init_from"] is not None:
+        _check_init_from(explicit, resume, d2l)
     values = dict(_DEFAULTS)
     out = options["out"] or str(default_out(corpus))
     if resume:
@@ -292,6 +308,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
         values.update({k: v for k, v in saved.items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)
+    if options["init_from"] is not None:
+        values.update(FINETUNE_PRESET)
     values.update(explicit)
     values.update(corpus=corpus, out=out)
     if values.get("time_limit") == 0:
@@ -306,8 +324,14 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
         corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
 
     progress, prepare_bar = _TrainProgress(quiet, speak=main_rank), _PrepareBar(corpus, quiet or not main_rank)
+    callback, board = progress, None
+    if tensorboard is not None and main_rank:
+        from charlm.board import TensorBoardLog, run_name
+
+        board = TensorBoardLog(Path(tensorboard) / run_name(out))
+        callback = _both(progress, board)
     try:
-        result = run_training(cfg, resume=resume, overwrite=overwrite, callback=progress,
+        result = run_training(cfg, resume=resume, overwrite=overwrite, callback=callback,
                               prepare_progress=prepare_bar)
     except TrainingInterrupted as exc:
         if not main_rank:
@@ -326,10 +350,34 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, **options):
     finally:
         prepare_bar.close()
         progress.close()
+        if board is not None:
+            board.close()
     if not main_rank:
         return
     result.save_s += _draw_curve(result.out)  # the summary's "saving": checkpoints and curve.png
     click.echo(_summary(result, cfg))
+
+
+def _check_init_from(explicit: dict, resume: bool, d2l: bool) -> None:
+    """--init-from takes the architecture and the reading of text from the parent: those options are refused."""
+    given = [f"--{name.replace('_', '-')}" for name in INHERITED if name in explicit]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be given with --init-from: the architecture, vocabulary "
+                               f"and preprocessing come from the model it starts from")
+    if d2l:
+        raise click.UsageError("--d2l sets an architecture; --init-from takes the model's own")
+    if resume:
+        raise click.UsageError("--resume continues the run in --out from its last/; --init-from starts a new run "
+                               "(a fine-tuning run resumes with --resume alone)")
+
+
+def _both(*callbacks):
+    """One training callback that calls each of ``callbacks`` in turn."""
+    def callback(event, info):
+        for c in callbacks:
+            c(event, info)
+
+    return callback
 
 
 def _draw_curve(out: Path) -> float:
@@ -394,6 +442,9 @@ class _TrainProgress:
                        f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
                        f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), {where}, "
                        f"into {info['out']}", file=sys.stderr)
+            lineage = info.get("lineage")
+            if lineage and not info["resumed"]:
+                tqdm.write(_started_from(lineage, info.get("new_chars") or ()), file=sys.stderr)
         elif event == "step" and self.bar is not None:
             self.bar.update(info["step"] - self.bar.n)
             if info["interval_steps"]:
@@ -412,6 +463,234 @@ class _TrainProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _started_from(lineage: dict, new_chars) -> str:
+    """The start line's second line for a fine-tuning run: its parent, and what became of the new characters."""
+    figure = lineage.get("held_out_bits_per_char")
+    line = (f"starting from {lineage['parent']} (step {lineage.get('step', '?')}"
+            + (f", {figure:.4f} bits/char held out" if isinstance(figure, (int, float)) else "") + ")")
+    if new_chars:
+        shown = ", ".join(f"{c!r} x {n:,}" for c, n in new_chars[:5]) + (" ..." if len(new_chars) > 5 else "")
+        what = {"extend": "added to its vocabulary", "unk": "read as <unk>"}.get(lineage.get("new_chars"), "")
+        line += f"; {len(new_chars)} character(s) it did not know {what}: {shown}"
+    return line
+
+
+_PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (not imported: optuna loads late)
+
+
+@main.command()
+@click.argument("corpus", type=click.Path())
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Finished trials (complete or pruned) the study should hold in all, across resumes and workers; "
+                   "with --time-budget, whichever ends first.")
+@click.option("--time-budget", type=_FloatRange(min=0, min_open=True), default=None,
+              help="Seconds this invocation searches, --final-time included (a resumed search gets a new budget).")
+@click.option("--trial-steps", type=click.IntRange(min=1), default=None,
+              help="Each trial's training steps: its command line then reproduces it to the bit.")
+@click.option("--trial-time", type=_FloatRange(min=0, min_open=True), default=None,
+              show_default="without --trial-steps: a tenth of --time-budget, else 60",
+              help="Each trial's seconds of training.")
+@click.option("--final-time", type=_FloatRange(min=0, min_open=True), default=None,
+              help="After the search, train the best configuration for this many seconds into OUT/final (out of "
+                   "--time-budget).")
+@click.option("--space", "space", multiple=True, metavar="NAME=SPEC",
+              help="Narrow, widen or fix one dimension of the search space: NAME=LOW:HIGH, NAME=LOW:HIGH:log, "
+                   "NAME=A,B,... or NAME=VALUE; repeat for several. NAME is a charlm train option (hidden_size, "
+                   "cell, lr, ...); --show-space prints the space.")
+@click.option("--pruner", type=click.Choice(_PRUNERS), default=None, show_default="hyperband, or a resumed study's",
+              help="What stops the trials that fall behind, at their evaluations: Optuna's Hyperband, successive "
+                   "halving, the median rule, or none.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, show_default="tunes/<corpus stem>",
+              help="The tune folder: the study's journal, a run folder per trial (trials/NNNN), the results.")
+@click.option("--resume", is_flag=True,
+              help="Continue the search in --out; a trial stopped by Ctrl-C or a kill runs again from its start.")
+@click.option("--overwrite", is_flag=True, help="Delete the search in --out and start over.")
+@click.option("--storage", default=None, envvar="CHARLM_TUNE_STORAGE", show_envvar=True,
+              show_default="OUT/study.journal",
+              help="A database URL Optuna takes, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB: tune "
+                   "processes on several machines share its study, each with its own --out. sqlite:///FILE is "
+                   "for one process only.")
+@click.option("--study", default=None, show_default="the corpus's file stem", help="The study's name in the storage.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Also write TensorBoard events of each trial into DIR/<study>/trial-NNNN (and of the final run "
+                   "into DIR/<study>/final): the tensorboard extra.")
+@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=None,
+              show_default="raw, or a resumed study's", help=_PREPROCESS_HELP)
+@click.option("--min-count", type=click.IntRange(min=1), default=None, show_default="1, or a resumed study's",
+              help=_MIN_COUNT_HELP)
+@click.option("--val-fraction", type=_FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              show_default="0.1, or a resumed study's",
+              help="Fraction of the text, from its end, held out: what the trials are compared on.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None, show_default="0, or a resumed study's",
+              help="Every trial's training seed, and the sampler's (with the journal).")
+@click.option("--device", default="auto", help=f"Where the trials train: {DEVICE_CHOICES}.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", help="The trials' training precision.")
+@click.option("--show-space", is_flag=True,
+              help="Print the search space sized for CORPUS and the trial budget (with --space applied) and exit.")
+@click.option("--quiet", is_flag=True, help="No progress bar; only the summary.")
+def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space, pruner, out, resume, overwrite,
+         storage, study, tensorboard, preprocess, min_count, val_fraction, seed, device, precision, show_space,
+         quiet):
+    """Search hyperparameters for CORPUS with Optuna: each trial a charlm training run.
+
+    \b
+    Each trial trains for --trial-steps or --trial-time and reports its held-out bits/char at each of its
+    ten evaluations; the pruner stops the trials that fall behind. The search stops after --trials
+    finished trials or --time-budget seconds, and writes into --out: trials.csv, the best trial's charlm
+    train command (best-command.txt, printed), its run folder (trials/NNNN) and the plots.
+    A stopped search goes on with --resume. Needs the tune extra.
+    """
+    try:
+        from charlm import tune as tune_mod
+    except ModuleNotFoundError as exc:  # (charlm.tune imports optuna late; this is torch or the like)
+        raise click.ClickException(f"charlm tune: {exc.name} is missing") from None
+    try:
+        overrides = tune_mod.parse_space(space)
+    except CharlmError as exc:
+        raise click.UsageError(str(exc)) from None
+    if show_space:
+        from charlm.data import load_split
+
+        corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
+        data = load_split(corpus, preprocess or "raw", val_fraction or 0.1, None, min_count or 1)
+        seconds = None if trial_steps else (trial_time or tune_mod.default_trial_time(
+            None if time_budget is None else time_budget - (final_time or 0)))
+        sized = tune_mod.sized_space(len(data.train_ids), trial_steps, seconds, overrides)
+        tune_mod.check_space(sized, len(data.train_ids), corpus)
+        budget = f"{trial_steps:,} steps" if trial_steps else f"{seconds:g}s"
+        click.echo(f"search space for {corpus} ({len(data.train_ids):,} training characters, {budget} per trial):")
+        click.echo("\n".join(f"  --space {d.describe()}" + ("  (fixed)" if d.fixed else "") for d in sized.values()))
+        return
+    try:
+        cfg = tune_mod.TuneConfig(corpus=corpus, out=out, trials=trials, time_budget=time_budget,
+                                  trial_steps=trial_steps, trial_time=trial_time, final_time=final_time,
+                                  space=tuple(space), pruner=pruner, storage=storage, study=study,
+                                  tensorboard=tensorboard, preprocess=preprocess, min_count=min_count,
+                                  val_fraction=val_fraction, seed=seed, device=device, precision=precision)
+    except CharlmError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        import optuna
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"charlm tune needs the tune extra ({exc.name} is missing): "
+                                   f"pip install 'charlm-rnn[tune]'") from None
+    corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
+    import signal
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress lines and the summary say what happens
+    signal.signal(signal.SIGTERM, _interrupt)  # between trials too (a trial's training handles its own)
+    progress = _TuneProgress(quiet, time_budget)
+    try:
+        result = tune_mod.tune(cfg, resume=resume, overwrite=overwrite, callback=progress,
+                               train_callback=progress.train_event)
+    except CharlmError as exc:
+        progress.close()
+        if not hasattr(exc, "result"):
+            raise
+        click.echo(_tune_summary(exc.result), err=True)
+        again = ["charlm", "tune", corpus, "--out", str(exc.result.out), "--resume"]
+        if trials is not None:
+            again.append(f"--trials={trials}")
+        if time_budget is not None:
+            again.append(f"--time-budget={time_budget:g}")
+        if storage:
+            again.append("--storage=URL")  # (not repeated: it may hold a password)
+        click.echo(f"Interrupted: {exc}. Resume with: {shlex.join(again)}", err=True)
+        sys.exit(130)
+    finally:
+        progress.close()
+    click.echo(_tune_summary(result))
+    click.echo(f"The best trial as a charlm train command (also in {result.out / 'best-command.txt'}):")
+    click.echo(result.command)
+    if result.final is not None:
+        click.echo(f"Final run ({result.out / 'final-command.txt'}): {_summary(result.final, result.final_config)}")
+
+
+def _tune_summary(result) -> str:
+    import socket
+
+    parts = [f"study {result.study}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed "
+             f"trials ({result.stop_reason}; {len(result.timings)} run now in {result.elapsed_s:.0f}s)"]
+    if result.best_number is not None:
+        where = f"{result.best_run}/best"
+        if result.best_host and result.best_host != socket.gethostname():
+            where = f"{result.best_host}:{where}"
+        parts.append(f"best: trial {result.best_number}, {result.best_value:.4f} bits/char held out; checkpoint: "
+                     f"{where}")
+    parts.append(f"results in {result.out}")
+    return "; ".join(parts)
+
+
+class _TuneProgress:
+    """A tqdm bar of trials fed by the search's callback; the final run's own bar (a _TrainProgress)."""
+
+    def __init__(self, quiet: bool, time_budget: float | None):
+        import time
+
+        self.quiet, self.bar, self.best, self.final = quiet, None, None, None
+        self.deadline = None if time_budget is None else time.monotonic() + time_budget
+
+    def __call__(self, event, info):
+        if self.quiet and event != "warning":
+            return
+        from tqdm.auto import tqdm
+
+        if event == "search-start":
+            what = "resuming" if info["resumed"] else "joining" if info["joined"] else "starting"
+            retried = (f"; trial(s) {', '.join(map(str, info['retried']))} stopped by a kill run again"
+                       if info["retried"] else "")
+            tqdm.write(f"{what} study {info['study']} ({info['storage']}, {info['done']} trials done), "
+                       f"{info['budget']}, into {info['out']}{retried}", file=sys.stderr)
+            tqdm.write("space: " + " ".join(info["space"]), file=sys.stderr)
+            self.bar = tqdm(total=info["trials"], initial=info["done"], unit="trial", desc="tune", dynamic_ncols=True,
+                            file=sys.stderr)
+        elif event == "trial-start" and self.bar is not None:
+            self.post(f"trial {info['number']}")
+        elif event == "trial-eval" and self.bar is not None:
+            self.post(f"trial {info['number']} {info['percent']}% {info['val_bpc']:.3f}")
+        elif event == "trial-end" and self.bar is not None:
+            self.best = info["best"]
+            if info["state"] in ("complete", "pruned"):
+                self.bar.update(1)
+            value = f"{info['value']:.4f} bits/char" if info["value"] is not None else ""
+            if info["state"] != "complete":  # a pruned trial's value is its last evaluation's
+                value = f"{info.get('note') or ''}" + (f" ({value} then)" if value else "")
+            seconds = f" in {info['seconds']:.0f}s" if info["seconds"] is not None else ""
+            tqdm.write(f"trial {info['number']} {info['state']}{seconds}: {value}", file=sys.stderr)
+            self.post("")
+        elif event == "final-start":
+            self.close()
+            tqdm.write(f"{'resuming' if info['resumed'] else 'starting'} the final run of the best configuration "
+                       f"into {info['out']}", file=sys.stderr)
+            self.final = _TrainProgress(self.quiet)
+        elif event == "warning":
+            tqdm.write(f"Warning: {info['message']}", file=sys.stderr)
+
+    def post(self, running: str) -> None:
+        import time
+
+        post = {}
+        if self.best is not None:
+            post["best"] = f"{self.best:.4f}"
+        if running:
+            post["now"] = running
+        if self.deadline is not None:
+            left = max(0, int(self.deadline - time.monotonic()))
+            post["left"] = f"{left // 60}:{left % 60:02d}"
+        self.bar.set_postfix(post)
+
+    def train_event(self, event, info):
+        """The trials' training events: only the final run's are shown (as charlm train shows them)."""
+        if self.final is not None:
+            self.final(event, info)
+
+    def close(self):
+        for bar in (self.bar, self.final):
+            if bar is not None:
+                bar.close()
+        self.bar = None
 
 
 def _load(checkpoint: str | None, device: str = "cpu"):
@@ -656,9 +935,20 @@ def info(checkpoint):
         f"{corpus.get('val_fraction', 0):.0%} held out)",
         f"trained:      {progress.get('step', '?')} steps",
         *_held_out_lines(progress, corpus),
+        *_lineage_lines(ckpt.lineage),
         f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))
+
+
+def _lineage_lines(lineage: dict | None) -> list[str]:
+    """``charlm info``'s lines for where a fine-tuned model started (none for a model trained from scratch)."""
+    from charlm.finetune import describe
+
+    if not isinstance(lineage, dict):
+        return []
+    first, *rest = describe(lineage)
+    return [f"started from: {first}", *(f"              {line}" for line in rest)]
 
 
 def _held_out_lines(progress: dict, corpus: dict) -> list[str]:
@@ -697,6 +987,7 @@ def _onnx_info(model) -> str:
         "held-out:     " + (f"{best:.4f} bits/char on {meta['held_out_chars']:,} held-out characters"
                              if best and meta.get("held_out_chars") else f"{best:.4f} bits/char" if best else "n/a")
         + (" (the checkpoint's; charlm eval measures this file's)" if best else ""),
+        *_lineage_lines(model.lineage),
         f"exported by:  charlm {meta.get('charlm_version', '?')}",
     ])
 

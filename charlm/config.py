@@ -29,6 +29,9 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (charlm
 # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast); auto: bf16 where the device has it
 # natively, else fp32 (charlm.device.resolve_precision)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NEW_CHARS = ("extend", "unk", "error")  # fine-tuning: the new text's characters the parent lacks (data.load_split_onto)
+# What --init-from takes from the parent model: its architecture and how it reads text (none may be given with it)
+INHERITED = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "preprocess", "min_count")
 PATIENCE_AUTO = -1  # TrainConfig.patience's default: 5 under the plateau schedule, never under a planned one
 REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options
 
@@ -55,7 +58,7 @@ SEED_MAX = 2**63 - 1
 EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the held-out tail (when it has it)
 # The largest values charlm holds (each refused above it, by the CLI's option and by these configs):
 MAX_LR = 1e30  # learning rates (training's, dynamic evaluation's): float32 holds it times Adam's bias correction (10)
-MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a tensor dimension torch's and cuDNN's kernels index in 32 bits
+MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a dimension torch's and cuDNN's kernels index in 32 bits
 MAX_LAYERS = 1024  # stacked recurrent layers
 MAX_SAMPLES = 65_536  # continuations generated together (SampleConfig.num_samples, a server's slots)
 MAX_STREAM_INTERVAL = 10.0  # seconds between a server's stream pieces, at most (ServeConfig.stream_interval)
@@ -209,6 +212,10 @@ class TrainConfig:
     dist_timeout: float = 300.0  # seconds a collective waits for a missing process before the run stops
     precision: str = "fp32"  # bf16/fp16: training steps under autocast (weights, optimizer, evaluation stay fp32)
     d2l: bool = False  # report training perplexity beside held-out perplexity (set by --d2l)
+    # fine-tuning (charlm.finetune): start from this trained model (a run: its best/), its architecture, vocabulary
+    # and preprocessing with its weights; new_chars: what becomes of the text's characters it lacks (NEW_CHARS)
+    init_from: str | None = None
+    new_chars: str = "extend"
 
     def __post_init__(self):
         check_choice("preprocessing", self.preprocess, PREPROCESS_MODES)
@@ -245,6 +252,9 @@ class TrainConfig:
              f"got {self.dist_timeout}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (seed_error(self.seed) is None, seed_error(self.seed)),
+            (self.new_chars in NEW_CHARS, f"new chars must be one of {', '.join(NEW_CHARS)}, got {self.new_chars!r}"),
+            (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+             f"init from must be a path, got {self.init_from!r}"),
         ])
         self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
 
@@ -311,6 +321,11 @@ D2L_PRESET = dict(preprocess="letters", max_chars=10_000, cell="gru", impl="torc
                   sampling="sequential", optimizer="sgd", lr=1.0, clip=1.0, lr_decay=1.0, epochs=500,
                   time_limit=None, patience=None, eval_every=100, d2l=True, lr_schedule="plateau",
                   weight_drop=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, weight_decay=0.0)
+
+
+# --init-from (charlm train): the defaults that suit fine-tuning a trained model, applied where no option is given
+# (docs/explanation/defaults.md, "Fine-tuning").
+FINETUNE_PRESET = dict(lr=1e-3)
 
 
 @dataclass(frozen=True)

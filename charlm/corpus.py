@@ -26,7 +26,7 @@ import numpy as np
 
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.errors import CorpusError
-from charlm.outputs import check_parent, resolve_path
+from charlm.outputs import check_parent, new_folders, resolve_path, temp_prefix
 from charlm.vocab import Vocab
 
 __all__ = ["KNOWN_CORPORA", "MIRROR_ENV", "PREPROCESS_MODES", "Corpus", "CorpusError", "download", "ensure_corpus",
@@ -271,13 +271,18 @@ def download(
         what = "a folder" if target.is_dir() else "not the " + name + " corpus (its sha256 differs)"
         raise CorpusError(f"{target} exists and is {what}; nothing was touched; move it or pass another --dir")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        with new_folders(directory):  # (removed again if nothing is kept)
+            return _fetch(known, target, progress, timeout)
     except OSError as exc:
         raise CorpusError(f"cannot create {directory}: {exc.strerror or exc}") from None
 
+
+def _fetch(known: KnownCorpus, target: Path, progress: bool, timeout: float) -> Path:
+    """The first of the corpus's sources whose bytes have the right sha256, renamed to ``target``."""
+    name, directory = known.name, target.parent
     failures = []
     for source in _sources(known):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".part", dir=directory)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:

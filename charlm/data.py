@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from charlm.config import SAMPLINGS
-from charlm.errors import ConfigError, CorpusError
+from charlm.config import NEW_CHARS, SAMPLINGS, check_choice
+from charlm.errors import ConfigError, CorpusError, UnknownCharactersError
 from charlm.tokens import TokenReader, prepare, windows
 from charlm.vocab import Vocab
 
@@ -49,6 +49,7 @@ class RunData:
     num_chars: int  # the whole corpus after preprocessing
     sha256: str  # of the source bytes
     cache: str  # the prepared corpus's directory
+    new_chars: tuple = ()  # (char, count) of the corpus's characters a given vocabulary lacked (load_split_onto)
 
 
 def load_split(corpus: str | os.PathLike, preprocess: str, val_fraction: float, max_chars: int | None = None,
@@ -71,6 +72,45 @@ def load_split(corpus: str | os.PathLike, preprocess: str, val_fraction: float, 
         train_ids = train_ids[:max_chars]
     return RunData(vocab=prepared.vocab, train_ids=train_ids, val_ids=val_ids, num_chars=len(prepared.ids),
                    sha256=prepared.sha256, cache=str(prepared.path))
+
+
+def load_split_onto(corpus: str | os.PathLike, preprocess: str, val_fraction: float, vocab: Vocab,
+                    new_chars: str = "extend", max_chars: int | None = None, min_count: int = 1,
+                    progress=None, sha256: str | None = None) -> RunData:
+    """The corpus as :func:`load_split` gives it, numbered in ``vocab``'s ids (a parent model's, to fine-tune
+    it). The corpus's characters ``vocab`` lacks, by ``new_chars``: ``"error"`` raises
+    :class:`~charlm.errors.UnknownCharactersError` naming them with their counts; ``"unk"`` reads them as
+    ``<unk>``; ``"extend"`` appends them to the vocabulary (the old ids unchanged; the new ones by count,
+    then first occurrence), which is then ``RunData.vocab``. ``RunData.new_chars`` lists them either way.
+    The token file is read through a lookup table: never whole, never rewritten."""
+    check_choice("new-chars policy", new_chars, NEW_CHARS)
+    prepared = prepare(corpus, preprocess, min_count, progress=progress)
+    if sha256 is not None and prepared.sha256 != sha256:
+        raise CorpusError(f"{corpus} changed since the run used it (sha256 {sha256[:12]}..., now "
+                          f"{prepared.sha256[:12]}...)")
+    own = prepared.vocab
+    lookup = np.array([vocab.stoi.get(c, 0) for c in own.itos], dtype=np.int64)
+    lookup[0] = 0  # <unk> stays <unk>
+    missing = [i for i, c in enumerate(own.itos) if i and c not in vocab.stoi]
+    target, found = vocab, ()
+    if missing:
+        counts = prepared.ids.counts(len(own))
+        found = tuple((own.itos[i], int(counts[i])) for i in missing)
+        if new_chars == "error":
+            listed = ", ".join(f"{c!r} (U+{ord(c):04X}) x {n:,}" for c, n in found[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise UnknownCharactersError(
+                f"{corpus} has {len(found)} character(s) the model does not know: {listed}{more}; pass --new-chars "
+                f"extend to add them to its vocabulary, or --new-chars unk to read them as <unk>", [c for c, _ in found])
+        if new_chars == "extend":
+            target = Vocab([*vocab.itos[1:], *(c for c, _ in found)])
+            lookup[missing] = np.arange(len(vocab), len(target))
+    ids = prepared.ids.remapped(lookup.astype(target.dtype))
+    train_ids, val_ids = split(ids, val_fraction)
+    if max_chars is not None:
+        train_ids = train_ids[:max_chars]
+    return RunData(vocab=target, train_ids=train_ids, val_ids=val_ids, num_chars=len(ids), sha256=prepared.sha256,
+                   cache=str(prepared.path), new_chars=found)
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:

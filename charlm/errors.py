@@ -55,6 +55,25 @@ class TrainingInterrupted(TrainError):
         self.result = result
 
 
+class StopTraining(CharlmError):
+    """Raised by a :func:`charlm.training.train` callback from a ``"step"`` or ``"eval"`` event to end the
+    run there, as a signal would (``last/`` saved, ``best/`` when better); ``train`` then returns its
+    result with this message as ``stop_reason``. ``charlm tune`` stops the trials Optuna prunes this way."""
+
+
+class TuneError(CharlmError):
+    """A search (``charlm tune``) cannot start or had to stop: its options, its folder, its storage."""
+
+
+class TuneInterrupted(TuneError):
+    """SIGINT/SIGTERM during a search: the running trial was stopped (it runs again on ``--resume``);
+    ``result`` is the search as it stands."""
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result
+
+
 def os_error_line(exc: OSError) -> str:
     """``strerror`` of an ``OSError`` (e.g. "No space left on device"), else its text."""
     return exc.strerror or str(exc) or type(exc).__name__

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from charlm.config import (DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, EVAL_NUM_STEPS, MAX_LR,
                            REGULARISERS, _is_real, check_choice)
 from charlm.corpus import read_normalized
-from charlm.data import _as_numpy, load_split
+from charlm.data import _as_numpy, load_split, load_split_onto
 from charlm.tokens import windows
 from charlm.errors import CheckpointError, ConfigError, CorpusError
 from charlm.models import detach_state
@@ -309,5 +309,13 @@ def _run_split(ckpt, why: str):
         raise CheckpointError(f"{ckpt.path} names no corpus; {why}")
     if not ckpt.corpus_path.exists():
         raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; {why}")
-    return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count,
-                      vocab=ckpt.vocab, sha256=ckpt.corpus_info.get("sha256"))
+    sha256 = ckpt.corpus_info.get("sha256")
+    lineage = ckpt.lineage
+    if lineage is None:
+        return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count,
+                          vocab=ckpt.vocab, sha256=sha256)
+    # a fine-tuned model: the corpus numbered in its vocabulary (the parent's, extended by the characters the run
+    # added, or with those it lacked read as <unk>), as its run read it
+    policy = "unk" if lineage.get("new_chars") == "unk" else "error"
+    return load_split_onto(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, ckpt.vocab, policy,
+                           min_count=ckpt.min_count, sha256=sha256)

@@ -24,6 +24,7 @@ which names its holder; the system releases it when the process ends, so a stale
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -38,6 +39,8 @@ from charlm.errors import CharlmError, os_error_line
 MARKER = ".charlm"
 LOCK = ".charlm.lock"
 FILE = "file"
+CHECKPOINT_FILES = ("model.pt", "trainer.pt", "config.json", "tokenizer.json")  # what a manifest lists
+TEMP_NAME_BYTES = 100  # of a name, at most, in the temporary names made from it (a name may take 255 bytes)
 # The entries a folder of each kind may hold (names, or fnmatch patterns of a writer's temporary names), and
 # what each must be: a regular file (FILE) or a real folder of the kind named.
 KINDS = {
@@ -45,15 +48,20 @@ KINDS = {
             ".last.tmp-*": "checkpoint", ".best.tmp-*": "checkpoint", "metrics.csv": FILE,
             ".metrics.csv.tmp-*": FILE, "curve.png": FILE, MARKER: FILE, LOCK: FILE},
     "checkpoint": {"model.pt": FILE, "trainer.pt": FILE, "config.json": FILE, "tokenizer.json": FILE,
-                   "manifest.json": FILE, ".charlm-old": FILE},
+                   "manifest.json": FILE, ".charlm-old": FILE, MARKER: FILE},
     "web": {name: FILE for name in ("index.html", "app.js", "model.onnx", "model.tokenizer.json", "tokenizer.json",
                                     "charlm.json", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs",
                                     "ort-wasm-simd-threaded.wasm", MARKER)},
     "token-cache": {name: FILE for name in ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part",
                                             "provisional.bin")},
+    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and their temporary files
+    "tune": {"trials": "trials", "final": "run", ".*.tmp": FILE, MARKER: FILE, LOCK: FILE,
+             **{name: FILE for name in ("study.journal", "study.journal.lock", "best.json", "best-command.txt",
+                                        "final-command.txt", "trials.csv", "history.png", "importances.png")}},
+    "trials": {"[0-9][0-9][0-9][0-9]*": "run"},  # a search's trials/: one run folder per Optuna trial number
 }
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
-         "token-cache": "a charlm token cache entry"}
+         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
 
 
 class NotOwnedError(CharlmError):
@@ -77,6 +85,45 @@ def resolve_path(path: str | os.PathLike) -> Path:
     except ValueError:
         return full
     return relative if relative.parts else full
+
+
+def temp_prefix(name: str) -> str:
+    """``.NAME.`` for the temporary names a writer makes beside ``NAME``, its name cut (on a character) to
+    TEMP_NAME_BYTES, so that they fit the system's 255 bytes whatever ``NAME``'s length."""
+    short = name.encode("utf-8", "surrogateescape")[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{short}."
+
+
+@contextlib.contextmanager
+def new_folders(path: Path):
+    """Create the folder ``path`` and its missing ancestors; if the block then fails, remove those it created
+    (empty ones only), so that a refused or failed write leaves nothing new behind."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def move_into_empty(tmp: Path, dest: Path, kind: str, last: str) -> None:
+    """Fill the existing empty folder ``dest`` with the finished entries of ``tmp`` by renames, keeping the folder
+    itself (its inode, mode and owner are the user's): charlm's marker first, so that a kill half-way leaves a
+    folder charlm recognises and replaces, then every entry, ``last`` last; ``tmp`` is then removed."""
+    write_marker(dest, kind)
+    for entry in sorted(tmp.iterdir(), key=lambda e: e.name == last):
+        if entry.name != MARKER:
+            os.replace(entry, dest / entry.name)
+    if (tmp / MARKER).exists():
+        os.replace(tmp / MARKER, dest / MARKER)
+    tmp.rmdir()
 
 
 def default_folder_mode() -> int:
@@ -112,14 +159,28 @@ def _is_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
 
 
+def is_manifest(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint's ``manifest.json`` as charlm writes it (a JSON object of its files'
+    sha256 digests): a file of that name with other contents is not charlm's."""
+    try:
+        if not _is_file(path) or path.stat().st_size > 4096:
+            return False
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(body, dict) and set(body) == set(CHECKPOINT_FILES)
+            and all(isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+                    for v in body.values()))
+
+
 def _recognised(directory: Path, kind: str) -> bool:
     """Whether ``directory`` is charlm's, by its marker or (for what predates markers) its contents."""
     if marker_kind(directory) == kind:
         return True
     if kind == "run":
-        return any(_is_file(directory / name / "manifest.json") for name in ("last", "best"))
+        return any(is_manifest(directory / name / "manifest.json") for name in ("last", "best"))
     if kind == "checkpoint":
-        return _is_file(directory / "manifest.json")
+        return is_manifest(directory / "manifest.json")
     if kind == "web":
         try:
             return "onnxruntime_web" in json.loads((directory / "charlm.json").read_text(encoding="utf-8"))

@@ -24,8 +24,8 @@ from pathlib import Path
 from charlm import checkpoint as ckpt_mod
 from charlm.config import REGULARISERS, with_legacy
 from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
-from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_parent, remove_entries,
-                            resolve_path, write_marker)
+from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_parent, new_folders,
+                            remove_entries, resolve_path, write_marker)
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
@@ -116,10 +116,10 @@ class RunDir:
         if self.lock is not None:
             return
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not self.holds_run():
-                write_marker(self.path, "run")
-            self.lock = FolderLock(self.path).acquire()
+            with new_folders(self.path):  # (removed again if the lock cannot be had)
+                if not self.holds_run():
+                    write_marker(self.path, "run")
+                self.lock = FolderLock(self.path).acquire()
         except OSError as exc:
             raise TrainError(f"cannot create the run directory {self.path}: {os_error_line(exc)}") from None
         except LockedError as exc:
@@ -130,9 +130,10 @@ class RunDir:
             self.lock.release()
             self.lock = None
 
-    def load_last(self, device, requested) -> ckpt_mod.Checkpoint:
-        """``last/`` with its trainer state, refused when ``requested``'s model or data options differ.
-        Reads only: a replacement of ``last/`` cut short is read from its backup."""
+    def load_last(self, device, requested=None) -> ckpt_mod.Checkpoint:
+        """``last/`` with its trainer state, refused when ``requested``'s model or data options differ (when
+        given; else see :meth:`check_resume`). Reads only: a replacement of ``last/`` cut short is read from
+        its backup."""
         last = self.checkpoint("last")
         try:
             saved = ckpt_mod.load_checkpoint(last, device=device, with_trainer_state=True)
@@ -140,11 +141,17 @@ class RunDir:
             if not last.exists() and "no such" in str(exc):
                 raise TrainError(f"nothing to resume: {last} does not exist") from None
             raise TrainError(str(exc)) from None
+        if requested is not None:
+            self.check_resume(saved, requested)
+        return saved
+
+    @staticmethod
+    def check_resume(saved: ckpt_mod.Checkpoint, requested) -> None:
+        """Refuse a resume whose model, data, optimizer or schedule options differ from the run's."""
         diffs = config_differences(saved.train_options, requested, RESUME_FIELDS)
         if diffs:
             raise TrainError("--resume with different model, data, optimizer or schedule options: " + "; ".join(diffs)
                              + "; a run resumes with the options it started with")
-        return saved
 
     def create(self, overwrite: bool, step: int | None = None) -> None:
         """Once every check passed: the run's folder locked (:meth:`acquire`) and marked as charlm's; with

@@ -47,7 +47,7 @@ import numpy as np
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
-from charlm.outputs import check_folder, resolve_path
+from charlm.outputs import check_folder, new_folders, resolve_path
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -243,8 +243,7 @@ def prepare(corpus: str | os.PathLike, preprocess: str = "raw", min_count: int =
     if hit is not None:
         return hit
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f".{target.name}.lock"):
+        with new_folders(root), _locked(root / f".{target.name}.lock"):
             hit = _open(target)  # built by another process while this one waited
             if hit is not None:
                 return hit
@@ -423,10 +422,12 @@ class TokenReader:
     ever touched as resident).
     """
 
-    def __init__(self, path: str | os.PathLike, dtype, start: int = 0, stop: int | None = None):
+    def __init__(self, path: str | os.PathLike, dtype, start: int = 0, stop: int | None = None,
+                 lookup: np.ndarray | None = None):
         self.path, self.dtype = Path(path), np.dtype(dtype)
         total = self.path.stat().st_size // self.dtype.itemsize
         self.start, self.stop = start, total if stop is None else stop
+        self.lookup = lookup  # the file's id -> the id read (another vocabulary's numbering); None: as stored
         self._fd = None
 
     def __len__(self) -> int:
@@ -441,7 +442,7 @@ class TokenReader:
             start, stop, step = key.indices(len(self))
             if step != 1:
                 raise ConfigError("a token file is sliced with a step of 1 only")
-            return TokenReader(self.path, self.dtype, self.start + start, self.start + max(start, stop))
+            return TokenReader(self.path, self.dtype, self.start + start, self.start + max(start, stop), self.lookup)
         if isinstance(key, (int, np.integer)):
             i = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= i < len(self):
@@ -469,7 +470,19 @@ class TokenReader:
         data = os.pread(self._file(), length * size, (self.start + start) * size)
         if len(data) != length * size:
             raise CorpusError(f"{self.path} is shorter than its metadata says; delete it to prepare it again")
-        return np.frombuffer(data, dtype=self.dtype)
+        ids = np.frombuffer(data, dtype=self.dtype)
+        return ids if self.lookup is None else self.lookup[ids]
+
+    def remapped(self, lookup: np.ndarray) -> "TokenReader":
+        """The same ids read through ``lookup`` (stored id -> id), e.g. into another model's vocabulary."""
+        return TokenReader(self.path, self.dtype, self.start, self.stop, lookup)
+
+    def counts(self, size: int, block: int = 1 << 24) -> np.ndarray:
+        """How often each id 0..size-1 occurs, read in blocks (the file never whole)."""
+        total = np.zeros(size, dtype=np.int64)
+        for start in range(0, len(self), block):
+            total += np.bincount(self.read(start, min(block, len(self) - start)), minlength=size)[:size]
+        return total
 
     def __array__(self, dtype=None, copy=None):
         a = self.read()

@@ -12,6 +12,10 @@ Events:
 - ``"eval"``: a ``metrics.csv`` row, plus ``improved`` and ``best_val_bpc``;
 - ``"end"``: ``result``, the :class:`TrainResult`.
 
+A callback may end the run from a ``"step"`` or ``"eval"`` event by raising
+:class:`~charlm.errors.StopTraining`: the run stops there as after a signal (evaluated and saved, no
+whole-tail figure) and :func:`train` returns its result, whose ``stop_reason`` is the exception's message.
+
 Resuming is exact: the data order depends only on ``(seed, epoch)``; :class:`RunState` holds
 everything else that moves (the step, the position in the epoch, the best loss, the evaluations
 since it, the lr and its plan, the carried hidden state) and is saved whole, with the optimizer and
@@ -37,6 +41,7 @@ for a plan of one step (its only step trains at the base lr), and for a time lim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -49,17 +54,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from charlm import finetune
 from charlm.checkpoint import corpus_paths, held_out_entry, load_checkpoint, save_checkpoint, update_progress
 from charlm.config import HOLD_FRACTION, TrainConfig
-from charlm.data import RunData, load_split, make_batches, min_tokens, run_batches
+from charlm.data import RunData, load_split, load_split_onto, make_batches, min_tokens, run_batches
 from charlm.device import autocast, check_memory, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
 from charlm.distributed import init as init_distributed
-from charlm.errors import CharlmError, ProcessGroupError, TrainError, TrainingInterrupted
+from charlm.errors import CharlmError, ProcessGroupError, StopTraining, TrainError, TrainingInterrupted
 from charlm.evaluation import EvalResult, evaluate
 from charlm.models import RNNLM, detach_state
 from charlm.rundir import RunDir, default_out
+from charlm.vocab import Vocab
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
 STEP_EVENT_EVERY = 10  # steps between "step" events
@@ -258,9 +265,15 @@ def _make_optimizer(cfg: TrainConfig, model: RNNLM, weight_decay: float = 0.0):
     return (torch.optim.AdamW if weight_decay else torch.optim.Adam)(params, lr=lr, foreach=True)
 
 
-def load_data(cfg: TrainConfig, progress=None) -> RunData:
-    """The run's vocabulary, training ids and held-out ids, checked against the batch shape."""
-    data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction, cfg.max_chars, cfg.min_count, progress=progress)
+def load_data(cfg: TrainConfig, progress=None, onto: Vocab | None = None) -> RunData:
+    """The run's vocabulary, training ids and held-out ids, checked against the batch shape; ``onto``: numbered
+    in that vocabulary (a fine-tuned model's, extended or not by ``cfg.new_chars``)."""
+    if onto is None:
+        data = load_split(cfg.corpus, cfg.preprocess, cfg.val_fraction, cfg.max_chars, cfg.min_count,
+                          progress=progress)
+    else:
+        data = load_split_onto(cfg.corpus, cfg.preprocess, cfg.val_fraction, onto, cfg.new_chars, cfg.max_chars,
+                               cfg.min_count, progress=progress)
     need = min_tokens(cfg.batch_size, cfg.num_steps)
     if len(data.train_ids) < need:
         raise TrainError(
@@ -559,8 +572,8 @@ class Trainer:
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.save("best", val)
         self.save("last", val)
+        self.last_eval_step = st.step  # (before the event: a callback that stops the run there leaves it evaluated)
         self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
-        self.last_eval_step = st.step
         return row
 
     def plateau_step(self, loss: float) -> None:
@@ -701,8 +714,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callback=None,
-          prepare_progress=None) -> TrainResult:
+          prepare_progress=None, init_from: str | None = None, new_chars: str | None = None) -> TrainResult:
     """Train as ``charlm train`` does and return the outcome (see the module docstring).
+
+    ``init_from`` (a run or checkpoint; ``cfg.init_from`` too) starts from that trained model: its
+    architecture, vocabulary, preprocessing and weights (:mod:`charlm.finetune`); ``new_chars`` says what
+    becomes of the text's characters it lacks (``extend``, ``unk`` or ``error``).
 
     Everything is checked before any file is written. ``resume`` continues ``out/last`` exactly;
     ``overwrite`` deletes the run in ``out`` first. SIGINT/SIGTERM save ``last/`` and raise
@@ -710,12 +727,19 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     ``prepare_progress(nbytes)`` follows the reading of a corpus that is not in the token cache yet.
     """
     emit = callback or (lambda event, info: None)
+    if init_from is not None or new_chars is not None:
+        cfg = dataclasses.replace(cfg, init_from=str(init_from) if init_from is not None else cfg.init_from,
+                                  new_chars=new_chars or cfg.new_chars)
     device = resolve_device(cfg.device)
     dist = from_env()
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    parent = None
+    if cfg.init_from and not resume:  # a new run from a trained model: its architecture, vocabulary, weights
+        parent = finetune.load_parent(cfg.init_from, device)
+        cfg = finetune.inherit(cfg, parent)
     slow_precision = check_precision(cfg.precision, device, cfg.model_config(2))  # tried before anything is written
     if slow_precision:
         emit("warning", {"message": slow_precision})
@@ -726,7 +750,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     cfg = dataclasses.replace(cfg, precision=precision)  # saved as what ran, so a resume runs the same
     healthy = True
     try:
-        return _train(cfg, resume, overwrite, emit, prepare_progress, device, dist)
+        return _train(cfg, resume, overwrite, emit, prepare_progress, device, dist, parent)
     except ProcessGroupError:
         healthy = False
         raise
@@ -734,14 +758,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
         close_distributed(barrier=healthy)
 
 
-def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progress, device, dist: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progress, device, dist: Dist,
+           parent=None) -> TrainResult:
     """Every check, on every rank, before anything is written (the options, the model's size against the
     device's memory, the run folder and its checkpoints, the resume's compatibility, the model built); then
     all ranks agree to go on or stop; only then does rank 0 lock, create or replace the run folder."""
     run = RunDir(cfg.out or default_out(cfg.corpus))
     trainer = saved = error = None
     try:
-        trainer, saved = _prepare_run(cfg, run, resume, overwrite, prepare_progress, device, dist)
+        trainer, saved = _prepare_run(cfg, run, resume, overwrite, prepare_progress, device, dist, parent)
         if dist.is_main:  # one writer per run folder: locked, (re)checked under the lock, then written
             run.create(overwrite, step=trainer.state.step if saved is not None else None)
     except CharlmError as exc:
@@ -755,15 +780,21 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
 
 
 def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, prepare_progress, device,
-                 dist: Dist):
+                 dist: Dist, parent):
     """The checks of :func:`_train` and the trainer they lead to (the model built, a resume's state restored,
     the plan fixed), writing nothing; ``(trainer, saved)``."""
     if cfg.batch_size % dist.world_size:
         raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world_size} processes; "
                          f"use a multiple of {dist.world_size}")
     run.check(resume, overwrite)
-    saved = run.load_last(device, cfg) if resume else None
-    data = load_data(cfg, prepare_progress)
+    saved = None
+    if resume:
+        saved = run.load_last(device)
+        if cfg.init_from:  # a fine-tuning run: the architecture it took from its parent is in its checkpoints
+            cfg = finetune.inherit(cfg, saved)
+        run.check_resume(saved, cfg)
+    onto = saved.vocab if saved is not None and cfg.init_from else parent.vocab if parent is not None else None
+    data = load_data(cfg, prepare_progress, onto)
     if saved is not None:
         was = saved.corpus_info.get("sha256")
         if was is not None and was != data.sha256:
@@ -778,6 +809,12 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
     check_memory(cfg.model_config(len(data.vocab), len(data.train_ids)), cfg.batch_size // dist.world_size,
                  cfg.num_steps, cfg.optimizer, device)
     trainer = Trainer(cfg, data, run, device, None, dist)
+    if parent is not None:
+        added = len(data.vocab) - len(parent.vocab)
+        trainer.model.load_state_dict(finetune.extend_state(parent.model.state_dict(), parent.config, added))
+        trainer.meta_base["lineage"] = finetune.lineage(parent, cfg.new_chars, data.new_chars)
+    elif saved is not None and saved.lineage is not None:
+        trainer.meta_base["lineage"] = saved.lineage
     if saved is not None:
         trainer.restore(saved)
     trainer.plan()
@@ -798,13 +835,19 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                    "train_chars": len(data.train_ids), "val_chars": len(data.val_ids), "vocab": data.vocab,
                    "step": st.step, "total_steps": st.planned_steps or trainer.total_steps(),
                    "resumed": resumed,
-                   "precision": cfg.precision, "world_size": dist.world_size, "weight_decay": trainer.weight_decay})
+                   "precision": cfg.precision, "world_size": dist.world_size, "weight_decay": trainer.weight_decay,
+                   "lineage": trainer.meta_base.get("lineage"), "new_chars": data.new_chars})
     with _stop_on_signals() as stop:
         try:
-            stop_reason = trainer.run(stop)
+            stopped = False
+            try:
+                stop_reason = trainer.run(stop)
+            except StopTraining as exc:  # the callback's stop: ends the run as a signal does
+                stop_reason, stopped = str(exc), True
             if trainer.last_eval_step != st.step:
-                trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
-            if not stop["signal"]:
+                with contextlib.suppress(StopTraining):  # (the run ends here anyway)
+                    trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
+            if not stop["signal"] and not stopped:
                 trainer.evaluate_best_on_tail()
             result = trainer.result(stop_reason)
         except torch.OutOfMemoryError:

@@ -29,7 +29,7 @@ from torch import nn
 
 from charlm.errors import CharlmError
 from charlm.models.stepper import lstm_gate_order
-from charlm.outputs import check_file, check_parent, resolve_path
+from charlm.outputs import check_file, check_parent, move_into_empty, new_folders, resolve_path, temp_prefix
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -175,13 +175,13 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True, quantize: str
     inputs, outputs = _io_names(cfg.cell)
     L, H = cfg.num_layers, cfg.hidden_size
     args = (torch.tensor([1, 2]), torch.zeros(L, 2, H)) + ((torch.zeros(L, 2, H),) if cfg.cell == "lstm" else ())
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp_model, tmp_vocab = Path(tmp) / out.name, Path(tmp) / vocab_path.name
+    with new_folders(out.parent), tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out.name)) as tmp:
+        tmp_model, tmp_vocab = Path(tmp) / "model.onnx", Path(tmp) / "vocab.json"
         ckpt.vocab.save(tmp_vocab)
         if quantize is None:
             _torch_export(step, args, inputs, outputs, tmp_model, dynamo)
         else:
-            fp32 = Path(tmp) / f"fp32-{out.name}"
+            fp32 = Path(tmp) / "fp32.onnx"
             _torch_export(step, args, inputs, outputs, fp32, dynamo)
             quantize_int8(fp32, tmp_model)
         model = onnx.load(str(tmp_model))
@@ -242,7 +242,7 @@ def metadata(ckpt, vocab_sha256: str, quantization: str | None = None) -> dict:
     cfg = ckpt.model.config
     with torch.no_grad():
         zero = ckpt.model.head.bias.detach().float().tolist()  # the head's answer to the zero state
-    best, chars = held_out_figure(ckpt)
+    best, chars = ckpt.held_out_figure()
     return {"format": 1, "charlm_version": __version__, "cell": cfg.cell, "impl": cfg.impl,
             "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "embedding_dim": cfg.embedding_dim,
             "vocab_size": cfg.vocab_size, "preprocess": ckpt.preprocess, "tokenizer_sha256": vocab_sha256,
@@ -250,17 +250,8 @@ def metadata(ckpt, vocab_sha256: str, quantization: str | None = None) -> dict:
             "quantization": quantization, "parameters": ckpt.model.num_parameters(),
             "corpus": ckpt.corpus_info or None,  # so that charlm eval MODEL.onnx finds the run's held-out text
             "held_out_bits_per_char": None if best is None else best / math.log(2), "held_out_chars": chars,
-            "step": ckpt.progress.get("step")}
+            "step": ckpt.progress.get("step"), "lineage": ckpt.meta.get("lineage")}
 
-
-def held_out_figure(ckpt) -> tuple[float | None, int | None]:
-    """The checkpoint's held-out loss and how many characters it covers: the whole held-out text's when the
-    run measured it, else the best periodic evaluation's (over the tail's first ``eval_chars``)."""
-    progress, corpus = ckpt.progress, ckpt.corpus_info
-    held_out = progress.get("held_out")
-    if isinstance(held_out, dict) and held_out.get("loss") is not None:
-        return held_out["loss"], held_out.get("chars")
-    return progress.get("best_val_loss"), corpus.get("eval_chars")
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -299,21 +290,26 @@ _REQUIRED_META = ("cell", "num_layers", "hidden_size", "embedding_dim", "vocab_s
 
 
 def _check_writable(directory: Path) -> None:
+    """Refuse (one line) a folder the export cannot write in: tried in the nearest one that exists (nothing is
+    created here: the export creates the missing ones, and removes them if it fails)."""
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"--out: {directory} is a file, not a directory")
+    existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
+        with tempfile.NamedTemporaryFile(dir=existing):
             pass
     except OSError as exc:
         raise ExportError(f"--out: cannot write in {directory} ({exc.strerror or exc})") from None
 
 
-def replace_tree(src: Path, dest: Path) -> None:
+def replace_tree(src: Path, dest: Path, kind: str, last: str) -> None:
     """Move the finished folder ``src`` to ``dest`` by renames, replacing an earlier export there (checked
-    to be charlm's by the caller); the earlier one goes to a fresh temporary name, then is deleted."""
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+    to be charlm's by the caller); the earlier one goes to a fresh temporary name, then is deleted. An existing
+    empty folder is filled instead, and kept (:func:`~charlm.outputs.move_into_empty`)."""
+    if dest.is_dir() and not any(dest.iterdir()):
+        move_into_empty(src, dest, kind, last)
+    elif dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temp_prefix(dest.name) + "old-"))
         try:
             os.replace(dest, old)  # (onto the empty folder just made: a rename, never a merge)
         except OSError:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
 from charlm.export.graph import ExportError, export_onnx, metadata, replace_tree
-from charlm.outputs import check_folder, check_not_cwd, check_parent, folder_mode, resolve_path, write_marker
+from charlm.outputs import (check_folder, check_not_cwd, check_parent, folder_mode, new_folders, resolve_path,
+                            temp_prefix, write_marker)
 from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"
@@ -49,10 +50,16 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True, quantize: st
     runtime = ort_web_files(progress)  # before anything is written: no fetch, no folder
     parent = out.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}."))
+        with new_folders(parent):
+            _write_site(ckpt, out, runtime, quantize)
     except OSError as exc:
         raise ExportError(f"--out: cannot write in {parent} ({exc.strerror or exc})") from None
+    return out
+
+
+def _write_site(ckpt, out: Path, runtime: dict, quantize: str | None) -> None:
+    """The page's folder, built beside ``out`` and moved into place (:func:`~charlm.export.graph.replace_tree`)."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name)))
     try:
         export_onnx(ckpt, tmp / "model.onnx", quantize=quantize)
         # (the corpus's path stays off a page that may be published)
@@ -68,10 +75,9 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True, quantize: st
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         os.chmod(tmp, folder_mode(out) or 0o755)  # an existing folder keeps its mode; a new one is readable
-        replace_tree(tmp, out)
+        replace_tree(tmp, out, "web", last="index.html")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def ort_web_files(progress: bool = True) -> dict[str, bytes]:
