@@ -24,8 +24,8 @@ import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
                            DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_PRESET, IMPLS, INHERITED,
-                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS,
-                           OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
+                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS,
+                           NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
                            SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
@@ -485,14 +485,14 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Finished trials (complete or pruned) the study should hold in all, across resumes and workers; "
                    "with --time-budget, whichever ends first.")
-@click.option("--time-budget", type=_FloatRange(min=0, min_open=True), default=None,
+@click.option("--time-budget", type=_FloatRange(0, MAX_SECONDS, min_open=True), default=None,
               help="Seconds this invocation searches, --final-time included (a resumed search gets a new budget).")
 @click.option("--trial-steps", type=click.IntRange(min=1), default=None,
               help="Each trial's training steps: its command line then reproduces it to the bit.")
-@click.option("--trial-time", type=_FloatRange(min=0, min_open=True), default=None,
+@click.option("--trial-time", type=_FloatRange(0, MAX_SECONDS, min_open=True), default=None,
               show_default="without --trial-steps: a tenth of --time-budget, else 60",
               help="Each trial's seconds of training.")
-@click.option("--final-time", type=_FloatRange(min=0, min_open=True), default=None,
+@click.option("--final-time", type=_FloatRange(0, MAX_SECONDS, min_open=True), default=None,
               help="After the search, train the best configuration for this many seconds into OUT/final (out of "
                    "--time-budget).")
 @click.option("--space", "space", multiple=True, metavar="NAME=SPEC",

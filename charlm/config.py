@@ -62,6 +62,7 @@ MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a dimension torch's an
 MAX_LAYERS = 1024  # stacked recurrent layers
 MAX_SAMPLES = 65_536  # continuations generated together (SampleConfig.num_samples, a server's slots)
 MAX_STREAM_INTERVAL = 10.0  # seconds between a server's stream pieces, at most (ServeConfig.stream_interval)
+MAX_SECONDS = 1e9  # a search's durations (charlm tune's budgets), at most: about 31 years, and their products fit
 DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)  # seconds, a week at most: datetime.timedelta and torch's timeouts hold it
 
 

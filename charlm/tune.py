@@ -45,8 +45,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from charlm.config import (CELLS, GATES, IMPLS, LR_SCHEDULES, OPTIMIZERS, PREPROCESS_MODES, PRECISIONS, SAMPLINGS,
-                           SMALL_CORPUS_CHARS, TrainConfig, seed_error)
+from charlm.config import (CELLS, GATES, IMPLS, LR_SCHEDULES, MAX_SECONDS, OPTIMIZERS, PREPROCESS_MODES, PRECISIONS,
+                           SAMPLINGS, SMALL_CORPUS_CHARS, TrainConfig, _is_real, seed_error)
 from charlm.data import min_tokens
 from charlm.errors import (ConfigError, StopTraining, TrainError, TrainingInterrupted, TuneError, TuneInterrupted,
                            os_error_line)
@@ -317,11 +317,14 @@ class TuneConfig:
             (self.trials is not None or self.time_budget is not None,
              "give --trials N, --time-budget SECONDS or both"),
             (self.trials is None or self.trials >= 1, f"--trials must be >= 1, got {self.trials}"),
-            (self.time_budget is None or self.time_budget > 0, f"--time-budget must be > 0, got {self.time_budget}"),
+            (self.time_budget is None or _is_real(self.time_budget, 0, MAX_SECONDS, low_open=True),
+             f"--time-budget must be > 0 and at most {MAX_SECONDS:g} seconds, got {self.time_budget}"),
             (self.trial_steps is None or self.trial_time is None, "--trial-steps and --trial-time exclude each other"),
             (self.trial_steps is None or self.trial_steps >= 1, f"--trial-steps must be >= 1, got {self.trial_steps}"),
-            (self.trial_time is None or self.trial_time > 0, f"--trial-time must be > 0, got {self.trial_time}"),
-            (self.final_time is None or self.final_time > 0, f"--final-time must be > 0, got {self.final_time}"),
+            (self.trial_time is None or _is_real(self.trial_time, 0, MAX_SECONDS, low_open=True),
+             f"--trial-time must be > 0 and at most {MAX_SECONDS:g} seconds, got {self.trial_time}"),
+            (self.final_time is None or _is_real(self.final_time, 0, MAX_SECONDS, low_open=True),
+             f"--final-time must be > 0 and at most {MAX_SECONDS:g} seconds, got {self.final_time}"),
             (self.final_time is None or self.time_budget is None or self.final_time < self.time_budget,
              f"--final-time {_show_setting(self.final_time)} leaves no time to search in --time-budget "
              f"{_show_setting(self.time_budget)}"),

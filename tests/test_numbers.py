@@ -38,6 +38,7 @@ MISSING = {
     "serve": lambda d: ["serve", str(d / "no-run")],
     "prepare": lambda d: ["prepare", str(d / "no-such-corpus.txt")],
     "stats": lambda d: ["stats", str(d / "no-such-corpus.txt")],
+    "tune": lambda d: ["tune", str(d / "no-such-corpus.txt"), "--trials", "1", "--out", str(d / "no-tune")],
 }
 TRAIN = ["--hidden-size", "4", "--embedding-dim", "2", "--num-layers", "1", "--batch-size", "2", "--num-steps", "8",
          "--max-steps", "1", "--epochs", "1", "--eval-every", "1", "--quiet"]
@@ -113,6 +114,25 @@ def test_every_numeric_option_takes_huge_nan_infinite_and_negative_zero_values_w
         if command in REAL and (command, option) not in NOT_RUN:
             r = runner.invoke(main, with_option(REAL[command](sandbox, f"{option}-{n}"), option, value))
             assert_worked_or_one_line(r, what + " (on real inputs)")
+
+
+def test_tune_refuses_durations_past_what_it_can_size_a_trial_with(sandbox):
+    """A --trial-time of 1e300 seconds overflowed to an infinite number of characters: a traceback once the
+    corpus was read; now click's check (and TuneConfig's) refuses any duration past MAX_SECONDS."""
+    pytest.importorskip("optuna")
+    from charlm.tune import TuneConfig
+
+    corpus = sandbox / "tune-corpus.txt"  # (tune takes 1,000 training characters at least)
+    corpus.write_text((sandbox / "corpus.txt").read_text() * 8)
+    for option in ("--trial-time", "--time-budget", "--final-time"):
+        r = CliRunner().invoke(main, ["tune", str(corpus), "--trials", "1", option, "1e300",
+                                      "--out", str(sandbox / "tune")])
+        assert r.exit_code == 2 and "is not in the range 0<x<=1000000000.0" in r.output, r.output
+        assert not (sandbox / "tune").exists()
+    for field in ("time_budget", "trial_time", "final_time"):
+        for value in (1e300, float("inf"), float("nan")):
+            with pytest.raises(ConfigError, match="must be > 0 and at most 1e\\+09 seconds"):
+                TuneConfig(corpus="c.txt", trials=1, **{field: value})
 
 
 # ---------------------------------------------------------------------------------------------
