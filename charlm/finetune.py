@@ -37,8 +37,8 @@ MAX_GENERATIONS = 32  # ancestors a lineage keeps (a model fine-tuned from a fin
 def load_parent(path: str, device: str | torch.device = "cpu") -> Checkpoint:
     """The model to start from, verified as ``charlm eval`` verifies it (a tampered one is refused)."""
     if str(path).lower().endswith(".onnx") and not Path(path).is_dir():
-        raise TrainError(f"--init-from {path} is an exported model; fine-tuning starts from a run or checkpoint "
-                         f"(its weights and optimizer-free state): name the run it was exported from")
+        raise TrainError(f"--init-from {path} is an exported model; fine-tuning starts from a run or a checkpoint: "
+                         f"name the run it was exported from")
     try:
         return load_checkpoint(path, device=device)
     except CheckpointError as exc:

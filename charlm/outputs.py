@@ -25,6 +25,7 @@ which names its holder; the system releases it when the process ends, so a stale
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import os
@@ -78,7 +79,10 @@ def resolve_path(path: str | os.PathLike) -> Path:
     ``missing`` exists), its last component kept as named (a symbolic link there is the writer's to refuse).
     Relative to the current directory when inside it (so messages stay short), else absolute."""
     path = Path(path)
-    full = path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+    try:
+        full = path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+    except (OSError, RuntimeError) as exc:  # a loop of symbolic links, an unreadable folder on the way
+        raise NotOwnedError(f"{path}: cannot tell where it leads ({exc})") from None
     here = Path.cwd().resolve()
     try:
         relative = full.relative_to(here)
@@ -302,6 +306,9 @@ def check_file(path: Path, owned: bool, what: str, option: str = "--out") -> Non
                             f"choose another {option}")
 
 
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's answers when another process holds the lock
+
+
 class FolderLock:
     """One writer at a time for a folder charlm owns: an ``flock`` on ``DIR/.charlm.lock`` (which names the
     holder: pid, host, command, since when). The system drops it when its process ends, however that ends,
@@ -336,7 +343,9 @@ class FolderLock:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _HELD:
+                return
             raise LockedError(f"{self.option} {self.directory} is being written by {self.holder()}; wait for it to "
                               f"end, or choose another {self.option}") from None
         finally:
@@ -354,7 +363,10 @@ class FolderLock:
             raise NotOwnedError(f"{self.option} {self.directory}: cannot lock it ({os_error_line(exc)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _HELD:  # a file system without locks: written unlocked, as before locks existed
+                os.close(fd)
+                return self
             os.close(fd)
             raise LockedError(f"{self.option} {self.directory} is being written by {self.holder()}; wait for it to "
                               f"end, or choose another {self.option}") from None
