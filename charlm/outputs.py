@@ -131,9 +131,14 @@ def move_into_empty(tmp: Path, dest: Path, kind: str, last: str) -> None:
 
 
 def default_folder_mode() -> int:
-    """The mode the umask gives a new folder (``tempfile.mkdtemp`` makes 0700 whatever the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode the umask gives a new folder (``tempfile.mkdtemp`` makes 0700 whatever the umask). Read from
+    ``/proc/self/status`` where Linux gives it, so that no thread of the process sees the umask changed."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o777 & ~mask
 
 

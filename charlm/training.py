@@ -68,6 +68,7 @@ from charlm.models import RNNLM, detach_state
 from charlm.rundir import RunDir, default_out
 from charlm.vocab import Vocab
 
+DIVERGED = 10  # a held-out loss this many times a uniform guess's (ln of the vocabulary's size): the run diverged
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
 STEP_EVENT_EVERY = 10  # steps between "step" events
 FINAL_EVAL_SHARE = 0.1  # of --time-limit, at most, for the final evaluation of the best weights on the whole tail
@@ -544,10 +545,12 @@ class Trainer:
         st, iv = self.state, self.interval
         now = time.perf_counter()
         val = evaluate(self.model, self.eval_ids, device=self.device, dist=self.dist)
-        if not math.isfinite(val.loss):  # the weights diverged: nothing of them is kept
+        if not math.isfinite(val.loss) or val.loss > DIVERGED * math.log(len(self.data.vocab)):
+            # the weights diverged (not finite, or far worse than a uniform guess): nothing of them is kept
             kept = (f"{self.run_dir.checkpoint('best')} keeps the best weights so far" if not math.isinf(st.best_loss)
                     else "no checkpoint was kept")
-            raise TrainError(f"the held-out loss is not finite at step {st.step} (the weights diverged); {kept}; try "
+            what = "not finite" if not math.isfinite(val.loss) else f"{val.loss:.3g} nats/char (worse than guessing)"
+            raise TrainError(f"the held-out loss is {what} at step {st.step}: the weights diverged; {kept}; try "
                              f"a lower --lr, --weight-decay or --clip")
         spent = time.perf_counter() - now
         self.eval_s += spent

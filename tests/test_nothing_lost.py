@@ -237,7 +237,7 @@ def test_item9_a_held_out_loss_that_is_not_finite_stops_the_run_in_one_line(corp
     from charlm.evaluation import EvalResult
 
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: EvalResult(loss=float("nan"), tokens=10))
-    with pytest.raises(TrainError, match="not finite at step 4.*no checkpoint was kept"):
+    with pytest.raises(TrainError, match="not finite at step 4: the weights diverged; no checkpoint was kept"):
         train(TrainConfig(corpus=str(corpus), out=str(tmp_path / "r"), hidden_size=8, embedding_dim=4, batch_size=4,
                           num_steps=10, max_steps=8, eval_every=4, time_limit=None))
     assert not (tmp_path / "r" / "best").exists()
@@ -313,3 +313,10 @@ def test_item9_a_web_export_into_an_existing_empty_folder_keeps_its_mode(tmp_pat
     os.chmod(site, 0o750)
     assert CliRunner().invoke(main, ["export", str(run), "--format", "web", "--out", str(site)]).exit_code == 0
     assert stat.S_IMODE(site.stat().st_mode) == 0o750 and (site / "index.html").is_file()
+
+
+def test_item9_a_run_that_diverged_to_a_finite_figure_is_one_line_naming_no_checkpoint(corpus, tmp_path):
+    """--lr 1e30 without decay: the weights blow up to a finite but absurd held-out loss (3e30 nats/char)."""
+    line = one_line_error(train_cli(corpus, tmp_path / "r", "--max-steps", 3, "--lr", "1e30", "--weight-decay", "0"))
+    assert "the weights diverged" in line and "no checkpoint was kept" in line
+    assert not (tmp_path / "r" / "best").exists()

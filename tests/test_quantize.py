@@ -85,7 +85,7 @@ def test_an_onnxruntime_that_writes_full_range_weights_is_refused(tmp_path, monk
     ckpt = _checkpoint(tmp_path, "lstm", "torch", 6, 2)
     with pytest.raises(ExportError, match="only weights up to 64 give the same figures on every CPU"):
         export_onnx(ckpt, tmp_path / "out" / "int8.onnx", quantize="int8")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing written, and the folder the export made removed again
 
 
 def test_int8_weight_range_raises_export_error_for_every_file_it_cannot_check(tmp_path):
