@@ -265,6 +265,43 @@ def check_folder(path: str | os.PathLike, kind: str, option: str = "--out", hint
                             f"touched{hint or '; choose another ' + option}")
 
 
+def owning_folder(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """The nearest folder above ``path`` (not ``path`` itself) that charlm owns as a folder of some kind (its
+    marker says so, or a checkpoint's manifest), with that kind; None when there is none."""
+    path = Path(path)
+    for folder in path.parents:
+        kind = marker_kind(folder) if _is_dir(folder) else None
+        if kind is None and is_manifest(folder / "manifest.json"):
+            kind = "checkpoint"
+        if kind is not None:
+            return folder, kind
+    return None
+
+
+def check_not_inside_owned(path: str | os.PathLike, kind: str, option: str = "--out") -> None:
+    """Refuse (one line) to write ``path`` (an output of ``kind``: "run", "checkpoint", "web", "tune", or any other
+    word for a file or a folder no kind holds) inside a folder charlm owns as another output (a run, a checkpoint,
+    a web export, a search): written there, it would be a foreign entry that blocks that folder's own --resume
+    and --overwrite. Only where that folder's kind holds such an entry (KINDS: a run's ``last``, a search's
+    ``trials/0007``) is it written."""
+    target = Path(os.path.abspath(resolve_path(path)))
+    found = owning_folder(target)
+    if found is None:
+        return
+    folder, owner = found
+    try:
+        parts = target.relative_to(folder).parts
+    except ValueError:
+        return
+    current = owner
+    for i, part in enumerate(parts):
+        what = entry_kind(current, part) if current in KINDS else None
+        if what is None or what == FILE or (i == len(parts) - 1 and what != kind):
+            raise NotOwnedError(f"{option} {path} lies inside {folder}, which is {_WHAT.get(owner, 'a charlm folder')}; "
+                                f"charlm keeps each output in a folder of its own: choose another {option}")
+        current = what
+
+
 def check_parent(path: Path, option: str = "--out") -> None:
     """Refuse (one line) a path whose nearest existing ancestor is not a folder (a file where a folder goes)."""
     for parent in path.parents:
