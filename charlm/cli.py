@@ -23,7 +23,7 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
-                           DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_PRESET, IMPLS, INHERITED,
+                           DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
                            LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS,
                            NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
                            SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
@@ -217,7 +217,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
               help="random: shuffled windows, fresh state each batch; sequential: state carried across batches.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_d("optimizer"), help="SGD (d2l) or Adam.")
 @click.option("--lr", type=_FloatRange(0, MAX_LR, min_open=True), default=None,
-              show_default="1.0 for sgd, 0.003 for adam",
+              show_default=", ".join(f"{DEFAULT_LR[o]:g} for {o}" for o in OPTIMIZERS) + "; with --init-from "
+                           + ", ".join(f"{FINETUNE_LR[o]:g} for {o}" for o in OPTIMIZERS),
               help="Learning rate (at most 1e30: float32 holds it through Adam's first steps).")
 @click.option("--clip", type=_FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
@@ -299,6 +300,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
                 if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
     if options["init_from"] is not None:
         _check_init_from(explicit, resume, d2l)
+    elif "new_chars" in explicit and not resume:
+        raise click.UsageError("--new-chars applies to a run that starts from a trained model: pass --init-from")
     values = dict(_DEFAULTS)
     out = options["out"] or str(default_out(corpus))
     if resume:
@@ -308,8 +311,6 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
         values.update({k: v for k, v in saved.items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)
-    if options["init_from"] is not None:
-        values.update(FINETUNE_PRESET)
     values.update(explicit)
     values.update(corpus=corpus, out=out)
     if values.get("time_limit") == 0:
@@ -338,8 +339,12 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
             sys.exit(130)
         progress.close()
         _draw_curve(exc.result.out)
-        click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
-                   f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
+        if exc.complete:  # the run had ended; the signal cut its final figure only
+            click.echo(f"Interrupted during the final evaluation ({exc}); the run itself is complete "
+                       f"({exc.result.stop_reason}); charlm eval {exc.result.out} gives its held-out figure", err=True)
+        else:
+            click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
+                       f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
         sys.exit(130)
     except CharlmError as exc:
         if not main_rank:  # rank 0 says why; a lost process group, which rank 0 may not live to report, each rank
@@ -848,7 +853,8 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
                                                                 dynamic_decay)
     jobs = []
     if not files:
-        jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", held_out_ids(ckpt), 0))
+        ids = held_out_ids(ckpt)  # (first: it finds which of the run's corpus places holds its text)
+        jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", ids, 0))
     for f in files:
         try:
             jobs.append((f, *file_ids(f, ckpt.vocab, ckpt.preprocess, skip_unknown=errors == "skip")))

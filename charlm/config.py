@@ -29,6 +29,10 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (charlm
 # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast); auto: bf16 where the device has it
 # natively, else fp32 (charlm.device.resolve_precision)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_LR = {"sgd": 1.0, "adam": 3e-3}  # --lr by optimizer: d2l's SGD rate; Adam's measured (explanation/defaults)
+# --lr by optimizer when fine-tuning a trained model (--init-from): Adam's measured (explanation/defaults,
+# "Fine-tuning"), SGD's lowered in the same ratio
+FINETUNE_LR = {"sgd": 0.3, "adam": 1e-3}
 NEW_CHARS = ("extend", "unk", "error")  # fine-tuning: the new text's characters the parent lacks (data.load_split_onto)
 # What --init-from takes from the parent model: its architecture and how it reads text (none may be given with it)
 INHERITED = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "preprocess", "min_count")
@@ -254,6 +258,8 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (seed_error(self.seed) is None, seed_error(self.seed)),
             (self.new_chars in NEW_CHARS, f"new chars must be one of {', '.join(NEW_CHARS)}, got {self.new_chars!r}"),
+            (self.init_from or self.new_chars == "extend",
+             f"new chars {self.new_chars!r} means something only when fine-tuning a trained model (init from)"),
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init from must be a path, got {self.init_from!r}"),
         ])
@@ -286,9 +292,11 @@ class TrainConfig:
         return min(val_chars, limit)
 
     def resolved_lr(self) -> float:
+        """``lr``, else the optimizer's default: from scratch (DEFAULT_LR), or fine-tuning a trained model
+        (``init_from``: FINETUNE_LR, lower)."""
         if self.lr is not None:
             return self.lr
-        return 1.0 if self.optimizer == "sgd" else 3e-3
+        return (FINETUNE_LR if self.init_from else DEFAULT_LR)[self.optimizer]
 
     def model_config(self, vocab_size: int, num_chars: int = 0) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size,
@@ -324,9 +332,6 @@ D2L_PRESET = dict(preprocess="letters", max_chars=10_000, cell="gru", impl="torc
                   weight_drop=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, weight_decay=0.0)
 
 
-# --init-from (charlm train): the defaults that suit fine-tuning a trained model, applied where no option is given
-# (docs/explanation/defaults.md, "Fine-tuning").
-FINETUNE_PRESET = dict(lr=1e-3)
 
 
 @dataclass(frozen=True)

@@ -305,17 +305,33 @@ def training_tail_ids(ckpt, chars: int):
 
 
 def _run_split(ckpt, why: str):
-    if ckpt.corpus_path is None:
+    """The run's corpus split as training split it: the first of its candidate places whose text is the run's."""
+    candidates = ckpt.corpus_candidates
+    if not candidates:
         raise CheckpointError(f"{ckpt.path} names no corpus; {why}")
-    if not ckpt.corpus_path.exists():
-        raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; {why}")
+    existing = [c for c in candidates if c.exists()]
+    if not existing:
+        raise CorpusError(f"the run's corpus {candidates[0]} is gone; {why}")
+    first_error = None
+    for path in existing:
+        try:
+            split = _split_of(ckpt, path)
+        except CorpusError as exc:  # another text now at that place: the next candidate may be the run's
+            first_error = first_error or exc
+            continue
+        ckpt._corpus_found = path
+        return split
+    raise first_error
+
+
+def _split_of(ckpt, path):
     sha256 = ckpt.corpus_info.get("sha256")
     lineage = ckpt.lineage
     if lineage is None:
-        return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count,
-                          vocab=ckpt.vocab, sha256=sha256)
+        return load_split(path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count, vocab=ckpt.vocab,
+                          sha256=sha256)
     # a fine-tuned model: the corpus numbered in its vocabulary (the parent's, extended by the characters the run
     # added, or with those it lacked read as <unk>), as its run read it
     policy = "unk" if lineage.get("new_chars") == "unk" else "error"
-    return load_split_onto(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, ckpt.vocab, policy,
-                           min_count=ckpt.min_count, sha256=sha256)
+    return load_split_onto(path, ckpt.preprocess, ckpt.val_fraction, ckpt.vocab, policy, min_count=ckpt.min_count,
+                           sha256=sha256)

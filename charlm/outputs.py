@@ -41,15 +41,21 @@ MARKER = ".charlm"
 LOCK = ".charlm.lock"
 FILE = "file"
 CHECKPOINT_FILES = ("model.pt", "trainer.pt", "config.json", "tokenizer.json")  # what a manifest lists
+# A writer's temporary and backup entries are charlm's only when they say so, whatever their names: a checkpoint
+# being written (TMP) or moved aside by a replacement (OLD) holds a mark file naming what it is of; a metrics file
+# being rewritten (METRICS_TMP) starts with the metrics header. Anything else of such a name is the user's.
+OLD, TMP, METRICS_TMP = "checkpoint-old", "checkpoint-tmp", "metrics-tmp"
+OLD_MARK, TMP_MARK = ".charlm-old", ".charlm-tmp"
+METRICS_HEADER = b"step,epoch,tokens,"
 TEMP_NAME_BYTES = 100  # of a name, at most, in the temporary names made from it (a name may take 255 bytes)
 # The entries a folder of each kind may hold (names, or fnmatch patterns of a writer's temporary names), and
 # what each must be: a regular file (FILE) or a real folder of the kind named.
 KINDS = {
-    "run": {"last": "checkpoint", "best": "checkpoint", ".last.old-*": "checkpoint", ".best.old-*": "checkpoint",
-            ".last.tmp-*": "checkpoint", ".best.tmp-*": "checkpoint", "metrics.csv": FILE,
-            ".metrics.csv.tmp-*": FILE, "curve.png": FILE, MARKER: FILE, LOCK: FILE},
+    "run": {"last": "checkpoint", "best": "checkpoint", ".last.old-*": OLD, ".best.old-*": OLD,
+            ".last.tmp-*": TMP, ".best.tmp-*": TMP, "metrics.csv": FILE, ".metrics.csv.tmp-*": METRICS_TMP,
+            "curve.png": FILE, MARKER: FILE, LOCK: FILE},
     "checkpoint": {"model.pt": FILE, "trainer.pt": FILE, "config.json": FILE, "tokenizer.json": FILE,
-                   "manifest.json": FILE, ".charlm-old": FILE, MARKER: FILE},
+                   "manifest.json": FILE, OLD_MARK: FILE, TMP_MARK: FILE, MARKER: FILE},
     "web": {name: FILE for name in ("index.html", "app.js", "model.onnx", "model.tokenizer.json", "tokenizer.json",
                                     "charlm.json", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs",
                                     "ort-wasm-simd-threaded.wasm", MARKER)},
@@ -205,6 +211,34 @@ def entry_kind(kind: str, name: str) -> str | None:
     return next((what for pattern, what in KINDS[kind].items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
+def write_mark(folder: Path, mark: str, of: str) -> None:
+    """Mark ``folder`` (a checkpoint being written, TMP_MARK, or moved aside, OLD_MARK) as charlm's, of ``of``."""
+    (folder / mark).write_text(json.dumps({"of": of}) + "\n", encoding="utf-8")
+
+
+def mark_of(folder: Path, mark: str) -> str | None:
+    """The name a folder's mark (TMP_MARK or OLD_MARK) says it is of, or None: not marked by charlm."""
+    try:
+        if not _is_file(folder / mark):
+            return None
+        body = json.loads((folder / mark).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    of = body.get("of") if isinstance(body, dict) else None
+    return of if isinstance(of, str) else None
+
+
+def _temporary_is_ours(entry: Path, what: str) -> bool:
+    """Whether a temporary or backup entry (OLD, TMP, METRICS_TMP) carries charlm's mark."""
+    if what == METRICS_TMP:
+        try:
+            with open(entry, "rb") as f:
+                return _is_file(entry) and f.read(len(METRICS_HEADER)) == METRICS_HEADER
+        except OSError:
+            return False
+    return _is_dir(entry) and mark_of(entry, OLD_MARK if what == OLD else TMP_MARK) is not None
+
+
 def _foreign_inside(directory: Path, kind: str, prefix: str = "") -> list[str]:
     """The entries of a folder of ``kind`` (known to be charlm's) that charlm's writer did not write: unknown
     names, and known names of the wrong kind (a folder named like a file, a file or link where a folder
@@ -212,7 +246,12 @@ def _foreign_inside(directory: Path, kind: str, prefix: str = "") -> list[str]:
     foreign = []
     for entry in sorted(directory.iterdir(), key=lambda e: e.name):
         what, shown = entry_kind(kind, entry.name), prefix + entry.name
-        if what is None or entry.is_symlink():
+        if what in (OLD, TMP, METRICS_TMP):
+            if not _temporary_is_ours(entry, what):
+                foreign.append(shown)
+            elif what != METRICS_TMP:
+                foreign += _foreign_inside(entry, "checkpoint", shown + "/")
+        elif what is None or entry.is_symlink():
             foreign.append(shown)
         elif what == FILE:
             if not entry.is_file():
@@ -297,8 +336,9 @@ def check_not_inside_owned(path: str | os.PathLike, kind: str, option: str = "--
     for i, part in enumerate(parts):
         what = entry_kind(current, part) if current in KINDS else None
         if what is None or what == FILE or (i == len(parts) - 1 and what != kind):
-            raise NotOwnedError(f"{option} {path} lies inside {folder}, which is {_WHAT.get(owner, 'a charlm folder')}; "
-                                f"charlm keeps each output in a folder of its own: choose another {option}")
+            what = _WHAT.get(owner, "a charlm folder")
+            raise NotOwnedError(f"{option} {path} lies inside {folder}, which is {what}; charlm keeps each output in "
+                                f"a folder of its own: choose another {option}")
         current = what
 
 
@@ -330,10 +370,28 @@ def remove_entries(directory: Path, kind: str) -> None:
         what = entry_kind(kind, entry.name)
         if what is None or entry.name == LOCK or entry.is_symlink():
             continue
+        if what in (OLD, TMP, METRICS_TMP):
+            if not _temporary_is_ours(entry, what):
+                continue
+            what = FILE if what == METRICS_TMP else "checkpoint"
         if what == FILE and _is_file(entry):
             entry.unlink()
         elif what != FILE and _is_dir(entry) and not _foreign_inside(entry, what):
             shutil.rmtree(entry)
+
+
+def remove_temporaries(directory: Path, kind: str) -> None:
+    """Delete the temporary and backup entries that charlm marked in ``directory`` (a killed writer's leftovers);
+    only those that say they are charlm's."""
+    import shutil
+
+    for entry in directory.iterdir():
+        what = entry_kind(kind, entry.name)
+        if what in (TMP, METRICS_TMP) and not entry.is_symlink() and _temporary_is_ours(entry, what):
+            if what == TMP and not _foreign_inside(entry, "checkpoint"):
+                shutil.rmtree(entry)
+            elif what == METRICS_TMP:
+                entry.unlink()
 
 
 def check_file(path: Path, owned: bool, what: str, option: str = "--out") -> None:

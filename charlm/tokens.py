@@ -47,7 +47,7 @@ import numpy as np
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
-from charlm.outputs import check_folder, new_folders, resolve_path
+from charlm.outputs import check_folder, check_not_inside_owned, new_folders, resolve_path
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -242,6 +242,7 @@ def prepare(corpus: str | os.PathLike, preprocess: str = "raw", min_count: int =
     hit = _open(target)
     if hit is not None:
         return hit
+    check_not_inside_owned(target, "token-cache", option=CACHE_ENV)
     try:
         with new_folders(root), _locked(root / f".{target.name}.lock"):
             hit = _open(target)  # built by another process while this one waited

@@ -702,7 +702,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     emit = callback or (lambda event, info: None)
     if init_from is not None or new_chars is not None:
         cfg = dataclasses.replace(cfg, init_from=str(init_from) if init_from is not None else cfg.init_from,
-                                  new_chars=new_chars or cfg.new_chars)
+                                  new_chars=new_chars if new_chars is not None else cfg.new_chars)
     device = resolve_device(cfg.device)
     dist = from_env()
     if dist.enabled and device.type == "cuda" and device.index is None:
@@ -742,6 +742,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
         trainer, saved = _prepare_run(cfg, run, resume, overwrite, prepare_progress, device, dist, parent)
         if dist.is_main:  # one writer per run folder: locked, (re)checked under the lock, then written
             run.create(overwrite, step=trainer.state.step if saved is not None else None)
+            if run.unlocked:
+                trainer.warnings.append(f"{run.path} is on a file system without file locks: nothing stops a second "
+                                        f"process from writing the run at the same time")
     except CharlmError as exc:
         error = exc
     try:
@@ -760,10 +763,13 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
         raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world_size} processes; "
                          f"use a multiple of {dist.world_size}")
     run.check(resume, overwrite)
+    if parent is not None:
+        finetune.check_apart(parent, run.path)
     saved = None
     if resume:
         saved = run.load_last(device)
         if cfg.init_from:  # a fine-tuning run: the architecture it took from its parent is in its checkpoints
+            finetune.check_same_parent(saved, cfg.init_from)
             cfg = finetune.inherit(cfg, saved)
         run.check_resume(saved, cfg)
     onto = saved.vocab if saved is not None and cfg.init_from else parent.vocab if parent is not None else None
@@ -817,6 +823,7 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                 stop_reason = trainer.run(stop)
             except StopTraining as exc:  # the callback's stop: ends the run as a signal does
                 stop_reason, stopped = str(exc), True
+            done = not stop["signal"]  # the loop ended by its own rule: a signal from here on cuts the final work only
             if trainer.last_eval_step != st.step:
                 with contextlib.suppress(StopTraining):  # (the run ends here anyway)
                     trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
@@ -835,6 +842,6 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                 f"died or did not answer within --dist-timeout {cfg.dist_timeout:g}s; resume from "
                 f"{run.checkpoint('last')} with --resume") from None
         if stop["signal"]:
-            raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result)
+            raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result, complete=done)
     emit("end", {"result": result})
     return result
