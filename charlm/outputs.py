@@ -58,7 +58,7 @@ KINDS = {
                                             "provisional.bin")},
     # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and the marked folder
     # the results are written in before they are renamed into place (their temporary files, charlm's by where they are)
-    "tune": {"trials": "trials", "final": "run", ".charlm-tmp": "tune-tmp", MARKER: FILE, LOCK: FILE,
+    "tune": {"trials": "trials", "final": "run", ".charlm-tune-tmp": "tune-tmp", MARKER: FILE, LOCK: FILE,
              **{name: FILE for name in ("study.journal", "study.journal.lock", *TUNE_RESULTS)}},
     "tune-tmp": {MARKER: FILE, **{f"{name}.tmp-*": FILE for name in TUNE_RESULTS}},
     "trials": {"[0-9][0-9][0-9][0-9]*": "run"},  # a search's trials/: one run folder per Optuna trial number

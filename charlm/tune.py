@@ -18,7 +18,7 @@ killed worker's trial is failed by Optuna's heartbeat and run again by another w
 The folder ``OUT`` (default ``tunes/<corpus stem>``) is owned as a run folder is (:mod:`charlm.outputs`):
 marked, refused when it is not charlm's or lies inside another folder charlm owns, one process at a time (a
 lock, taken before the folder is marked; every check of the folder and of the study is made again under it).
-The results, rewritten after each trial (each written in the marked temporary folder ``OUT/.charlm-tmp`` and
+The results, rewritten after each trial (each written in the marked temporary folder ``OUT/.charlm-tune-tmp`` and
 renamed into place): ``trials.csv``, ``best.json`` and ``best-command.txt`` (the ``charlm train`` command that
 reproduces the best trial: to the bit when trials run by steps), and at the end ``history.png`` and
 ``importances.png`` (Optuna's matplotlib plots, with the ``plot`` extra); with ``final_time``, a final run of
@@ -456,7 +456,7 @@ def default_study(corpus: str | os.PathLike) -> str:
     return _stem(corpus)
 
 
-TMP = ".charlm-tmp"  # the tune folder's temporary folder (marked "tune-tmp"): results are written there, then renamed
+TMP_DIR = ".charlm-tune-tmp"  # the tune folder's temporary folder (marked "tune-tmp"): results written there, renamed
 
 
 class TuneFolder:
@@ -469,7 +469,7 @@ class TuneFolder:
         self.journal = self.path / JOURNAL
         self.trials = self.path / "trials"
         self.final = self.path / "final"
-        self.tmp = self.path / TMP
+        self.tmp = self.path / TMP_DIR
         self.lock: FolderLock | None = None
 
     def trial(self, number: int) -> Path:
@@ -484,7 +484,7 @@ class TuneFolder:
 
     def holds_search(self) -> bool:
         """Whether the folder holds anything beyond charlm's marker, lock and temporary folder."""
-        return bool(self.names() - {LOCK, MARKER, TMP})
+        return bool(self.names() - {LOCK, MARKER, TMP_DIR})
 
     def check(self, resume: bool, overwrite: bool, shared: bool, locked: bool = False) -> None:
         """Refuse (one line, nothing written) a folder that is not charlm's (or holds anything charlm did not

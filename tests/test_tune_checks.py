@@ -121,16 +121,15 @@ def test_a_users_file_named_like_a_temporary_file_is_never_deleted(corpus, tmp_p
         assert tree(out) == before
         (out / name).unlink()
     # what a kill leaves in charlm's own temporary folder goes with the search (and a resume tidies it)
-    assert not any((out / ".charlm-tmp").iterdir()) or all(
-        p.name == ".charlm" for p in (out / ".charlm-tmp").iterdir())
-    (out / ".charlm-tmp" / "trials.csv.tmp-0123abcd").write_text("half")
+    assert sorted(p.name for p in (out / ".charlm-tune-tmp").iterdir()) == [".charlm"]
+    (out / ".charlm-tune-tmp" / "trials.csv.tmp-0123abcd").write_text("half")
     search(corpus, out, "--resume", trials=1)
-    assert sorted(p.name for p in (out / ".charlm-tmp").iterdir()) == [".charlm"]
-    (out / ".charlm-tmp" / "best.json.tmp-0123abcd").write_text("half")
+    assert sorted(p.name for p in (out / ".charlm-tune-tmp").iterdir()) == [".charlm"]
+    (out / ".charlm-tune-tmp" / "best.json.tmp-0123abcd").write_text("half")
     search(corpus, out, "--overwrite")
-    (out / ".charlm-tmp" / "notes.txt").write_text("mine")  # a user's file in there is not charlm's either
+    (out / ".charlm-tune-tmp" / "notes.txt").write_text("mine")  # a user's file in there is not charlm's either
     result = invoke("tune", corpus, "--out", out, "--trials", 1, "--trial-steps", 4, "--overwrite", *SPACE_ARGS)
-    assert ".charlm-tmp/notes.txt, which charlm did not write" in one_line_error(result)
+    assert ".charlm-tune-tmp/notes.txt, which charlm did not write" in one_line_error(result)
 
 
 # -- 3. outputs inside folders charlm owns -------------------------------------------------------------------------
