@@ -280,7 +280,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "SGD lr 1, clip 1, 500 epochs. Explicit options override it.")
 @click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), default=None,
               help="Also write TensorBoard events (training loss, held-out bits/char, lr, throughput) into "
-                   "DIR/<run folder's name> (the tensorboard extra); view them with tensorboard --logdir DIR.")
+                   "DIR/<run folder's name>-<8 hex digits of its path> (the tensorboard extra); view them with "
+                   "tensorboard --logdir DIR. DIR may not lie inside a run folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")
 @click.pass_context
 def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
@@ -321,15 +322,21 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
     from charlm.distributed import from_env
 
     main_rank = from_env().is_main  # under torchrun only rank 0 speaks; the others exit with its status
+    log_dir = None
+    if tensorboard is not None and main_rank:  # (checked before anything is written: the corpus, the run)
+        from charlm.board import check_available, check_log_dir, run_name
+
+        check_available()
+        log_dir = check_log_dir(tensorboard, run_name(out), outputs=(out,))
     if main_rank:
         corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
 
     progress, prepare_bar = _TrainProgress(quiet, speak=main_rank), _PrepareBar(corpus, quiet or not main_rank)
     callback, board = progress, None
-    if tensorboard is not None and main_rank:
-        from charlm.board import TensorBoardLog, run_name
+    if log_dir is not None:
+        from charlm.board import TensorBoardLog
 
-        board = TensorBoardLog(Path(tensorboard) / run_name(out))
+        board = TensorBoardLog(log_dir)
         callback = _both(progress, board)
     try:
         result = run_training(cfg, resume=resume, overwrite=overwrite, callback=callback,
@@ -517,10 +524,13 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
               help="A database URL Optuna takes, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB: tune "
                    "processes on several machines share its study, each with its own --out. sqlite:///FILE is "
                    "for one process only.")
-@click.option("--study", default=None, show_default="the corpus's file stem", help="The study's name in the storage.")
+@click.option("--study", default=None, show_default="the corpus's file stem",
+              help="The study's name in the storage: 1 to 100 letters, digits, '.', '_', '+' or '-', the first a "
+                   "letter or digit.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
-              help="Also write TensorBoard events of each trial into DIR/<study>/trial-NNNN (and of the final run "
-                   "into DIR/<study>/final): the tensorboard extra.")
+              help="Also write TensorBoard events of each trial into DIR/<study>-<8 hex digits of --out's "
+                   "path>/trial-NNNN (and of the final run into .../final): the tensorboard extra. DIR may not lie "
+                   "inside the tune folder or another charlm folder.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=None,
               show_default="raw, or a resumed study's", help=_PREPROCESS_HELP)
 @click.option("--min-count", type=click.IntRange(min=1), default=None, show_default="1, or a resumed study's",
@@ -535,7 +545,8 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
 @click.option("--show-space", is_flag=True,
               help="Print the search space sized for CORPUS and the trial budget (with --space applied) and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar; only the summary.")
-def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space, pruner, out, resume, overwrite,
+@click.pass_context
+def tune(ctx, corpus, trials, time_budget, trial_steps, trial_time, final_time, space, pruner, out, resume, overwrite,
          storage, study, tensorboard, preprocess, min_count, val_fraction, seed, device, precision, show_space,
          quiet):
     """Search hyperparameters for CORPUS with Optuna: each trial a charlm training run.
@@ -568,12 +579,15 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
         click.echo(f"search space for {corpus} ({len(data.train_ids):,} training characters, {budget} per trial):")
         click.echo("\n".join(f"  --space {d.describe()}" + ("  (fixed)" if d.fixed else "") for d in sized.values()))
         return
+    from_env = ctx.get_parameter_source("storage") == click.core.ParameterSource.ENVIRONMENT
+    storage_from = tune_mod.STORAGE_ENV if from_env else "--storage"
     try:
         cfg = tune_mod.TuneConfig(corpus=corpus, out=out, trials=trials, time_budget=time_budget,
                                   trial_steps=trial_steps, trial_time=trial_time, final_time=final_time,
                                   space=tuple(space), pruner=pruner, storage=storage, study=study,
                                   tensorboard=tensorboard, preprocess=preprocess, min_count=min_count,
-                                  val_fraction=val_fraction, seed=seed, device=device, precision=precision)
+                                  val_fraction=val_fraction, seed=seed, device=device, precision=precision,
+                                  storage_from=storage_from)
     except CharlmError as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -595,14 +609,7 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
         if not hasattr(exc, "result"):
             raise
         click.echo(_tune_summary(exc.result), err=True)
-        again = ["charlm", "tune", corpus, "--out", str(exc.result.out), "--resume"]
-        if trials is not None:
-            again.append(f"--trials={trials}")
-        if time_budget is not None:
-            again.append(f"--time-budget={time_budget:g}")
-        if storage:
-            again.append("--storage=URL")  # (not repeated: it may hold a password)
-        click.echo(f"Interrupted: {exc}. Resume with: {shlex.join(again)}", err=True)
+        click.echo(f"Interrupted: {exc}. Resume with: {_resume_command(cfg, exc.result.out)}", err=True)
         sys.exit(130)
     finally:
         progress.close()
@@ -611,6 +618,31 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
     click.echo(result.command)
     if result.final is not None:
         click.echo(f"Final run ({result.out / 'final-command.txt'}): {_summary(result.final, result.final_config)}")
+
+
+def _resume_command(cfg, out) -> str:
+    """The command that continues an interrupted search, as it can be run: the options that say which search
+    and how to go on; the storage as it was given (CHARLM_TUNE_STORAGE named, never a password printed)."""
+    words = ["charlm", "tune", str(cfg.corpus), "--out", str(out), "--resume"]
+    device, precision = (None if cfg.device == "auto" else cfg.device), (None if cfg.precision == "fp32" else
+                                                                          cfg.precision)
+    for option, value in (("--trials", cfg.trials), ("--time-budget", cfg.time_budget),
+                          ("--final-time", cfg.final_time), ("--study", cfg.study), ("--tensorboard", cfg.tensorboard),
+                          ("--device", device), ("--precision", precision)):
+        if value is not None:
+            words.append(f"{option}={value:g}" if isinstance(value, float) else f"{option}={value}")
+    note = ""
+    if cfg.storage is not None and cfg.storage_from != "--storage":
+        note = f" (with {cfg.storage_from} set as now)"
+    elif cfg.storage is not None:
+        from charlm.tune import STORAGE_ENV, has_password
+
+        if has_password(cfg.storage):
+            note = (f" (and the --storage URL given, whose password is not printed here; or set {STORAGE_ENV} to "
+                    f"it)")
+        else:
+            words.append(f"--storage={cfg.storage}")
+    return shlex.join(words) + note
 
 
 def _tune_summary(result) -> str:
@@ -667,8 +699,10 @@ class _TuneProgress:
             self.post("")
         elif event == "final-start":
             self.close()
-            tqdm.write(f"{'resuming' if info['resumed'] else 'starting'} the final run of the best configuration "
-                       f"into {info['out']}", file=sys.stderr)
+            what = "resuming" if info["resumed"] else "starting"
+            replaced = " (it held the run of an earlier best: replaced)" if info.get("replaced") else ""
+            tqdm.write(f"{what} the final run of the best configuration (trial {info['trial']}) into "
+                       f"{info['out']}{replaced}", file=sys.stderr)
             self.final = _TrainProgress(self.quiet)
         elif event == "warning":
             tqdm.write(f"Warning: {info['message']}", file=sys.stderr)

@@ -48,6 +48,7 @@ OLD, TMP, METRICS_TMP = "checkpoint-old", "checkpoint-tmp", "metrics-tmp"
 OLD_MARK, TMP_MARK = ".charlm-old", ".charlm-tmp"
 METRICS_HEADER = b"step,epoch,tokens,"
 TEMP_NAME_BYTES = 100  # of a name, at most, in the temporary names made from it (a name may take 255 bytes)
+TUNE_RESULTS = ("best.json", "best-command.txt", "final-command.txt", "trials.csv", "history.png", "importances.png")
 # The entries a folder of each kind may hold (names, or fnmatch patterns of a writer's temporary names), and
 # what each must be: a regular file (FILE) or a real folder of the kind named.
 KINDS = {
@@ -61,14 +62,16 @@ KINDS = {
                                     "ort-wasm-simd-threaded.wasm", MARKER)},
     "token-cache": {name: FILE for name in ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part",
                                             "provisional.bin")},
-    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and their temporary files
-    "tune": {"trials": "trials", "final": "run", ".*.tmp": FILE, MARKER: FILE, LOCK: FILE,
-             **{name: FILE for name in ("study.journal", "study.journal.lock", "best.json", "best-command.txt",
-                                        "final-command.txt", "trials.csv", "history.png", "importances.png")}},
+    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and the marked folder
+    # the results are written in before they are renamed into place (their temporary files, charlm's by where they are)
+    "tune": {"trials": "trials", "final": "run", ".charlm-tune-tmp": "tune-tmp", MARKER: FILE, LOCK: FILE,
+             **{name: FILE for name in ("study.journal", "study.journal.lock", *TUNE_RESULTS)}},
+    "tune-tmp": {MARKER: FILE, **{f"{name}.tmp-*": FILE for name in TUNE_RESULTS}},
     "trials": {"[0-9][0-9][0-9][0-9]*": "run"},  # a search's trials/: one run folder per Optuna trial number
 }
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
-         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
+         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials",
+         "tune-tmp": "charlm tune's temporary folder"}
 
 
 class NotOwnedError(CharlmError):

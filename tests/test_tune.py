@@ -411,7 +411,7 @@ def test_bad_inputs_one_line_nothing_touched(corpus, write_corpus, tmp_path):
     cases = [
         ((empty, "--trials", 1), 1, "is empty"),
         ((small, "--trials", 1), 1, "charlm tune needs at least 1,000"),
-        ((corpus, "--time-budget", 5, "--trial-time", 10), 1, "is shorter than one trial"),
+        ((corpus, "--time-budget", 5, "--trial-time", 10), 2, "is shorter than one trial"),
         ((corpus, "--time-budget", 5, "--final-time", 6), 2, "leaves no time to search"),
         ((corpus,), 2, "give --trials N, --time-budget SECONDS or both"),
         ((corpus, "--trials", 1, "--trial-steps", 5, "--trial-time", 5), 2, "exclude each other"),
