@@ -105,8 +105,13 @@ class Schedule:
         if bound <= st.step:  # no step will be taken (--max-steps reached): the saved plan stays as it was
             return None
         if self.shorten(st, bound):
+            if st.plan_anchor is None:  # still within the shorter plan's hold: its own shape
+                fall = math.ceil(HOLD_FRACTION * st.planned_steps)
+                how = f"its lr held until step {fall:,}, then falling"
+            else:
+                how = f"falling from step {st.step:,}"
             return (f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} (--max-steps or "
-                    f"--epochs), falling from step {st.step:,}")
+                    f"--epochs), {how}")
         if cfg.max_steps and cfg.max_steps > st.planned_steps:
             return (f"the {cfg.lr_schedule} schedule was planned for {st.planned_steps:,} steps when the run "
                     f"started; the run ends there (--max-steps {cfg.max_steps:,} does not extend a plan)")

@@ -234,3 +234,21 @@ def test_a_time_limit_without_two_evaluations_fits_the_plan_from_the_steps_time(
                           lr_schedule="cosine"))
     assert 95 <= result.steps <= 100 and seen[-1] == 0.0
     assert max(a - b for a, b in zip(seen, seen[1:])) < 0.5 / 10  # no cliff
+
+
+@pytest.mark.parametrize("step, falls_at", [(10, 30), (40, 40)])
+def test_a_shortened_plan_says_where_its_lr_starts_to_fall(corpus, tmp_path, step, falls_at):
+    """A 100-step hold-decay plan resumed with --max-steps 50: from step 10 the shorter plan still holds the lr to
+    its own 60% (step 30); from step 40 it falls at once. The warning names the step the lr first falls at."""
+    from types import SimpleNamespace
+
+    from charlm.schedule import Schedule
+    schedule = Schedule(config(corpus, tmp_path / "r", max_steps=50), train_tokens=10**7)
+    st = SimpleNamespace(step=step, planned_steps=100, plan_anchor=None)
+    warning = schedule.check(st)
+    assert st.planned_steps == 50 and "ends at step 50" in warning
+    assert f"held until step {falls_at}," in warning or warning.endswith(f"falling from step {falls_at}")
+
+    def lr_at(n):
+        return schedule.lr(SimpleNamespace(step=n, planned_steps=st.planned_steps, plan_anchor=st.plan_anchor))
+    assert lr_at(step) == lr_at(falls_at) == schedule.base_lr > lr_at(falls_at + 1)
