@@ -757,6 +757,9 @@ class TuneResult:
 
 
 SETTINGS_KEY = "charlm"  # the study's user attribute holding the search's settings
+# Optuna makes a study, then charlm marks it with its settings: another worker may see it between the two. An
+# unmarked study without trials is waited for this long before it counts as not charlm's.
+MARK_WAIT_S = 15.0
 SETTING_NAMES = ("preprocess", "min_count", "val_fraction", "seed", "trial_steps", "trial_time", "pruner")
 
 
@@ -801,11 +804,16 @@ class _Study:
         """The settings of the study as the storage holds it now (None: no such study)."""
         import optuna
 
-        try:
-            study = optuna.load_study(study_name=self.name, storage=self.storage)
-        except KeyError:
-            return None
-        settings = study.user_attrs.get(SETTINGS_KEY)
+        deadline = time.monotonic() + MARK_WAIT_S
+        while True:
+            try:
+                study = optuna.load_study(study_name=self.name, storage=self.storage)
+            except KeyError:
+                return None
+            settings = study.user_attrs.get(SETTINGS_KEY)
+            if settings is not None or study.get_trials(deepcopy=False) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # (made by another worker a moment ago, and not marked yet)
         if not isinstance(settings, dict) or settings.get("format") != 1:
             raise TuneError(f"the study {self.name!r} in {self.cfg.storage_from} was not made by charlm tune; "
                             f"choose another --study")

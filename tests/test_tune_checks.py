@@ -326,3 +326,40 @@ def test_the_resume_command_repeats_a_storage_url_but_never_its_password(corpus,
                     "postgresql+psycopg://charlm:s3cret@127.0.0.1:5432/db")
     assert result.exit_code == 130 and "s3cret" not in result.output and "URL" not in _resume_command(result.output)
     assert "password" in result.output
+
+
+def _bare_study(storage, name="shared"):
+    """A _Study reading ``name`` in ``storage`` (no folder, no worker: stored_settings reads the storage only)."""
+    from types import SimpleNamespace
+
+    store = tune_mod._Study.__new__(tune_mod._Study)
+    store.cfg, store.name, store.storage = SimpleNamespace(storage="db", storage_from="--storage"), name, storage
+    return store
+
+
+def test_a_study_another_worker_made_a_moment_ago_is_joined_once_it_is_marked():
+    """Optuna makes a study, then charlm marks it with its settings: a second worker that reads the study between
+    the two waits for the mark (two workers starting together on one database refused each other)."""
+    import threading
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="shared")
+    settings = {"format": 1, "space": {}}
+    marker = threading.Timer(1.0, lambda: study.set_user_attr(tune_mod.SETTINGS_KEY, settings))
+    marker.start()
+    try:
+        assert _bare_study(storage).stored_settings() == settings
+    finally:
+        marker.cancel()
+
+
+@pytest.mark.parametrize("with_a_trial", [False, True])
+def test_a_study_charlm_did_not_make_is_refused(monkeypatch, with_a_trial):
+    monkeypatch.setattr(tune_mod, "MARK_WAIT_S", 0.5)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="shared")
+    if with_a_trial:  # (a study with trials is not a moment old: refused at once)
+        study.enqueue_trial({"x": 1.0})
+        study.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)
+    with pytest.raises(tune_mod.TuneError, match="was not made by charlm tune"):
+        _bare_study(storage).stored_settings()
