@@ -89,6 +89,25 @@ def test_resume_equals_a_straight_run(big_corpus, tmp_path, sampling, dropout, t
     assert resumed.best.loss == straight.best.loss
 
 
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_a_mogrifier_run_resumes_exactly(corpus, tmp_path, impl):
+    """The mogrifier's state (h, c) is carried across batches and saved; its rounds' matrices (here at a low
+    rank) are weights like the others; the default regularisers (weight drop, locked dropouts) draw the same
+    masks after a resume."""
+    kw = dict(cell="mogrifier", impl=impl, mogrify_rounds=3, mogrify_rank=4, sampling="sequential", dropout=0.2,
+              eval_chars=10**6, eval_every=10, weight_drop=0.25, dropout_input=0.05, dropout_hidden=0.15,
+              dropout_output=0.25)
+    straight = train(config(corpus, tmp_path / "straight", max_steps=40, num_layers=2, **kw))
+    train(config(corpus, tmp_path / "parts", max_steps=20, num_layers=2, **kw))
+    resumed = train(config(corpus, tmp_path / "parts", max_steps=40, num_layers=2, **kw), resume=True)
+    assert straight.steps == resumed.steps == 40
+    assert rows(tmp_path / "parts") == rows(tmp_path / "straight")
+    assert_bit_identical(tmp_path / "parts", tmp_path / "straight", "last")
+    saved = ck.load_checkpoint(tmp_path / "parts" / "last", with_trainer_state=True)
+    assert saved.config.cell == "mogrifier" and (saved.config.mogrify_rounds, saved.config.mogrify_rank) == (3, 4)
+    assert len(saved.trainer_state["state"]) == 2  # (h, c)
+
+
 def test_a_stop_between_evaluations_does_not_change_the_schedule(corpus, tmp_path, monkeypatch):
     """A run that stops off the evaluation schedule is evaluated once more before it exits; that report
     must not decay the lr, count towards patience or restart the training figures' interval, or the
