@@ -136,3 +136,30 @@ def test_env_says_what_this_machine_can_do():
         verdict = "refused" if not probe.runs else "emulated" if probe.emulated else "native"
         assert f"{cell.upper()} {verdict} (" in rows["bf16 on cpu"]
     assert ("cuda" in rows) != any(k.startswith("cuda:") for k in rows)
+
+
+def test_a_mogrifier_trains_and_info_names_its_rounds(corpus, tmp_path):
+    out = tmp_path / "mog"
+    r = run("train", corpus, "--cell", "mogrifier", "--mogrify-rounds", 3, "--mogrify-rank", 4, "--hidden-size", 12,
+            "--embedding-dim", 6, "--out", out, "--max-steps", 3, "--batch-size", 4, "--num-steps", 10, "--quiet")
+    assert r.exit_code == 0, r.output
+    info = run("info", out)
+    assert "2 x MOGRIFIER 12, embedding 6" in info.output and "3 mogrifier rounds of rank 4" in info.output
+    assert "rounds" not in run("info", _lstm_run(corpus, tmp_path)).output
+
+
+def _lstm_run(corpus, tmp_path):
+    out = tmp_path / "lstm"
+    assert run("train", corpus, "--hidden-size", 8, "--out", out, "--max-steps", 2, "--batch-size", 4, "--num-steps",
+               10, "--quiet").exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cell", "lstm", "--mogrify-rounds", 3], "mogrify-rounds applies to the mogrifier cell only (cell 'lstm')"),
+    (["--mogrify-rank", 2], "mogrify-rank applies to the mogrifier cell only"),
+])
+def test_mogrifier_options_with_another_cell_are_one_line(corpus, tmp_path, args, message):
+    r = run("train", corpus, "--out", tmp_path / "run", *args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
+    assert not (tmp_path / "run").exists()

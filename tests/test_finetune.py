@@ -156,7 +156,8 @@ def test_extend_gives_the_parents_figures_before_the_first_step(tmp_path):
 
 
 @pytest.mark.parametrize("option", [["--cell", "gru"], ["--impl", "scratch"], ["--hidden-size", "64"],
-                                    ["--num-layers", "1"], ["--embedding-dim", "0"], ["--preprocess", "lower"],
+                                    ["--num-layers", "1"], ["--embedding-dim", "0"], ["--mogrify-rounds", "3"],
+                                    ["--mogrify-rank", "8"], ["--preprocess", "lower"],
                                     ["--min-count", "2"], ["--d2l"], ["--resume"]])
 def test_architecture_and_preprocessing_options_with_init_from_are_one_line(tmp_path, new_text, option):
     parent = make_parent(tmp_path)

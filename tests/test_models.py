@@ -282,8 +282,15 @@ def test_gradcheck_mogrifier(impl, rounds, rank, onehot):
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5)
 
 
-def test_the_fast_mogrifier_equals_the_scratch_one_under_weight_drop_and_locked_dropout():
-    """Training's path (RNNLM.regularised_forward with one set of masks): the same logits and gradients."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_fast_mogrifier_equals_the_scratch_one_under_weight_drop_and_locked_dropout(monkeypatch, onednn):
+    """Training's path (RNNLM.regularised_forward with one set of masks): the same logits and gradients, with the
+    fast form's products through oneDNN (where it runs) and through torch's own."""
+    from charlm.models import mogrifier
+
+    if onednn and not mogrifier._onednn_runs():
+        pytest.skip("oneDNN's matrix product does not run in this torch")
+    monkeypatch.setattr(mogrifier, "_ONEDNN", onednn)
     options = dict(weight_drop=0.3, dropout_input=0.2, dropout_hidden=0.2, dropout_output=0.2)
     for emb in (0, 5):
         fast, scratch = pair("mogrifier", 2, emb, **options)
