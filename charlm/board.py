@@ -10,16 +10,21 @@ folder, which TensorBoard shows as one run (``tensorboard --logdir DIR``):
   ``val_bpc`` and ``val_ppl``);
 - ``lr``: the learning rate at each evaluation.
 
-The step axis is the run's optimizer step. A resumed run appends to the same folder, and the events an
-earlier invocation wrote after the checkpoint it resumes from are dropped by TensorBoard (a purge from the
-resumed step on); a run started afresh in a folder that holds events replaces them the same way (a purge
-from step 0). charlm only adds files (``events.out.tfevents.*``) to the folder; it deletes none.
+A run's folder is named by :func:`run_name`: its run folder's name and eight hex digits of that folder's
+absolute path (``checkpoints/timemachine`` -> ``timemachine-1f2e3d4c``), so that two runs of the same name in
+different folders are two TensorBoard runs. The step axis is the run's optimizer step. A resumed run (the same
+run folder) appends to the same folder, and the events an earlier invocation wrote after the checkpoint it
+resumes from are dropped by TensorBoard (a purge from the resumed step on); a run started afresh in the same run
+folder replaces them the same way (a purge from step 0). charlm only adds files (``events.out.tfevents.*``) to
+the folder; it deletes none. :func:`check_log_dir` refuses, before a run starts, a folder it could not write or
+one inside a folder charlm owns (a run's, a search's).
 
 Needs the ``tensorboard`` extra (torch's ``SummaryWriter`` writes the files).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
@@ -27,6 +32,7 @@ import re
 from pathlib import Path
 
 from charlm.errors import ConfigError
+from charlm.outputs import check_not_inside_owned, resolve_path
 from charlm.training import STEP_EVENT_EVERY
 
 FLUSH_S = 10  # seconds between flushes of the event file: a killed run loses at most this much of its curve
@@ -39,10 +45,47 @@ def check_available(option: str = "--tensorboard") -> None:
                           f"pip install 'charlm-rnn[tensorboard]'")
 
 
-def run_name(out: str | os.PathLike) -> str:
-    """The TensorBoard run of a run folder: its name (``checkpoints/timemachine`` -> ``timemachine``)."""
-    name = Path(os.path.abspath(out)).name
-    return re.sub(r"[^\w.+-]", "_", name) or "run"
+NAME_CHARS = 100  # of a run folder's name, at most, in its TensorBoard run's name
+
+
+def run_name(out: str | os.PathLike, name: str | None = None) -> str:
+    """The TensorBoard run of the run folder ``out``: ``name`` (default: the folder's own name) and eight hex
+    digits of the sha256 of the folder's absolute path (``checkpoints/timemachine`` -> ``timemachine-1f2e3d4c``):
+    the same for every invocation on that folder (a resume continues its curve), another for a folder of the
+    same name elsewhere. Characters other than letters, digits and ``._+-`` become ``_``."""
+    full = os.path.abspath(resolve_path(out))
+    digest = hashlib.sha256(full.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    base = re.sub(r"[^\w.+-]", "_", name if name is not None else Path(full).name).lstrip(".")[:NAME_CHARS]
+    return f"{base or 'run'}-{digest}"
+
+
+def check_log_dir(log_dir: str | os.PathLike, run: str, outputs=(), option: str = "--tensorboard") -> Path:
+    """Refuse (one line, before anything is written) to write a run's events into ``log_dir/run``: an empty
+    ``log_dir`` (the current folder), a folder inside one of ``outputs`` (the run or search folders this command
+    writes) or inside any folder charlm owns (:func:`~charlm.outputs.check_not_inside_owned`: its events would
+    block that folder's --resume and --overwrite), a file where a folder goes, a folder it cannot write. Returns
+    the run's events folder."""
+    if str(log_dir) == "":
+        raise ConfigError(f"{option} needs a folder (an empty path is the current folder); name one, e.g. "
+                          f"{option} runs")
+    target = resolve_path(Path(log_dir) / run)
+    full = Path(os.path.abspath(target))
+    for out in outputs:
+        owned = Path(os.path.abspath(resolve_path(out)))
+        if full == owned or owned in full.parents:
+            raise ConfigError(f"{option} {log_dir} would put the events in {target}, inside {out}, which this "
+                              f"command writes; choose a folder outside it")
+    check_not_inside_owned(target, "tensorboard", option)
+    for folder in (target, *target.parents):
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        if not folder.is_dir():
+            raise ConfigError(f"{option} {log_dir}: cannot write the events to {target}: {folder} is a file, not a "
+                              f"folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {log_dir}: cannot write the events to {target}: {folder} is not writable")
+        break
+    return target
 
 
 class TensorBoardLog:

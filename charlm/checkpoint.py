@@ -38,8 +38,10 @@ import torch
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import CheckpointError, os_error_line
 from charlm.models import RNNLM
-from charlm.outputs import (FILE, check_folder, check_not_cwd, check_parent, default_folder_mode, entry_kind,
-                            folder_mode, is_manifest, move_into_empty, new_folders, resolve_path, temp_prefix)
+from charlm.outputs import (FILE, OLD_MARK, TMP_MARK, check_folder, check_not_cwd, check_not_inside_owned, check_parent,
+                            default_folder_mode,
+                            entry_kind, folder_mode, is_manifest, mark_of, move_into_empty, new_folders, resolve_path,
+                            temp_prefix, write_mark)
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -59,15 +61,28 @@ class RunCorpus:
         return None
 
     @property
-    def corpus_path(self) -> Path | None:
-        """The run's corpus: its absolute path, else the same file found from the run folder (the
-        project moved or seen from another machine's mount), else the path as stored."""
+    def corpus_candidates(self) -> list[Path]:
+        """Where the run's corpus may be: its absolute path, then the file at its path from the run folder (a
+        project moved or copied whole, or seen through another mount); :func:`charlm.evaluation.held_out_ids`
+        takes the first whose contents are the run's (its sha256)."""
         info = self.corpus_info
         if not info.get("path"):
-            return None
+            return []
         candidates = [Path(info["path"])]
         if info.get("path_from_run") and self.run_folder is not None:
-            candidates.append((self.run_folder / info["path_from_run"]).resolve())
+            relative = (self.run_folder / info["path_from_run"]).resolve()
+            if relative != candidates[0]:
+                candidates.append(relative)
+        return candidates
+
+    @property
+    def corpus_path(self) -> Path | None:
+        """The run's corpus: the candidate found to hold its text (once read), else the first that exists, else
+        the path as stored; None when the run names none."""
+        found = getattr(self, "_corpus_found", None)
+        candidates = self.corpus_candidates
+        if found is not None or not candidates:
+            return found
         return next((c for c in candidates if c.exists()), candidates[0])
 
     @property
@@ -170,7 +185,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-OLD_MARK = ".charlm-old"  # inside a checkpoint moved aside by a replacement: names what it is the backup of
 
 
 def checkpoint_files_only(path: Path) -> bool:
@@ -196,15 +210,15 @@ def _backups(path: Path) -> list[Path]:
         candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
         return []
-    found = []
-    for candidate in candidates:
-        try:
-            mark = json.loads((candidate / OLD_MARK).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(mark, dict) and mark.get("of") == path.name and checkpoint_files_only(candidate):
-            found.append(candidate)
+    found = [c for c in candidates if mark_of(c, OLD_MARK) == path.name and checkpoint_files_only(c)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def backup_of(path: Path) -> Path:
+    """The checkpoint ``path`` stands for: itself, or for a backup charlm moved aside (``.NAME.old-XXXX``, read
+    while a replacement of ``NAME`` was cut short), ``NAME``."""
+    of = mark_of(path, OLD_MARK)
+    return path.with_name(of) if of and path.name.startswith(temp_prefix(of) + "old-") else path
 
 
 def recover(path: str | os.PathLike) -> None:
@@ -238,6 +252,7 @@ def save_checkpoint(path: str | os.PathLike, model: RNNLM, vocab: Vocab, meta: d
     """
     path = resolve_path(path)
     check_parent(path, option="checkpoint")
+    check_not_inside_owned(path, "checkpoint", option="checkpoint")
     check_folder(path, "checkpoint", option="checkpoint")
     check_not_cwd(path, option="checkpoint")  # (it is replaced by a rename: the caller's folder would vanish)
     if not path.name:
@@ -256,7 +271,7 @@ def _save(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_sta
 
 
 def _write(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_state: dict | None) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name) + "tmp-", dir=path.parent))
+    tmp = _new_temporary(path)
     try:
         mode = folder_mode(path)
         os.chmod(tmp, default_folder_mode() if mode is None else mode)  # (mkdtemp makes it 0700)
@@ -278,6 +293,14 @@ def _write(path: Path, model: RNNLM, vocab: Vocab, meta: dict | None, trainer_st
         raise
 
 
+def _new_temporary(path: Path) -> Path:
+    """A fresh folder beside ``path`` (``.NAME.tmp-XXXX``) to write its next version in, marked as charlm's (a
+    kill leaves it to the next writer of the run to delete, and only because of that mark)."""
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name) + "tmp-", dir=path.parent))
+    write_mark(tmp, TMP_MARK, path.name)
+    return tmp
+
+
 def _write_manifest(folder: Path) -> None:
     """``manifest.json`` for the files of the checkpoint folder being written, then everything to disk."""
     manifest = {name: _sha256(folder / name) for name in FILES}
@@ -291,11 +314,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
     """Rename the complete checkpoint ``tmp`` to ``path``. An earlier checkpoint there is first marked as the
     backup of ``path`` and moved aside to ``.NAME.old-XXXX``, then deleted: a kill at any moment leaves either
     ``path`` or that backup, which the next write (:func:`recover`) finishes, and a reader falls back to."""
+    (tmp / TMP_MARK).unlink()  # finished: no longer a temporary (a kill just before leaves an unmarked leftover)
     if path.is_dir() and not any(path.iterdir()):  # an empty folder (the user's, perhaps): filled, kept itself
         move_into_empty(tmp, path, "checkpoint", last="manifest.json")
         _fsync_dir(path)
     elif path.exists():
-        (path / OLD_MARK).write_text(json.dumps({"of": path.name}) + "\n", encoding="utf-8")
+        write_mark(path, OLD_MARK, path.name)
         old = path.with_name(temp_prefix(path.name) + f"old-{secrets.token_hex(4)}")
         os.replace(path, old)
         os.replace(tmp, path)
@@ -312,7 +336,7 @@ def update_progress(path: str | os.PathLike, **progress) -> None:
     path = Path(path)
     meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     meta["progress"] = {**meta.get("progress", {}), **progress}
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name) + "tmp-", dir=path.parent))
+    tmp = _new_temporary(path)
     try:
         os.chmod(tmp, folder_mode(path) or default_folder_mode())
         for name in FILES:
@@ -346,14 +370,40 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path} holds no checkpoint (no manifest.json here, nor in best/ or last/)")
 
 
+READ_ATTEMPTS = 5  # a load that a save swapped the checkpoint under is read again, at most this many times in all
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     with_trainer_state: bool = False) -> Checkpoint:
-    """Load and verify a checkpoint; ``path`` may be a run directory (its ``best/`` is used)."""
-    path = resolve_checkpoint_dir(path)
+    """Load and verify a checkpoint; ``path`` may be a run directory (its ``best/`` is used). A load that mixed
+    files of two versions (a save replaced the folder while it read) is read again: only a checkpoint that stays
+    wrong when nothing replaces it is called corrupt."""
+    for attempt in range(READ_ATTEMPTS):
+        folder = resolve_checkpoint_dir(path)
+        identity = _identity(folder)
+        try:
+            return _load(folder, device, with_trainer_state)
+        except CheckpointError:
+            if attempt + 1 == READ_ATTEMPTS or _identity(folder) == identity:
+                raise
+
+
+def _identity(folder: Path) -> tuple | None:
+    """What a replacement changes: the folder's inode (a save renames a new folder into place), or None if gone."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load(path: Path, device, with_trainer_state: bool) -> Checkpoint:
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest.json ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: unreadable manifest.json (not a JSON object)")
     for name in FILES:
         file = path / name
         if not file.is_file():

@@ -22,11 +22,11 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DYNAMIC_PRIOR_CHARS, DYNAMIC_RULE,
-                           DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_PRESET, IMPLS, INHERITED, LR_SCHEDULES, NEW_CHARS,
-                           OPTIMIZERS,
-                           PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
-                           SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
+from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
+                           DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
+                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS,
+                           NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
+                           SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -196,9 +196,11 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
               help="torch: PyTorch's kernels (cuDNN on GPUs; the mogrifier's fast form); scratch: charlm's own "
                    "cells (same weights).")
-@click.option("--hidden-size", type=click.IntRange(min=1), default=_d("hidden_size"), help="Units per recurrent layer.")
-@click.option("--num-layers", type=click.IntRange(min=1), default=_d("num_layers"), help="Stacked recurrent layers.")
-@click.option("--embedding-dim", type=click.IntRange(min=0), default=_d("embedding_dim"),
+@click.option("--hidden-size", type=click.IntRange(1, MAX_UNITS), default=_d("hidden_size"),
+              help="Units per recurrent layer (at most 2**31 - 1, the dimensions torch's kernels take).")
+@click.option("--num-layers", type=click.IntRange(1, MAX_LAYERS), default=_d("num_layers"),
+              help="Stacked recurrent layers.")
+@click.option("--embedding-dim", type=click.IntRange(0, MAX_UNITS), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
 @click.option("--mogrify-rounds", type=click.IntRange(min=1), default=_d("mogrify_rounds"),
               help="--cell mogrifier: rounds in which the input and the previous state gate each other before "
@@ -223,8 +225,10 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--sampling", type=click.Choice(SAMPLINGS), default=_d("sampling"),
               help="random: shuffled windows, fresh state each batch; sequential: state carried across batches.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_d("optimizer"), help="SGD (d2l) or Adam.")
-@click.option("--lr", type=_FloatRange(min=0, min_open=True), default=None,
-              show_default="1.0 for sgd, 0.003 for adam", help="Learning rate.")
+@click.option("--lr", type=_FloatRange(0, MAX_LR, min_open=True), default=None,
+              show_default=", ".join(f"{DEFAULT_LR[o]:g} for {o}" for o in OPTIMIZERS) + "; with --init-from "
+                           + ", ".join(f"{FINETUNE_LR[o]:g} for {o}" for o in OPTIMIZERS),
+              help="Learning rate (at most 1e30: float32 holds it through Adam's first steps).")
 @click.option("--clip", type=_FloatRange(min=0), default=_d("clip"),
               help="Clip the global gradient L2 norm to this; 0 = no clipping.")
 @click.option("--weight-decay", type=_FloatRange(min=0), default=None,
@@ -264,9 +268,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "else fp32. Weights, optimizer state and held-out evaluation stay fp32.")
 @click.option("--dist-backend", type=click.Choice(DIST_BACKENDS), default=_d("dist_backend"),
               help="Under torchrun: the process group's backend (auto: nccl with CUDA, gloo otherwise).")
-@click.option("--dist-timeout", type=_FloatRange(min=0, min_open=True), default=_d("dist_timeout"),
+@click.option("--dist-timeout", type=_FloatRange(*DIST_TIMEOUT_RANGE), default=_d("dist_timeout"),
               help="Under torchrun: seconds a process waits for another that stopped answering before the run "
-                   "stops (torchrun notices one that exits within a second).")
+                   "stops (torchrun notices one that exits within a second); at most a week.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, show_default="checkpoints/<corpus stem>",
               help="Run directory.")
 @click.option("--init-from", type=click.Path(), default=None,
@@ -285,7 +289,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "SGD lr 1, clip 1, 500 epochs. Explicit options override it.")
 @click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), default=None,
               help="Also write TensorBoard events (training loss, held-out bits/char, lr, throughput) into "
-                   "DIR/<run folder's name> (the tensorboard extra); view them with tensorboard --logdir DIR.")
+                   "DIR/<run folder's name>-<8 hex digits of its path> (the tensorboard extra); view them with "
+                   "tensorboard --logdir DIR. DIR may not lie inside a run folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar; only the summary line.")
 @click.pass_context
 def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
@@ -305,6 +310,8 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
                 if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
     if options["init_from"] is not None:
         _check_init_from(explicit, resume, d2l)
+    elif "new_chars" in explicit and not resume:
+        raise click.UsageError("--new-chars applies to a run that starts from a trained model: pass --init-from")
     values = dict(_DEFAULTS)
     out = options["out"] or str(default_out(corpus))
     if resume:
@@ -314,8 +321,6 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
         values.update({k: v for k, v in saved.items() if k in _DEFAULTS})
     if d2l:
         values.update(D2L_PRESET)
-    if options["init_from"] is not None:
-        values.update(FINETUNE_PRESET)
     values.update(explicit)
     values.update(corpus=corpus, out=out)
     if values.get("time_limit") == 0:
@@ -326,15 +331,21 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
     from charlm.distributed import from_env
 
     main_rank = from_env().is_main  # under torchrun only rank 0 speaks; the others exit with its status
+    log_dir = None
+    if tensorboard is not None and main_rank:  # (checked before anything is written: the corpus, the run)
+        from charlm.board import check_available, check_log_dir, run_name
+
+        check_available()
+        log_dir = check_log_dir(tensorboard, run_name(out), outputs=(out,))
     if main_rank:
         corpus_mod.ensure_corpus(corpus, progress=not quiet, on_download=_corpus_notice)
 
     progress, prepare_bar = _TrainProgress(quiet, speak=main_rank), _PrepareBar(corpus, quiet or not main_rank)
     callback, board = progress, None
-    if tensorboard is not None and main_rank:
-        from charlm.board import TensorBoardLog, run_name
+    if log_dir is not None:
+        from charlm.board import TensorBoardLog
 
-        board = TensorBoardLog(Path(tensorboard) / run_name(out))
+        board = TensorBoardLog(log_dir)
         callback = _both(progress, board)
     try:
         result = run_training(cfg, resume=resume, overwrite=overwrite, callback=callback,
@@ -344,8 +355,12 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
             sys.exit(130)
         progress.close()
         _draw_curve(exc.result.out)
-        click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
-                   f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
+        if exc.complete:  # the run had ended; the signal cut its final figure only
+            click.echo(f"Interrupted during the final evaluation ({exc}); the run itself is complete "
+                       f"({exc.result.stop_reason}); charlm eval {exc.result.out} gives its held-out figure", err=True)
+        else:
+            click.echo(f"Interrupted ({exc}); saved {exc.result.out / 'last'}. Resume with: "
+                       f"charlm train {corpus} --out {exc.result.out} --resume", err=True)
         sys.exit(130)
     except CharlmError as exc:
         if not main_rank:  # rank 0 says why; a lost process group, which rank 0 may not live to report, each rank
@@ -491,14 +506,14 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Finished trials (complete or pruned) the study should hold in all, across resumes and workers; "
                    "with --time-budget, whichever ends first.")
-@click.option("--time-budget", type=_FloatRange(min=0, min_open=True), default=None,
+@click.option("--time-budget", type=_FloatRange(0, MAX_SECONDS, min_open=True), default=None,
               help="Seconds this invocation searches, --final-time included (a resumed search gets a new budget).")
 @click.option("--trial-steps", type=click.IntRange(min=1), default=None,
               help="Each trial's training steps: its command line then reproduces it to the bit.")
-@click.option("--trial-time", type=_FloatRange(min=0, min_open=True), default=None,
+@click.option("--trial-time", type=_FloatRange(0, MAX_SECONDS, min_open=True), default=None,
               show_default="without --trial-steps: a tenth of --time-budget, else 60",
               help="Each trial's seconds of training.")
-@click.option("--final-time", type=_FloatRange(min=0, min_open=True), default=None,
+@click.option("--final-time", type=_FloatRange(0, MAX_SECONDS, min_open=True), default=None,
               help="After the search, train the best configuration for this many seconds into OUT/final (out of "
                    "--time-budget).")
 @click.option("--space", "space", multiple=True, metavar="NAME=SPEC",
@@ -518,10 +533,13 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
               help="A database URL Optuna takes, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB: tune "
                    "processes on several machines share its study, each with its own --out. sqlite:///FILE is "
                    "for one process only.")
-@click.option("--study", default=None, show_default="the corpus's file stem", help="The study's name in the storage.")
+@click.option("--study", default=None, show_default="the corpus's file stem",
+              help="The study's name in the storage: 1 to 100 letters, digits, '.', '_', '+' or '-', the first a "
+                   "letter or digit.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
-              help="Also write TensorBoard events of each trial into DIR/<study>/trial-NNNN (and of the final run "
-                   "into DIR/<study>/final): the tensorboard extra.")
+              help="Also write TensorBoard events of each trial into DIR/<study>-<8 hex digits of --out's "
+                   "path>/trial-NNNN (and of the final run into .../final): the tensorboard extra. DIR may not lie "
+                   "inside the tune folder or another charlm folder.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=None,
               show_default="raw, or a resumed study's", help=_PREPROCESS_HELP)
 @click.option("--min-count", type=click.IntRange(min=1), default=None, show_default="1, or a resumed study's",
@@ -536,7 +554,8 @@ _PRUNERS = ("hyperband", "halving", "median", "none")  # charlm.tune.PRUNERS (no
 @click.option("--show-space", is_flag=True,
               help="Print the search space sized for CORPUS and the trial budget (with --space applied) and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar; only the summary.")
-def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space, pruner, out, resume, overwrite,
+@click.pass_context
+def tune(ctx, corpus, trials, time_budget, trial_steps, trial_time, final_time, space, pruner, out, resume, overwrite,
          storage, study, tensorboard, preprocess, min_count, val_fraction, seed, device, precision, show_space,
          quiet):
     """Search hyperparameters for CORPUS with Optuna: each trial a charlm training run.
@@ -569,12 +588,15 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
         click.echo(f"search space for {corpus} ({len(data.train_ids):,} training characters, {budget} per trial):")
         click.echo("\n".join(f"  --space {d.describe()}" + ("  (fixed)" if d.fixed else "") for d in sized.values()))
         return
+    from_env = ctx.get_parameter_source("storage") == click.core.ParameterSource.ENVIRONMENT
+    storage_from = tune_mod.STORAGE_ENV if from_env else "--storage"
     try:
         cfg = tune_mod.TuneConfig(corpus=corpus, out=out, trials=trials, time_budget=time_budget,
                                   trial_steps=trial_steps, trial_time=trial_time, final_time=final_time,
                                   space=tuple(space), pruner=pruner, storage=storage, study=study,
                                   tensorboard=tensorboard, preprocess=preprocess, min_count=min_count,
-                                  val_fraction=val_fraction, seed=seed, device=device, precision=precision)
+                                  val_fraction=val_fraction, seed=seed, device=device, precision=precision,
+                                  storage_from=storage_from)
     except CharlmError as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -596,14 +618,7 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
         if not hasattr(exc, "result"):
             raise
         click.echo(_tune_summary(exc.result), err=True)
-        again = ["charlm", "tune", corpus, "--out", str(exc.result.out), "--resume"]
-        if trials is not None:
-            again.append(f"--trials={trials}")
-        if time_budget is not None:
-            again.append(f"--time-budget={time_budget:g}")
-        if storage:
-            again.append("--storage=URL")  # (not repeated: it may hold a password)
-        click.echo(f"Interrupted: {exc}. Resume with: {shlex.join(again)}", err=True)
+        click.echo(f"Interrupted: {exc}. Resume with: {_resume_command(cfg, exc.result.out)}", err=True)
         sys.exit(130)
     finally:
         progress.close()
@@ -612,6 +627,31 @@ def tune(corpus, trials, time_budget, trial_steps, trial_time, final_time, space
     click.echo(result.command)
     if result.final is not None:
         click.echo(f"Final run ({result.out / 'final-command.txt'}): {_summary(result.final, result.final_config)}")
+
+
+def _resume_command(cfg, out) -> str:
+    """The command that continues an interrupted search, as it can be run: the options that say which search
+    and how to go on; the storage as it was given (CHARLM_TUNE_STORAGE named, never a password printed)."""
+    words = ["charlm", "tune", str(cfg.corpus), "--out", str(out), "--resume"]
+    device, precision = (None if cfg.device == "auto" else cfg.device), (None if cfg.precision == "fp32" else
+                                                                          cfg.precision)
+    for option, value in (("--trials", cfg.trials), ("--time-budget", cfg.time_budget),
+                          ("--final-time", cfg.final_time), ("--study", cfg.study), ("--tensorboard", cfg.tensorboard),
+                          ("--device", device), ("--precision", precision)):
+        if value is not None:
+            words.append(f"{option}={value:g}" if isinstance(value, float) else f"{option}={value}")
+    note = ""
+    if cfg.storage is not None and cfg.storage_from != "--storage":
+        note = f" (with {cfg.storage_from} set as now)"
+    elif cfg.storage is not None:
+        from charlm.tune import STORAGE_ENV, has_password
+
+        if has_password(cfg.storage):
+            note = (f" (and the --storage URL given, whose password is not printed here; or set {STORAGE_ENV} to "
+                    f"it)")
+        else:
+            words.append(f"--storage={cfg.storage}")
+    return shlex.join(words) + note
 
 
 def _tune_summary(result) -> str:
@@ -668,8 +708,10 @@ class _TuneProgress:
             self.post("")
         elif event == "final-start":
             self.close()
-            tqdm.write(f"{'resuming' if info['resumed'] else 'starting'} the final run of the best configuration "
-                       f"into {info['out']}", file=sys.stderr)
+            what = "resuming" if info["resumed"] else "starting"
+            replaced = " (it held the run of an earlier best: replaced)" if info.get("replaced") else ""
+            tqdm.write(f"{what} the final run of the best configuration (trial {info['trial']}) into "
+                       f"{info['out']}{replaced}", file=sys.stderr)
             self.final = _TrainProgress(self.quiet)
         elif event == "warning":
             tqdm.write(f"Warning: {info['message']}", file=sys.stderr)
@@ -812,8 +854,9 @@ def _rule_defaults(i: int) -> str:
 @click.option("--dynamic-rule", type=click.Choice(sorted(DYNAMIC_RULES)), default=DYNAMIC_RULE, show_default=True,
               help="Dynamic evaluation's step: rms divides each gradient by the root of its running mean square "
                    "(Krause et al.), sgd is the plain step.")
-@click.option("--dynamic-lr", type=_FloatRange(min=0, min_open=True), default=None,
-              show_default=_rule_defaults(0), help="Dynamic evaluation's step size.")
+@click.option("--dynamic-lr", type=_FloatRange(0, MAX_LR, min_open=True), default=None,
+              show_default=_rule_defaults(0), help="Dynamic evaluation's step size (at most 1e30; a step that makes "
+                                                   "the loss infinite is one line).")
 @click.option("--dynamic-decay", type=_FloatRange(0, 1), default=None, show_default=_rule_defaults(2),
               help="Dynamic evaluation: the share of the way back to the trained weights after each step (rms: "
                    "times each weight's root mean square over their mean, at most all the way).")
@@ -853,7 +896,8 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
                                                                 dynamic_decay)
     jobs = []
     if not files:
-        jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", held_out_ids(ckpt), 0))
+        ids = held_out_ids(ckpt)  # (first: it finds which of the run's corpus places holds its text)
+        jobs.append((f"{ckpt.corpus_path} (held-out {ckpt.val_fraction:.0%})", ids, 0))
     for f in files:
         try:
             jobs.append((f, *file_ids(f, ckpt.vocab, ckpt.preprocess, skip_unknown=errors == "skip")))
@@ -1073,12 +1117,12 @@ def export(run, fmt, out, quantize, quiet):
 @click.option("--max-length", type=click.IntRange(min=1), default=5000, help="Most characters one request may ask for.")
 @click.option("--max-seconds", type=_FloatRange(min=0, min_open=True), default=60.0,
               help="Time cap of one generation.")
-@click.option("--slots", type=click.IntRange(min=1), default=16,
+@click.option("--slots", type=click.IntRange(1, MAX_SAMPLES), default=16,
               help="Sequences generated together, one batched step per character (a request for N samples "
                    "takes N).")
 @click.option("--queue-size", type=click.IntRange(min=0), default=16,
               help="Requests that may wait for a slot; more are answered 503.")
-@click.option("--stream-interval", type=_FloatRange(0, 10), default=0.05,
+@click.option("--stream-interval", type=_FloatRange(0, MAX_STREAM_INTERVAL), default=0.05,
               help="Seconds between a stream's pieces, at least (the first character is sent at once): fewer, "
                    "larger pieces leave more of the CPU to generation.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")

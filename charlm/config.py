@@ -11,6 +11,7 @@ the model from the first.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 from charlm.errors import ConfigError
@@ -23,13 +24,17 @@ IMPLS = ("torch", "scratch")
 PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
 SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
 OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("plateau", "hold-decay", "cosine")  # see charlm.training.scheduled_lr
+LR_SCHEDULES = ("plateau", "hold-decay", "cosine")  # see charlm.schedule.scheduled_lr
 HOLD_FRACTION = 0.6  # hold-decay: the lr is held for this share of the planned steps, then falls linearly to 0
 DIST_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl with CUDA, gloo otherwise
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (charlm.device.resolve_device)
 # training steps: fp32, or autocast to bf16/fp16 (charlm.device.autocast); auto: bf16 where the device has it
 # natively, else fp32 (charlm.device.resolve_precision)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_LR = {"sgd": 1.0, "adam": 3e-3}  # --lr by optimizer: d2l's SGD rate; Adam's measured (explanation/defaults)
+# --lr by optimizer when fine-tuning a trained model (--init-from): Adam's measured (explanation/defaults,
+# "Fine-tuning"), SGD's lowered in the same ratio
+FINETUNE_LR = {"sgd": 0.3, "adam": 1e-3}
 NEW_CHARS = ("extend", "unk", "error")  # fine-tuning: the new text's characters the parent lacks (data.load_split_onto)
 # What --init-from takes from the parent model: its architecture and how it reads text (none may be given with it)
 INHERITED = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", *MOGRIFIER_FIELDS, "preprocess", "min_count")
@@ -57,6 +62,14 @@ DYNAMIC_PRIOR_CHARS = 100_000  # of the run's training text, for the rms rule's 
 # takes (no negative seeds) and a signed 64-bit integer holds.
 SEED_MAX = 2**63 - 1
 EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the held-out tail (when it has it)
+# The largest values charlm holds (each refused above it, by the CLI's option and by these configs):
+MAX_LR = 1e30  # learning rates (training's, dynamic evaluation's): float32 holds it times Adam's bias correction (10)
+MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a dimension torch's and cuDNN's kernels index in 32 bits
+MAX_LAYERS = 1024  # stacked recurrent layers
+MAX_SAMPLES = 65_536  # continuations generated together (SampleConfig.num_samples, a server's slots)
+MAX_STREAM_INTERVAL = 10.0  # seconds between a server's stream pieces, at most (ServeConfig.stream_interval)
+MAX_SECONDS = 1e9  # a search's durations (charlm tune's budgets), at most: about 31 years, and their products fit
+DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)  # seconds, a week at most: datetime.timedelta and torch's timeouts hold it
 
 
 def _from_dict(cls, data: dict):
@@ -88,6 +101,12 @@ def _is_int(value, minimum: int, maximum: int | None = None) -> bool:
 def _is_number(value) -> bool:
     """A real number that is no bool (NaN included: the range checks refuse it)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_real(value, low: float, high: float = float("inf"), low_open: bool = False) -> bool:
+    """A finite real number (no bool, no NaN, no infinity) in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    return (_is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low)
+            and value <= high)
 
 
 def seed_error(seed) -> str | None:
@@ -130,10 +149,12 @@ class ModelConfig:
             _check([(getattr(self, name) == _MOGRIFIER_DEFAULTS[name],
                      f"{name.replace('_', '-')} applies to the mogrifier cell only (cell {self.cell!r})")
                     for name in MOGRIFIER_FIELDS])
-        _check([(_is_int(getattr(self, name), 1), f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-                for name in ("vocab_size", "hidden_size", "num_layers")])
-        _check([(_is_int(self.embedding_dim, 0),
-                 f"embedding_dim must be an integer >= 0 (0 = one-hot), got {self.embedding_dim!r}"),
+        _check([(_is_int(getattr(self, name), 1, high), f"{name} must be an integer >= 1 and at most {high:,}, "
+                                                             f"got {getattr(self, name)!r}")
+                for name, high in (("vocab_size", MAX_UNITS), ("hidden_size", MAX_UNITS), ("num_layers", MAX_LAYERS))])
+        _check([(_is_int(self.embedding_dim, 0, MAX_UNITS),
+                 f"embedding_dim must be an integer >= 0 (0 = one-hot) and at most {MAX_UNITS:,}, got "
+                 f"{self.embedding_dim!r}"),
                 (0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout!r}")])
         _check([(isinstance(getattr(self, name), (int, float)) and 0.0 <= getattr(self, name) < 1.0,
                  f"{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)!r}") for name in REGULARISERS])
@@ -229,28 +250,38 @@ class TrainConfig:
             (self.sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {', '.join(LR_SCHEDULES)}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.num_steps >= 1, f"num steps must be >= 1, got {self.num_steps}"),
-            (self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (self.clip >= 0, f"clip must be >= 0 (0 = off), got {self.clip}"),
-            (self.weight_decay is None or self.weight_decay >= 0,
-             f"weight decay must be >= 0 (0 = off), got {self.weight_decay}"),
-            (0 < self.lr_decay <= 1, f"lr decay must lie in (0, 1], got {self.lr_decay}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, got {self.max_steps}"),
-            (self.time_limit is None or self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}"),
-            (0.0 < self.val_fraction < 1.0, f"val fraction must lie in (0, 1), got {self.val_fraction}"),
-            (self.eval_every >= 1, f"eval every must be >= 1 step, got {self.eval_every}"),
-            (self.patience in (None, PATIENCE_AUTO) or self.patience >= 1,
-             f"patience must be >= 1, got {self.patience}"),
-            (self.max_chars is None or self.max_chars >= 1, f"max chars must be >= 1, got {self.max_chars}"),
-            (self.min_count >= 1, f"min count must be >= 1, got {self.min_count}"),
-            (self.eval_chars is None or self.eval_chars >= 2, f"eval chars must be >= 2, got {self.eval_chars}"),
+            (_is_int(self.batch_size, 1), f"batch size must be an integer >= 1, got {self.batch_size}"),
+            (_is_int(self.num_steps, 1), f"num steps must be an integer >= 1, got {self.num_steps}"),
+            (self.lr is None or _is_real(self.lr, 0, MAX_LR, low_open=True),
+             f"learning rate must be > 0 and at most {MAX_LR:g}, got {self.lr}"),
+            (_is_real(self.clip, 0), f"clip must be a finite number >= 0 (0 = off), got {self.clip}"),
+            (self.weight_decay is None or _is_real(self.weight_decay, 0),
+             f"weight decay must be a finite number >= 0 (0 = off), got {self.weight_decay}"),
+            (_is_real(self.lr_decay, 0, 1, low_open=True), f"lr decay must lie in (0, 1], got {self.lr_decay}"),
+            (_is_int(self.epochs, 1), f"epochs must be an integer >= 1, got {self.epochs}"),
+            (self.max_steps is None or _is_int(self.max_steps, 1),
+             f"max steps must be an integer >= 1, got {self.max_steps}"),
+            (self.time_limit is None or _is_real(self.time_limit, 0, low_open=True),
+             f"time limit must be a finite number > 0 of seconds, got {self.time_limit}"),
+            (_is_real(self.val_fraction, 0, 1, low_open=True) and self.val_fraction < 1,
+             f"val fraction must lie in (0, 1), got {self.val_fraction}"),
+            (_is_int(self.eval_every, 1), f"eval every must be an integer >= 1 step, got {self.eval_every}"),
+            (self.patience in (None, PATIENCE_AUTO) or _is_int(self.patience, 1),
+             f"patience must be an integer >= 1, got {self.patience}"),
+            (self.max_chars is None or _is_int(self.max_chars, 1),
+             f"max chars must be an integer >= 1, got {self.max_chars}"),
+            (_is_int(self.min_count, 1), f"min count must be an integer >= 1, got {self.min_count}"),
+            (self.eval_chars is None or _is_int(self.eval_chars, 2),
+             f"eval chars must be an integer >= 2, got {self.eval_chars}"),
             (self.dist_backend in DIST_BACKENDS, f"dist backend must be one of {', '.join(DIST_BACKENDS)}"),
-            (self.dist_timeout > 0, f"dist timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (_is_real(self.dist_timeout, *DIST_TIMEOUT_RANGE),
+             f"dist timeout must be from {DIST_TIMEOUT_RANGE[0]:g} to {DIST_TIMEOUT_RANGE[1]:,.0f} seconds (a week), "
+             f"got {self.dist_timeout}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (seed_error(self.seed) is None, seed_error(self.seed)),
             (self.new_chars in NEW_CHARS, f"new chars must be one of {', '.join(NEW_CHARS)}, got {self.new_chars!r}"),
+            (self.init_from or self.new_chars == "extend",
+             f"new chars {self.new_chars!r} means something only when fine-tuning a trained model (init from)"),
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init from must be a path, got {self.init_from!r}"),
         ])
@@ -283,9 +314,11 @@ class TrainConfig:
         return min(val_chars, limit)
 
     def resolved_lr(self) -> float:
+        """``lr``, else the optimizer's default: from scratch (DEFAULT_LR), or fine-tuning a trained model
+        (``init_from``: FINETUNE_LR, lower)."""
         if self.lr is not None:
             return self.lr
-        return 1.0 if self.optimizer == "sgd" else 3e-3
+        return (FINETUNE_LR if self.init_from else DEFAULT_LR)[self.optimizer]
 
     def model_config(self, vocab_size: int, num_chars: int = 0) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size,
@@ -321,9 +354,6 @@ D2L_PRESET = dict(preprocess="letters", max_chars=10_000, cell="gru", impl="torc
                   weight_drop=0.0, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, weight_decay=0.0)
 
 
-# --init-from (charlm train): the defaults that suit fine-tuning a trained model, applied where no option is given
-# (docs/explanation/defaults.md, "Fine-tuning").
-FINETUNE_PRESET = dict(lr=1e-3)
 
 
 @dataclass(frozen=True)
@@ -335,7 +365,7 @@ class SampleConfig:
     top_k: int | None = None  # sample among the k most probable characters only
     top_p: float | None = None  # sample from the smallest set holding this much probability (nucleus)
     seed: int | None = None  # the same seed gives the same text; None: a fresh one
-    num_samples: int = 1  # continuations generated together as one batch
+    num_samples: int = 1  # continuations generated together as one batch (at most MAX_SAMPLES)
 
     def __post_init__(self):
         _check([
@@ -345,6 +375,7 @@ class SampleConfig:
             (self.top_p is None or (_is_number(self.top_p) and 0 < self.top_p <= 1),
              f"top-p must lie in (0, 1], got {self.top_p!r}"),
             (_is_int(self.length, 0), f"length must be an integer >= 0, got {self.length!r}"),
-            (_is_int(self.num_samples, 1), f"num-samples must be an integer >= 1, got {self.num_samples!r}"),
+            (_is_int(self.num_samples, 1, MAX_SAMPLES),
+             f"num-samples must be an integer from 1 to {MAX_SAMPLES:,}, got {self.num_samples!r}"),
             (self.seed is None or seed_error(self.seed) is None, seed_error(self.seed)),
         ])

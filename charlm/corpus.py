@@ -26,7 +26,7 @@ import numpy as np
 
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.errors import CorpusError
-from charlm.outputs import check_parent, new_folders, resolve_path, temp_prefix
+from charlm.outputs import check_not_inside_owned, check_parent, new_folders, resolve_path, temp_prefix
 from charlm.vocab import Vocab
 
 __all__ = ["KNOWN_CORPORA", "MIRROR_ENV", "PREPROCESS_MODES", "Corpus", "CorpusError", "download", "ensure_corpus",
@@ -265,6 +265,7 @@ def download(
     if directory.exists() and not directory.is_dir():
         raise CorpusError(f"--dir {directory} is a file, not a folder")
     target = directory / (filename or known.filename)
+    check_not_inside_owned(target, "corpus", option="--dir")
     if target.is_file() and _sha256_file(target) == known.sha256:
         return target
     if target.exists() or target.is_symlink():  # not the corpus: a file charlm did not write, kept as it is

@@ -48,11 +48,13 @@ class ProcessGroupError(TrainError):
 
 
 class TrainingInterrupted(TrainError):
-    """SIGINT/SIGTERM: ``last/`` was saved; ``result`` says where the run stands."""
+    """SIGINT/SIGTERM: ``last/`` was saved; ``result`` says where the run stands. ``complete``: the signal came
+    after the run had ended by its own rule (during the final evaluation): there is nothing to resume."""
 
-    def __init__(self, message: str, result):
+    def __init__(self, message: str, result, complete: bool = False):
         super().__init__(message)
         self.result = result
+        self.complete = complete
 
 
 class StopTraining(CharlmError):

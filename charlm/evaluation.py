@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.config import (DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, EVAL_NUM_STEPS,
-                           REGULARISERS)
+from charlm.config import (DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, EVAL_NUM_STEPS, MAX_LR,
+                           REGULARISERS, _is_real, check_choice)
 from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split, load_split_onto
 from charlm.tokens import windows
@@ -60,11 +60,18 @@ class EvalResult:
                 "perplexity": self.perplexity}
 
 
+def _count(value) -> bool:
+    """An integer >= 1 (a numpy one too; no bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 def _rows(n: int, batch_size: int) -> tuple[int, int, np.ndarray]:
     """How ``n`` ids are read: ``B = min(batch_size, (n-1) // 2)`` rows of ``cols = (n-1) // B`` predictions,
     row r reading ``ids[r*cols : (r+1)*cols + 1]``; returns ``(B, cols, row starts)``."""
     if n < 2:
         raise ConfigError(f"need at least 2 characters to evaluate, got {n}")
+    if not _count(batch_size):
+        raise ConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
     B = max(1, min(batch_size, (n - 1) // 2))
     cols = (n - 1) // B
     return B, cols, cols * np.arange(B, dtype=np.int64)
@@ -81,6 +88,8 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     """
     ids = _as_numpy(ids)
     B, cols, row_starts = _rows(len(ids), batch_size)
+    if not _count(num_steps):
+        raise ConfigError(f"num steps must be an integer >= 1, got {num_steps!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if dist is not None and dist.enabled:
         row_starts = row_starts[dist.rank::dist.world_size]
@@ -155,6 +164,9 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
         if progress is not None:
             progress(done)
     B, cols, _ = _rows(len(ids), batch_size)
+    if not math.isfinite(total.item()):
+        raise ConfigError(f"dynamic evaluation diverged at lr {lr:g} (its loss is {total.item()}): take a smaller "
+                          f"lr (--dynamic-lr)")
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
 
 
@@ -251,11 +263,19 @@ def _relative(roots) -> list:
 
 def dynamic_settings(rule: str, lr: float | None = None, num_steps: int | None = None,
                      decay: float | None = None) -> tuple[float, int, float]:
-    """(lr, num_steps, decay) of dynamic evaluation under ``rule``: each one given, else the rule's own."""
-    if rule not in DYNAMIC_RULES:
-        raise ValueError(f"rule must be one of {sorted(DYNAMIC_RULES)}, not {rule!r}")
+    """(lr, num_steps, decay) of dynamic evaluation under ``rule``: each one given, else the rule's own; a
+    ``ConfigError`` for an unknown rule, an ``lr`` outside (0, ``MAX_LR``], a ``num_steps`` under 1 or a
+    ``decay`` outside [0, 1]."""
+    check_choice("dynamic evaluation rule", rule, sorted(DYNAMIC_RULES))
     given = (lr, num_steps, decay)
-    return tuple(default if value is None else value for value, default in zip(given, DYNAMIC_RULES[rule]))
+    lr, num_steps, decay = (default if value is None else value for value, default in zip(given, DYNAMIC_RULES[rule]))
+    if not _is_real(lr, 0, MAX_LR, low_open=True):
+        raise ConfigError(f"dynamic evaluation's lr must be > 0 and at most {MAX_LR:g}, got {lr!r}")
+    if not _count(num_steps):
+        raise ConfigError(f"dynamic evaluation's num_steps must be an integer >= 1, got {num_steps!r}")
+    if not _is_real(decay, 0, 1):
+        raise ConfigError(f"dynamic evaluation's decay must lie in [0, 1], got {decay!r}")
+    return lr, num_steps, decay
 
 
 def file_ids(path: str | os.PathLike, vocab, preprocess: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
@@ -285,17 +305,33 @@ def training_tail_ids(ckpt, chars: int):
 
 
 def _run_split(ckpt, why: str):
-    if ckpt.corpus_path is None:
+    """The run's corpus split as training split it: the first of its candidate places whose text is the run's."""
+    candidates = ckpt.corpus_candidates
+    if not candidates:
         raise CheckpointError(f"{ckpt.path} names no corpus; {why}")
-    if not ckpt.corpus_path.exists():
-        raise CorpusError(f"the run's corpus {ckpt.corpus_path} is gone; {why}")
+    existing = [c for c in candidates if c.exists()]
+    if not existing:
+        raise CorpusError(f"the run's corpus {candidates[0]} is gone; {why}")
+    first_error = None
+    for path in existing:
+        try:
+            split = _split_of(ckpt, path)
+        except CorpusError as exc:  # another text now at that place: the next candidate may be the run's
+            first_error = first_error or exc
+            continue
+        ckpt._corpus_found = path
+        return split
+    raise first_error
+
+
+def _split_of(ckpt, path):
     sha256 = ckpt.corpus_info.get("sha256")
     lineage = ckpt.lineage
     if lineage is None:
-        return load_split(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count,
-                          vocab=ckpt.vocab, sha256=sha256)
+        return load_split(path, ckpt.preprocess, ckpt.val_fraction, min_count=ckpt.min_count, vocab=ckpt.vocab,
+                          sha256=sha256)
     # a fine-tuned model: the corpus numbered in its vocabulary (the parent's, extended by the characters the run
     # added, or with those it lacked read as <unk>), as its run read it
     policy = "unk" if lineage.get("new_chars") == "unk" else "error"
-    return load_split_onto(ckpt.corpus_path, ckpt.preprocess, ckpt.val_fraction, ckpt.vocab, policy,
-                           min_count=ckpt.min_count, sha256=sha256)
+    return load_split_onto(path, ckpt.preprocess, ckpt.val_fraction, ckpt.vocab, policy, min_count=ckpt.min_count,
+                           sha256=sha256)

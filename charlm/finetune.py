@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from charlm.checkpoint import Checkpoint, load_checkpoint
+from charlm.checkpoint import Checkpoint, backup_of, load_checkpoint, resolve_checkpoint_dir
 from charlm.config import INHERITED, ModelConfig, TrainConfig
 from charlm.errors import CheckpointError, ConfigError, TrainError
 
@@ -37,12 +37,35 @@ MAX_GENERATIONS = 32  # ancestors a lineage keeps (a model fine-tuned from a fin
 def load_parent(path: str, device: str | torch.device = "cpu") -> Checkpoint:
     """The model to start from, verified as ``charlm eval`` verifies it (a tampered one is refused)."""
     if str(path).lower().endswith(".onnx") and not Path(path).is_dir():
-        raise TrainError(f"--init-from {path} is an exported model; fine-tuning starts from a run or checkpoint "
-                         f"(its weights and optimizer-free state): name the run it was exported from")
+        raise TrainError(f"--init-from {path} is an exported model; fine-tuning starts from a run or a checkpoint: "
+                         f"name the run it was exported from")
     try:
         return load_checkpoint(path, device=device)
     except CheckpointError as exc:
         raise TrainError(f"--init-from: {exc}") from None
+
+
+def check_apart(parent: Checkpoint, out: str | Path) -> None:
+    """Refuse (one line) a run folder that holds the model it starts from: ``--overwrite`` would delete it."""
+    where, out = Path(parent.path).resolve(), Path(out).resolve()
+    if where == out or out in where.parents:
+        raise TrainError(f"--init-from {parent.path} lies inside --out {out}, which this run writes (--overwrite "
+                         f"would delete the model it starts from); choose another --out")
+
+
+def check_same_parent(saved: Checkpoint, init_from: str) -> None:
+    """On a resume that names ``init_from``: the run must have started from that model (its lineage says)."""
+    lineage = saved.lineage
+    if lineage is None:
+        raise TrainError(f"--init-from {init_from}: the run being resumed did not start from a trained model; "
+                         f"resume it without --init-from")
+    try:
+        named = str(backup_of(resolve_checkpoint_dir(init_from)).resolve())
+    except CheckpointError:
+        return  # the parent is gone or moved since: the run's own lineage is what counts
+    if named != lineage.get("parent"):
+        raise TrainError(f"--init-from {init_from}: the run being resumed started from {lineage.get('parent')}; "
+                         f"resume it without --init-from")
 
 
 def parent_settings(parent: Checkpoint) -> dict:
@@ -97,10 +120,11 @@ def extend_state(state: dict, config: ModelConfig, added: int) -> dict:
 def lineage(parent: Checkpoint, new_chars: str, added: tuple) -> dict:
     """Where a run starts: the parent (its resolved path and manifest's sha256), its corpus, step and held-out
     figure, the parent's own lineage, and what became of the new text's characters it lacked."""
-    path = parent.path.resolve()
+    path = backup_of(parent.path).resolve()  # (read from a backup a cut-short save left: the checkpoint it stands for)
     loss, chars = parent.held_out_figure()
     corpus = parent.corpus_info
-    return {"parent": str(path), "manifest_sha256": hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest(),
+    manifest = (parent.path / "manifest.json").read_bytes()
+    return {"parent": str(path), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "corpus": corpus.get("path"), "corpus_sha256": corpus.get("sha256"), "step": parent.progress.get("step"),
             "held_out_bits_per_char": None if loss is None else loss / math.log(2), "held_out_chars": chars,
             "vocab_size": len(parent.vocab), "new_chars": new_chars, "added": [c for c, _ in added]

@@ -25,6 +25,7 @@ which names its holder; the system releases it when the process ends, so a stale
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import os
@@ -40,28 +41,37 @@ MARKER = ".charlm"
 LOCK = ".charlm.lock"
 FILE = "file"
 CHECKPOINT_FILES = ("model.pt", "trainer.pt", "config.json", "tokenizer.json")  # what a manifest lists
+# A writer's temporary and backup entries are charlm's only when they say so, whatever their names: a checkpoint
+# being written (TMP) or moved aside by a replacement (OLD) holds a mark file naming what it is of; a metrics file
+# being rewritten (METRICS_TMP) starts with the metrics header. Anything else of such a name is the user's.
+OLD, TMP, METRICS_TMP = "checkpoint-old", "checkpoint-tmp", "metrics-tmp"
+OLD_MARK, TMP_MARK = ".charlm-old", ".charlm-tmp"
+METRICS_HEADER = b"step,epoch,tokens,"
 TEMP_NAME_BYTES = 100  # of a name, at most, in the temporary names made from it (a name may take 255 bytes)
+TUNE_RESULTS = ("best.json", "best-command.txt", "final-command.txt", "trials.csv", "history.png", "importances.png")
 # The entries a folder of each kind may hold (names, or fnmatch patterns of a writer's temporary names), and
 # what each must be: a regular file (FILE) or a real folder of the kind named.
 KINDS = {
-    "run": {"last": "checkpoint", "best": "checkpoint", ".last.old-*": "checkpoint", ".best.old-*": "checkpoint",
-            ".last.tmp-*": "checkpoint", ".best.tmp-*": "checkpoint", "metrics.csv": FILE,
-            ".metrics.csv.tmp-*": FILE, "curve.png": FILE, MARKER: FILE, LOCK: FILE},
+    "run": {"last": "checkpoint", "best": "checkpoint", ".last.old-*": OLD, ".best.old-*": OLD,
+            ".last.tmp-*": TMP, ".best.tmp-*": TMP, "metrics.csv": FILE, ".metrics.csv.tmp-*": METRICS_TMP,
+            "curve.png": FILE, MARKER: FILE, LOCK: FILE},
     "checkpoint": {"model.pt": FILE, "trainer.pt": FILE, "config.json": FILE, "tokenizer.json": FILE,
-                   "manifest.json": FILE, ".charlm-old": FILE, MARKER: FILE},
+                   "manifest.json": FILE, OLD_MARK: FILE, TMP_MARK: FILE, MARKER: FILE},
     "web": {name: FILE for name in ("index.html", "app.js", "model.onnx", "model.tokenizer.json", "tokenizer.json",
                                     "charlm.json", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs",
                                     "ort-wasm-simd-threaded.wasm", MARKER)},
     "token-cache": {name: FILE for name in ("tokens.bin", "tokenizer.json", "meta.json", "meta.json.part",
                                             "provisional.bin")},
-    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and their temporary files
-    "tune": {"trials": "trials", "final": "run", ".*.tmp": FILE, MARKER: FILE, LOCK: FILE,
-             **{name: FILE for name in ("study.journal", "study.journal.lock", "best.json", "best-command.txt",
-                                        "final-command.txt", "trials.csv", "history.png", "importances.png")}},
+    # charlm tune's folder (charlm.tune): Optuna's journal, one run per trial, the results, and the marked folder
+    # the results are written in before they are renamed into place (their temporary files, charlm's by where they are)
+    "tune": {"trials": "trials", "final": "run", ".charlm-tune-tmp": "tune-tmp", MARKER: FILE, LOCK: FILE,
+             **{name: FILE for name in ("study.journal", "study.journal.lock", *TUNE_RESULTS)}},
+    "tune-tmp": {MARKER: FILE, **{f"{name}.tmp-*": FILE for name in TUNE_RESULTS}},
     "trials": {"[0-9][0-9][0-9][0-9]*": "run"},  # a search's trials/: one run folder per Optuna trial number
 }
 _WHAT = {"run": "a charlm run", "checkpoint": "a charlm checkpoint", "web": "a charlm web export",
-         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials"}
+         "token-cache": "a charlm token cache entry", "tune": "a charlm tune folder", "trials": "a search's trials",
+         "tune-tmp": "charlm tune's temporary folder"}
 
 
 class NotOwnedError(CharlmError):
@@ -78,7 +88,10 @@ def resolve_path(path: str | os.PathLike) -> Path:
     ``missing`` exists), its last component kept as named (a symbolic link there is the writer's to refuse).
     Relative to the current directory when inside it (so messages stay short), else absolute."""
     path = Path(path)
-    full = path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+    try:
+        full = path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+    except (OSError, RuntimeError) as exc:  # a loop of symbolic links, an unreadable folder on the way
+        raise NotOwnedError(f"{path}: cannot tell where it leads ({exc})") from None
     here = Path.cwd().resolve()
     try:
         relative = full.relative_to(here)
@@ -127,9 +140,14 @@ def move_into_empty(tmp: Path, dest: Path, kind: str, last: str) -> None:
 
 
 def default_folder_mode() -> int:
-    """The mode the umask gives a new folder (``tempfile.mkdtemp`` makes 0700 whatever the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode the umask gives a new folder (``tempfile.mkdtemp`` makes 0700 whatever the umask). Read from
+    ``/proc/self/status`` where Linux gives it, so that no thread of the process sees the umask changed."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o777 & ~mask
 
 
@@ -196,6 +214,34 @@ def entry_kind(kind: str, name: str) -> str | None:
     return next((what for pattern, what in KINDS[kind].items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
+def write_mark(folder: Path, mark: str, of: str) -> None:
+    """Mark ``folder`` (a checkpoint being written, TMP_MARK, or moved aside, OLD_MARK) as charlm's, of ``of``."""
+    (folder / mark).write_text(json.dumps({"of": of}) + "\n", encoding="utf-8")
+
+
+def mark_of(folder: Path, mark: str) -> str | None:
+    """The name a folder's mark (TMP_MARK or OLD_MARK) says it is of, or None: not marked by charlm."""
+    try:
+        if not _is_file(folder / mark):
+            return None
+        body = json.loads((folder / mark).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    of = body.get("of") if isinstance(body, dict) else None
+    return of if isinstance(of, str) else None
+
+
+def _temporary_is_ours(entry: Path, what: str) -> bool:
+    """Whether a temporary or backup entry (OLD, TMP, METRICS_TMP) carries charlm's mark."""
+    if what == METRICS_TMP:
+        try:
+            with open(entry, "rb") as f:
+                return _is_file(entry) and f.read(len(METRICS_HEADER)) == METRICS_HEADER
+        except OSError:
+            return False
+    return _is_dir(entry) and mark_of(entry, OLD_MARK if what == OLD else TMP_MARK) is not None
+
+
 def _foreign_inside(directory: Path, kind: str, prefix: str = "") -> list[str]:
     """The entries of a folder of ``kind`` (known to be charlm's) that charlm's writer did not write: unknown
     names, and known names of the wrong kind (a folder named like a file, a file or link where a folder
@@ -203,7 +249,12 @@ def _foreign_inside(directory: Path, kind: str, prefix: str = "") -> list[str]:
     foreign = []
     for entry in sorted(directory.iterdir(), key=lambda e: e.name):
         what, shown = entry_kind(kind, entry.name), prefix + entry.name
-        if what is None or entry.is_symlink():
+        if what in (OLD, TMP, METRICS_TMP):
+            if not _temporary_is_ours(entry, what):
+                foreign.append(shown)
+            elif what != METRICS_TMP:
+                foreign += _foreign_inside(entry, "checkpoint", shown + "/")
+        elif what is None or entry.is_symlink():
             foreign.append(shown)
         elif what == FILE:
             if not entry.is_file():
@@ -256,6 +307,44 @@ def check_folder(path: str | os.PathLike, kind: str, option: str = "--out", hint
                             f"touched{hint or '; choose another ' + option}")
 
 
+def owning_folder(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """The nearest folder above ``path`` (not ``path`` itself) that charlm owns as a folder of some kind (its
+    marker says so, or a checkpoint's manifest), with that kind; None when there is none."""
+    path = Path(path)
+    for folder in path.parents:
+        kind = marker_kind(folder) if _is_dir(folder) else None
+        if kind is None and is_manifest(folder / "manifest.json"):
+            kind = "checkpoint"
+        if kind is not None:
+            return folder, kind
+    return None
+
+
+def check_not_inside_owned(path: str | os.PathLike, kind: str, option: str = "--out") -> None:
+    """Refuse (one line) to write ``path`` (an output of ``kind``: "run", "checkpoint", "web", "tune", or any other
+    word for a file or a folder no kind holds) inside a folder charlm owns as another output (a run, a checkpoint,
+    a web export, a search): written there, it would be a foreign entry that blocks that folder's own --resume
+    and --overwrite. Only where that folder's kind holds such an entry (KINDS: a run's ``last``, a search's
+    ``trials/0007``) is it written."""
+    target = Path(os.path.abspath(resolve_path(path)))
+    found = owning_folder(target)
+    if found is None:
+        return
+    folder, owner = found
+    try:
+        parts = target.relative_to(folder).parts
+    except ValueError:
+        return
+    current = owner
+    for i, part in enumerate(parts):
+        what = entry_kind(current, part) if current in KINDS else None
+        if what is None or what == FILE or (i == len(parts) - 1 and what != kind):
+            what = _WHAT.get(owner, "a charlm folder")
+            raise NotOwnedError(f"{option} {path} lies inside {folder}, which is {what}; charlm keeps each output in "
+                                f"a folder of its own: choose another {option}")
+        current = what
+
+
 def check_parent(path: Path, option: str = "--out") -> None:
     """Refuse (one line) a path whose nearest existing ancestor is not a folder (a file where a folder goes)."""
     for parent in path.parents:
@@ -284,10 +373,28 @@ def remove_entries(directory: Path, kind: str) -> None:
         what = entry_kind(kind, entry.name)
         if what is None or entry.name == LOCK or entry.is_symlink():
             continue
+        if what in (OLD, TMP, METRICS_TMP):
+            if not _temporary_is_ours(entry, what):
+                continue
+            what = FILE if what == METRICS_TMP else "checkpoint"
         if what == FILE and _is_file(entry):
             entry.unlink()
         elif what != FILE and _is_dir(entry) and not _foreign_inside(entry, what):
             shutil.rmtree(entry)
+
+
+def remove_temporaries(directory: Path, kind: str) -> None:
+    """Delete the temporary and backup entries that charlm marked in ``directory`` (a killed writer's leftovers);
+    only those that say they are charlm's."""
+    import shutil
+
+    for entry in directory.iterdir():
+        what = entry_kind(kind, entry.name)
+        if what in (TMP, METRICS_TMP) and not entry.is_symlink() and _temporary_is_ours(entry, what):
+            if what == TMP and not _foreign_inside(entry, "checkpoint"):
+                shutil.rmtree(entry)
+            elif what == METRICS_TMP:
+                entry.unlink()
 
 
 def check_file(path: Path, owned: bool, what: str, option: str = "--out") -> None:
@@ -300,6 +407,9 @@ def check_file(path: Path, owned: bool, what: str, option: str = "--out") -> Non
     if path.exists() and not owned:
         raise NotOwnedError(f"{path} exists and is not {what} charlm wrote; nothing was touched; move it or "
                             f"choose another {option}")
+
+
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's answers when another process holds the lock
 
 
 class FolderLock:
@@ -336,7 +446,9 @@ class FolderLock:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _HELD:
+                return
             raise LockedError(f"{self.option} {self.directory} is being written by {self.holder()}; wait for it to "
                               f"end, or choose another {self.option}") from None
         finally:
@@ -354,7 +466,10 @@ class FolderLock:
             raise NotOwnedError(f"{self.option} {self.directory}: cannot lock it ({os_error_line(exc)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _HELD:  # a file system without locks: written unlocked, as before locks existed
+                os.close(fd)
+                return self
             os.close(fd)
             raise LockedError(f"{self.option} {self.directory} is being written by {self.holder()}; wait for it to "
                               f"end, or choose another {self.option}") from None

@@ -14,6 +14,7 @@ Only this module knows the names above and the columns of ``metrics.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -23,20 +24,21 @@ from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
 from charlm.config import REGULARISERS, with_legacy
-from charlm.errors import CheckpointError, RunExistsError, TrainError, os_error_line
-from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_parent, new_folders,
-                            remove_entries, resolve_path, write_marker)
+from charlm.errors import CharlmError, CheckpointError, RunExistsError, TrainError, os_error_line
+from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_not_inside_owned, check_parent,
+                            new_folders, remove_entries, remove_temporaries, resolve_path, write_marker)
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
 MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout", *REGULARISERS)
 OPTIMIZER_FIELDS = ("optimizer", "weight_decay")  # the optimizer state saved must fit the one rebuilt
 SCHEDULE_FIELDS = ("lr", "lr_schedule")  # the lr plan a resume follows is the one the run started with
+FINETUNE_FIELDS = ("new_chars",)  # how a fine-tuning run reads its text's characters its parent lacked
 # (the corpus is compared by its contents, the sha256 each checkpoint keeps: a path typed from another folder is
 # the same corpus)
 DATA_FIELDS = ("preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
                "seed", "eval_chars")
-RESUME_FIELDS = MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS + SCHEDULE_FIELDS
+RESUME_FIELDS = MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS + SCHEDULE_FIELDS + FINETUNE_FIELDS
 
 
 def default_out(corpus: str | os.PathLike) -> Path:
@@ -85,16 +87,23 @@ class RunDir:
         except OSError as exc:
             raise TrainError(f"--out {self.path}: cannot read it ({os_error_line(exc)})") from None
 
-    def check(self, resume: bool, overwrite: bool) -> None:
+    def check(self, resume: bool, overwrite: bool, locked: bool = False) -> None:
         """Refuse a start that would clobber or misread a run; writes nothing. A folder that is not a
         charlm run, or a run that also holds files charlm did not write (in ``last/`` and ``best/`` too),
-        is never written (:mod:`charlm.outputs`); a resume writes only the run's own entries."""
+        is never written (:mod:`charlm.outputs`); a resume writes only the run's own entries. Run again
+        under the lock (``locked``) by :meth:`create`: another process may have written the folder since."""
         if resume and overwrite:
             raise TrainError("--resume and --overwrite contradict each other; pass one")
         check_parent(self.path)
+        check_not_inside_owned(self.path, "run")
         if self.path.exists() and not self.path.is_dir() and not self.path.is_symlink():
             raise TrainError(f"--out {self.path} is a file, not a directory")
-        if self.path.is_dir() and not self.path.is_symlink():
+        if overwrite:
+            here, out = Path.cwd().resolve(), Path(os.path.abspath(self.path))
+            if out in here.parents:
+                raise TrainError(f"the current directory is inside --out {self.path}, which --overwrite empties; "
+                                 f"run the command from another folder")
+        if self.path.is_dir() and not self.path.is_symlink() and not locked:
             try:
                 FolderLock(self.path).check_free()
             except LockedError as exc:
@@ -110,20 +119,23 @@ class RunDir:
                                  f"--overwrite to start over")
 
     def acquire(self) -> None:
-        """Take the run's lock, creating the folder (marked as charlm's) when it is missing or empty; a
-        second process on the same folder is refused in one line naming the first. Re-checks the folder
-        under the lock (another process may have written it since :meth:`check`)."""
+        """Take the run's lock, creating the folder when it is missing; a second process on the same folder is
+        refused in one line naming the first. Nothing else is written: :meth:`create` re-checks the folder
+        under the lock before it writes."""
         if self.lock is not None:
             return
         try:
             with new_folders(self.path):  # (removed again if the lock cannot be had)
-                if not self.holds_run():
-                    write_marker(self.path, "run")
                 self.lock = FolderLock(self.path).acquire()
         except OSError as exc:
             raise TrainError(f"cannot create the run directory {self.path}: {os_error_line(exc)}") from None
         except LockedError as exc:
             raise TrainError(str(exc)) from None
+
+    @property
+    def unlocked(self) -> bool:
+        """The lock was taken on a file system without locks: nothing stops a second writer."""
+        return self.lock is not None and self.lock.fd is None
 
     def release(self) -> None:
         if self.lock is not None:
@@ -137,6 +149,7 @@ class RunDir:
         last = self.checkpoint("last")
         try:
             saved = ckpt_mod.load_checkpoint(last, device=device, with_trainer_state=True)
+            self.resumed_from = (saved.path / "manifest.json").read_bytes()  # create() checks it is still the same
         except CheckpointError as exc:
             if not last.exists() and "no such" in str(exc):
                 raise TrainError(f"nothing to resume: {last} does not exist") from None
@@ -154,13 +167,18 @@ class RunDir:
                              + "; a run resumes with the options it started with")
 
     def create(self, overwrite: bool, step: int | None = None) -> None:
-        """Once every check passed: the run's folder locked (:meth:`acquire`) and marked as charlm's; with
-        ``overwrite``, the earlier run's entries deleted first (:meth:`check` made sure it holds nothing
-        else); on a resume (``step``), a replacement a kill cut short finished, temporary folders left by
-        a kill deleted, and the metrics rows written after ``step`` dropped."""
+        """Once every check passed: the run's folder locked (:meth:`acquire`), every check of :meth:`check` made
+        again under the lock (and, on a resume, ``last/`` still the one read), then marked as charlm's; with
+        ``overwrite``, the earlier run's entries deleted first; on a resume (``step``), a replacement a kill
+        cut short finished, the temporary entries a kill left deleted, and the metrics rows written after
+        ``step`` dropped. A refusal here leaves nothing of this process behind."""
+        created = not self.path.exists()
         self.acquire()
         try:
-            check_folder(self.path, "run")
+            self.check(resume=step is not None, overwrite=overwrite, locked=True)
+            if step is not None and self._last_manifest() != getattr(self, "resumed_from", None):
+                raise TrainError(f"the run in {self.path} changed while this resume was starting (another process "
+                                 f"wrote it); resume again")
             if overwrite:
                 remove_entries(self.path, "run")
             else:
@@ -169,19 +187,32 @@ class RunDir:
             if step is not None:
                 self.truncate_metrics(step)
         except OSError as exc:
+            self._undo(created)
             raise TrainError(f"cannot write the run directory {self.path}: {os_error_line(exc)}") from None
+        except CharlmError:
+            self._undo(created)
+            raise
+
+    def _last_manifest(self) -> bytes | None:
+        try:
+            return (ckpt_mod.resolve_checkpoint_dir(self.checkpoint("last")) / "manifest.json").read_bytes()
+        except (CheckpointError, OSError):
+            return None
+
+    def _undo(self, created: bool) -> None:
+        """A refusal under the lock: the lock given back, and the lock file and folder removed when this process
+        made them and they hold nothing else."""
+        self.release()
+        if created:
+            with contextlib.suppress(OSError):
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
 
     def _tidy(self) -> None:
-        """Under the lock: finish or undo what a killed writer of this run left (its temporary entries)."""
-        import shutil
-
+        """Under the lock: finish or undo what a killed writer of this run left (only the entries it marked)."""
         for name in ("last", "best"):
             ckpt_mod.recover(self.checkpoint(name))
-        for entry in self.path.iterdir():
-            if entry.name.startswith((".last.tmp-", ".best.tmp-")) and ckpt_mod.checkpoint_files_only(entry):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(".metrics.csv.tmp-") and entry.is_file() and not entry.is_symlink():
-                entry.unlink()
+        remove_temporaries(self.path, "run")
 
     # -- metrics.csv ------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:

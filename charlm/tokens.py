@@ -28,14 +28,15 @@ count and then by first occurrence, as ``Vocab.from_text`` orders them.
 from __future__ import annotations
 
 import codecs
+import errno
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ import numpy as np
 from charlm.config import PREPROCESS_MODES, check_choice
 from charlm.corpus import source_files
 from charlm.errors import ConfigError, CorpusError, os_error_line
-from charlm.outputs import check_folder, new_folders, resolve_path
+from charlm.outputs import check_folder, check_not_inside_owned, new_folders, resolve_path
 from charlm.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -55,6 +56,10 @@ CHUNK_BYTES = 1 << 22  # bytes of text decoded at a time
 _UNSEEN = np.iinfo(np.uint32).max  # a code point's provisional id before it is seen
 _LETTER = re.compile("[A-Za-z]")
 _LOWER_CONTEXT = 64  # characters of look-behind kept for lower(): a sigma's case-ignorable run back to a letter
+# An entry's name at most, in bytes: with its temporary (".NAME.tmp-XXXXXXXX") and lock (".NAME.lock") names
+# it stays within the 255 bytes a file name may have; a longer source name is cut (the key names the source)
+ENTRY_NAME_BYTES = 200
+_DTYPES = ("uint8", "uint16", "uint32")  # what a token file's ids may be
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +196,20 @@ def _sources_key(files: list[Path], preprocess: str, min_count: int) -> tuple[li
     return sources, hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def entry_name(source: str, preprocess: str, key: str) -> str:
+    """A cache entry's name: ``SOURCE-PREPROCESS-KEY``, the source's name cut on a character boundary so
+    that the whole has at most ``ENTRY_NAME_BYTES`` bytes (the key alone identifies the source)."""
+    tail = f"-{preprocess}-{key}"
+    room = ENTRY_NAME_BYTES - len(os.fsencode(tail))
+    head, size = [], 0
+    for char in source:
+        size += len(os.fsencode(char))  # (a byte that is not UTF-8 counts one: the file system's encoding)
+        if size > room:
+            break
+        head.append(char)
+    return "".join(head) + tail
+
+
 @dataclass
 class PreparedCorpus:
     """A corpus in the cache: its vocabulary, its ids (a :class:`TokenReader`) and its metadata."""
@@ -219,10 +238,11 @@ def prepare(corpus: str | os.PathLike, preprocess: str = "raw", min_count: int =
     files = source_files(corpus)
     sources, key = _sources_key(files, preprocess, min_count)
     root = resolve_path(cache_dir if cache_dir is not None else cache_root())
-    target = root / f"{Path(corpus).resolve().name}-{preprocess}-{key}"
+    target = root / entry_name(Path(corpus).resolve().name, preprocess, key)
     hit = _open(target)
     if hit is not None:
         return hit
+    check_not_inside_owned(target, "token-cache", option=CACHE_ENV)
     try:
         with new_folders(root), _locked(root / f".{target.name}.lock"):
             hit = _open(target)  # built by another process while this one waited
@@ -249,18 +269,33 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# meta.json's keys that are read, and their types: an entry without one of them is stale (built again)
+_META = {"format_version": int, "dtype": str, "tokens": int, "vocab_size": int, "size": int, "sha256": str,
+         "preprocess": str, "min_count": int, "sources": list, "source": str}
+
+
 def _open(target: Path) -> PreparedCorpus | None:
+    """The entry at ``target``, or None when it is missing, incomplete or malformed (then it is built again)."""
     try:
         meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        return None
+    if any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool) for k, t in _META.items()):
+        return None
+    if meta["dtype"] not in _DTYPES or meta["tokens"] < 0:
         return None
     tokens = target / "tokens.bin"
     dtype = np.dtype(meta["dtype"])
-    if not tokens.is_file() or tokens.stat().st_size != meta["tokens"] * dtype.itemsize:
+    try:
+        if not tokens.is_file() or tokens.stat().st_size != meta["tokens"] * dtype.itemsize:
+            return None
+        vocab = Vocab.load(target / "tokenizer.json")
+    except (OSError, ValueError):  # (ValueError: a tokenizer.json that is not a charlm vocabulary)
         return None
-    vocab = Vocab.load(target / "tokenizer.json")
+    if len(vocab) != meta["vocab_size"]:
+        return None
     return PreparedCorpus(path=target, vocab=vocab, ids=TokenReader(tokens, dtype), meta=meta, hit=True)
 
 
@@ -273,7 +308,7 @@ def _build(corpus, files, sources, preprocess, min_count, target: Path, chunk_by
     directory = Path(corpus).is_dir()
     if not sum(s["size"] for s in sources):
         raise CorpusError(f"{corpus}: every *.txt file under it is empty" if directory else f"{corpus} is empty")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _new_folder(target.parent, f".{target.name}.tmp-")
     try:
         provisional = tmp / "provisional.bin"
         for width in (np.uint16, np.uint32):  # provisional ids: 2 bytes each unless > 65,535 symbols
@@ -289,6 +324,9 @@ def _build(corpus, files, sources, preprocess, min_count, target: Path, chunk_by
             raise CorpusError(f"{corpus} is empty after {preprocess!r} preprocessing")
         order = np.lexsort((np.arange(len(chars)), -counts))  # by count, then first occurrence
         order = order[counts[order] >= min_count]
+        if not len(order):
+            raise CorpusError(f"min count {min_count:,} leaves no character of {corpus} (the most frequent one is "
+                              f"seen {int(counts.max()):,} times)")
         vocab = Vocab([chars[i] for i in order])
         dtype = vocab.dtype  # the smallest unsigned type for its ids
         final = np.zeros(len(chars), dtype=dtype)  # provisional id -> final id; dropped ones -> <unk>
@@ -312,6 +350,19 @@ def _build(corpus, files, sources, preprocess, min_count, target: Path, chunk_by
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``PREFIX`` + random letters in ``parent``, with the mode the umask gives any new folder
+    (``tempfile.mkdtemp`` makes it 0700 whatever the umask, and the entry is this folder renamed)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, f"no free name for a new folder {prefix}* in {parent}")
 
 
 def _first_pass(texts, normalizer: Normalizer, out, width: np.dtype) -> tuple[list[str], np.ndarray]:

@@ -1,6 +1,10 @@
 """The training loop around one run state. Library code: it prints nothing and reports through
 ``callback(event, info)``.
 
+Its parts: :class:`Trainer` holds the model, its optimizer, the :class:`RunState` and the step loop;
+:class:`Evaluator` the held-out evaluations and the checkpoints; :mod:`charlm.schedule` the lr schedule
+(:class:`~charlm.schedule.Schedule`) and the step time a plan is fitted to (:class:`~charlm.schedule.StepClock`).
+
 Events:
 
 - ``"start"``: the run's facts (``out``, ``device``, ``model``, ``model_config``, ``vocab``,
@@ -26,7 +30,7 @@ the lr follows the same plan:
 - under ``--lr-schedule plateau`` nothing depends on the run's length: 30 steps then a resume to 60
   equal 60 straight;
 - a planned schedule (``hold-decay``, ``cosine``) is fixed before the first step, from ``--epochs``
-  and ``--max-steps`` (:meth:`Trainer.total_steps`), and saved: a resume follows it (a resume with
+  and ``--max-steps`` (:meth:`~charlm.schedule.Schedule.total_steps`), and saved: a resume follows it (a resume with
   a larger ``--max-steps`` still ends at the saved plan's end; a smaller one shortens the plan
   from where the run stands). So a planned run interrupted and resumed equals the straight run,
   while 30 steps planned as 30 then resumed to 60 are not the 60-step plan;
@@ -56,8 +60,8 @@ import torch.nn.functional as F
 
 from charlm import finetune
 from charlm.checkpoint import corpus_paths, held_out_entry, load_checkpoint, save_checkpoint, update_progress
-from charlm.config import HOLD_FRACTION, PAIR_STATE_CELLS, TrainConfig
-from charlm.data import RunData, load_split, load_split_onto, make_batches, min_tokens, run_batches
+from charlm.config import PAIR_STATE_CELLS, TrainConfig
+from charlm.data import RunData, load_split, load_split_onto, make_batches, min_tokens
 from charlm.device import autocast, check_memory, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
 from charlm.distributed import close as close_distributed
@@ -66,12 +70,13 @@ from charlm.errors import CharlmError, ProcessGroupError, StopTraining, TrainErr
 from charlm.evaluation import EvalResult, evaluate
 from charlm.models import RNNLM, detach_state
 from charlm.rundir import RunDir, default_out
+from charlm.schedule import WARM_STEPS, Schedule, StepClock, scheduled_lr  # noqa: F401 (re-exported)
 from charlm.vocab import Vocab
 
+DIVERGED = 10  # a held-out loss this many times a uniform guess's (ln of the vocabulary's size): the run diverged
 MAX_NONFINITE = 5  # consecutive non-finite steps before the run saves and stops
 STEP_EVENT_EVERY = 10  # steps between "step" events
 FINAL_EVAL_SHARE = 0.1  # of --time-limit, at most, for the final evaluation of the best weights on the whole tail
-WARM_STEPS = 10  # steps a time-limited invocation runs before its step time counts (the first ones run cold)
 RESERVE_MARGIN = 1.25  # the final work's estimate from earlier evaluations and saves, with room for noise
 
 
@@ -168,26 +173,6 @@ class RunState:
                    hidden=hidden)
 
 
-def scheduled_lr(schedule: str, base: float, step: int, planned: int | None,
-                 anchor: tuple[int, float] | None = None) -> float:
-    """The lr of step ``step`` (0-based) of a planned schedule ``planned`` steps long, whose last step
-    (``planned - 1``) is its end, at lr 0: ``hold-decay`` holds ``base`` for the first HOLD_FRACTION of
-    the steps, then falls linearly; ``cosine`` follows half a cosine from ``base``. ``anchor`` ``(step, lr)``:
-    a plan shortened while the run went falls from there, from the lr it had, the same way to 0 at its
-    new last step (the lr never jumps). ``base`` for the plateau schedule, before a plan is known, and
-    for a plan of one step."""
-    if schedule == "plateau" or not planned or planned < 2:
-        return base
-    last = planned - 1
-    if step >= last:
-        return 0.0
-    start, lr0 = anchor if anchor is not None else (HOLD_FRACTION * planned if schedule == "hold-decay" else 0, base)
-    if step < start:
-        return base
-    frac = (step - start) / (last - start)
-    return lr0 * 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else lr0 * (1.0 - frac)
-
-
 def _carried(state):
     """The state the next sequential batch starts from: detached (truncated BPTT), and in fp32 whatever
     precision produced it, so checkpoints and resumes do not depend on ``--precision``."""
@@ -211,6 +196,19 @@ class _Interval:
         self.loss_sum.zero_()
         self.norm_sum.zero_()
         self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> None:
+        """A step that updated the weights: its loss and gradient norm (under fp16, ``scaled``, a step the scaler
+        skipped has an infinite norm: it counts as 0)."""
+        self.loss_sum += loss.detach()
+        if scaled:
+            grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+        self.norm_sum += grad_norm.detach()
+
+    def count(self, tokens: int) -> None:
+        """One more step taken (an update or not) on ``tokens`` characters."""
+        self.steps += 1
+        self.tokens += tokens
 
     def mean(self, total: torch.Tensor) -> float | None:
         return (total / self.steps).item() if self.steps else None
@@ -283,8 +281,124 @@ def load_data(cfg: TrainConfig, progress=None, onto: Vocab | None = None) -> Run
     return data
 
 
+class Evaluator:
+    """The held-out side of a run: the periodic evaluations (the same leading part of the tail every time),
+    the best weights on the whole tail at the end, the checkpoints (``best/``, ``last/``) with their metadata,
+    and what each of these costs, from which :meth:`reserve` says how long the run's final work will take."""
+
+    def __init__(self, cfg: TrainConfig, data: RunData, run: RunDir, device: torch.device, dist: Dist = Dist()):
+        self.cfg, self.data, self.run_dir, self.device, self.dist = cfg, data, run, device, dist
+        self.eval_ids = data.val_ids[: cfg.resolved_eval_chars(len(data.val_ids))]  # the same part every time
+        self.best_val: EvalResult | None = None
+        self.last_val: EvalResult | None = None
+        self.best_weights = None  # a copy, for the final evaluation on the whole tail
+        self.eval_s = self.save_s = self.final_eval_s = 0.0
+        self.eval_s_per_char = None  # measured by each evaluation: what the final ones will cost
+        self.last_save_s = 0.0
+        self.meta_base = {  # every checkpoint's metadata, its progress aside (train() adds a fine-tuned run's lineage)
+            "train": cfg.to_dict(),
+            "corpus": {**corpus_paths(cfg.corpus, run.path), "preprocess": cfg.preprocess,
+                       "val_fraction": cfg.val_fraction,
+                       "max_chars": cfg.max_chars, "min_count": cfg.min_count, "chars": data.num_chars,
+                       "train_chars": len(data.train_ids), "val_chars": len(data.val_ids),
+                       "eval_chars": len(self.eval_ids), "sha256": data.sha256},
+        }
+
+    @property
+    def partial(self) -> bool:
+        """Periodic evaluations read only the tail's first part (the best weights read all of it at the end)."""
+        return len(self.eval_ids) < len(self.data.val_ids)
+
+    def restore(self) -> None:
+        """On a resume: the best weights, which may predate this invocation, when the final evaluation on the
+        whole tail will read them (loading them leaves the RNG state just restored as it is: see load_checkpoint)."""
+        best = self.run_dir.checkpoint("best")
+        if self.partial and (best / "manifest.json").is_file():
+            self.best_weights = load_checkpoint(best, device=self.device).model.state_dict()
+
+    def measure(self, model: RNNLM, st: RunState, since: float) -> EvalResult:
+        """``model`` on the periodic part of the tail, timed from ``since`` (``time.perf_counter()``); a loss that
+        is not finite, or far worse than a uniform guess (the weights diverged), stops the run."""
+        val = evaluate(model, self.eval_ids, device=self.device, dist=self.dist)
+        if not math.isfinite(val.loss) or val.loss > DIVERGED * math.log(len(self.data.vocab)):
+            # the weights diverged (not finite, or far worse than a uniform guess): nothing of them is kept
+            kept = (f"{self.run_dir.checkpoint('best')} keeps the best weights so far" if not math.isinf(st.best_loss)
+                    else "no checkpoint was kept")
+            what = "not finite" if not math.isfinite(val.loss) else f"{val.loss:.3g} nats/char (worse than guessing)"
+            raise TrainError(f"the held-out loss is {what} at step {st.step}: the weights diverged; {kept}; try "
+                             f"a lower --lr, --weight-decay or --clip")
+        spent = time.perf_counter() - since
+        self.eval_s += spent
+        self.eval_s_per_char = spent / val.tokens
+        return val
+
+    def report(self, row: dict, val: EvalResult) -> None:
+        """An evaluation's ``metrics.csv`` row (rank 0 writes it); ``val`` is now the last evaluation."""
+        if self.dist.is_main:
+            self.run_dir.append_metrics(row)
+        self.last_val = val
+
+    def keep_best(self, model: RNNLM, val: EvalResult) -> None:
+        """``val`` is the best evaluation so far: a copy of the weights, for the final one on the whole tail."""
+        self.best_val = val
+        self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def save(self, name: str, model: RNNLM, st: RunState, val: EvalResult | None, trainer_state) -> None:
+        """Checkpoint ``name`` (``best`` or ``last``) with ``trainer_state()``, the trainer state. Every rank
+        takes part (the state is gathered); only rank 0 writes."""
+        t0 = time.perf_counter()
+        state = trainer_state()
+        if not self.dist.is_main:
+            return
+        progress = {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
+                    "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
+                    "val_loss": val.loss if val else None}
+        if name == "best" and val is not None and not self.partial:
+            progress["held_out"] = held_out_entry(val)  # periodic evaluations read the whole tail
+        meta = {**self.meta_base, "progress": progress}
+        save_checkpoint(self.run_dir.checkpoint(name), model, self.data.vocab, meta, state)
+        self.last_save_s = time.perf_counter() - t0
+        self.save_s += self.last_save_s
+
+    def reserve(self, final_eval: bool) -> float:
+        """Seconds the run still needs once it stops training, at the rates measured so far: the final
+        evaluation (``final_eval``: the last step taken was not evaluated) and checkpoints, and the best
+        weights on the whole tail (at most a tenth of the time limit, FINAL_EVAL_SHARE, is given to that:
+        on a huge corpus the summary then reports a leading part of the tail)."""
+        if self.eval_s_per_char is None:
+            return 0.0
+        final_eval_chars = len(self.eval_ids) if final_eval else 0
+        whole_tail = len(self.data.val_ids) if self.partial else 0
+        whole_tail_s = min(whole_tail * self.eval_s_per_char, FINAL_EVAL_SHARE * (self.cfg.time_limit or 0))
+        return RESERVE_MARGIN * (final_eval_chars * self.eval_s_per_char + whole_tail_s + 2 * self.last_save_s)
+
+    def evaluate_best_on_tail(self, model: RNNLM, elapsed: float, stepped: bool) -> None:
+        """When periodic evaluations read only the tail's first part: the best weights (loaded into ``model``)
+        on the whole tail, or on as much of it as fits in what is left of the time limit after ``elapsed``
+        seconds, and in a tenth of it at most. Sets ``best_val``; the whole figure is kept in ``best/`` when
+        this invocation ``stepped`` (a resume that took no step writes nothing)."""
+        val_ids = self.data.val_ids
+        if self.best_weights is None or not self.partial:
+            return
+        chars = len(val_ids)
+        if self.cfg.time_limit is not None and self.eval_s_per_char:
+            room = min(self.cfg.time_limit - elapsed, FINAL_EVAL_SHARE * self.cfg.time_limit)
+            chars = min(chars, max(len(self.eval_ids), int(room / self.eval_s_per_char)))
+        chars = self.dist.broadcast_int(chars, self.device)  # rank 0's clock decides for all
+        model.load_state_dict(self.best_weights)
+        t0 = time.perf_counter()
+        self.best_val = evaluate(model, val_ids[:chars], device=self.device, dist=self.dist)
+        self.final_eval_s = time.perf_counter() - t0
+        self.eval_s += self.final_eval_s
+        if chars == len(val_ids) and self.dist.is_main and stepped:
+            # the whole figure, kept where it was measured
+            update_progress(self.run_dir.checkpoint("best"), held_out=held_out_entry(self.best_val))
+
+
 class Trainer:
-    """One run: the model, its optimizer, the :class:`RunState`, and the steps between them."""
+    """One run: the model, its optimizer, the :class:`RunState`, and the step loop between them. The lr
+    schedule and the step time are ``schedule`` (:class:`~charlm.schedule.Schedule`) and ``clock``
+    (:class:`~charlm.schedule.StepClock`); held-out evaluations and checkpoints are ``evals`` (:class:`Evaluator`)."""
 
     def __init__(self, cfg: TrainConfig, data: RunData, run: RunDir, device: torch.device, emit,
                  dist: Dist = Dist()):
@@ -305,35 +419,22 @@ class Trainer:
         self.autocast = lambda: autocast(cfg.precision, device)
         self.scaler = grad_scaler(cfg.precision, device)  # fp16 only; otherwise it passes everything through
         self.pin = device.type == "cuda"  # batches copied from page-locked memory, without waiting
-        self.base_lr = cfg.resolved_lr()
-        self.state = RunState(lr=self.base_lr)
-        self.first_step = 0  # the step this invocation started from
-        self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
-        self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
-        self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
-        self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
-        self.time_shortened = False  # the time limit shortened the plan (the stop reason says so)
+        self.schedule = Schedule(cfg, len(data.train_ids))
+        self.clock = StepClock(cfg.time_limit)
+        self.evals = Evaluator(cfg, data, run, device, dist)
+        self.meta_base = self.evals.meta_base  # (the same dict: train() adds a fine-tuned run's lineage to it)
+        self.state = RunState(lr=self.schedule.base_lr)
         self.max_norm = cfg.clip if cfg.clip > 0 else math.inf  # clip_grad_norm_ still returns the norm
         self.tokens_per_step = cfg.batch_size * cfg.num_steps
         self.interval = _Interval(device)
         self.steps_per_epoch = 0
         self.last_eval_step = None
-        self.best_val: EvalResult | None = None
-        self.last_val: EvalResult | None = None
-        self.eval_s = self.save_s = self.final_eval_s = 0.0
-        self.eval_ids = data.val_ids[: cfg.resolved_eval_chars(len(data.val_ids))]  # the same part every time
-        self.eval_s_per_char = None  # measured by each evaluation: what the final ones will cost
-        self.last_save_s = 0.0
-        self.best_weights = None  # a copy, for the final evaluation on the whole tail
         self.t_start = time.perf_counter()  # reset when the loop starts
-        self.meta_base = {
-            "train": cfg.to_dict(),
-            "corpus": {**corpus_paths(cfg.corpus, run.path), "preprocess": cfg.preprocess,
-                       "val_fraction": cfg.val_fraction,
-                       "max_chars": cfg.max_chars, "min_count": cfg.min_count, "chars": data.num_chars,
-                       "train_chars": len(data.train_ids), "val_chars": len(data.val_ids),
-                       "eval_chars": len(self.eval_ids), "sha256": data.sha256},
-        }
+
+    @property
+    def first_step(self) -> int:
+        """The step this invocation started from."""
+        return self.clock.first_step
 
     def distribute(self) -> None:
         """Under torchrun, once every rank agreed to start: DDP around the model (a collective), and each rank
@@ -362,132 +463,83 @@ class Trainer:
                                              f"{self.dist.world_size}: the results will equal a run on "
                                              f"{saved_ranks} only statistically (other dropout streams)"})
         self.last_eval_step = self.state.step  # last/ was saved at an evaluation of this step
-        best = self.run_dir.checkpoint("best")
-        if len(self.eval_ids) < len(self.data.val_ids) and (best / "manifest.json").is_file():
-            # the final evaluation on the whole tail reads the best weights, which may predate this invocation
-            # (loading them leaves the RNG state just restored as it is: see load_checkpoint)
-            self.best_weights = load_checkpoint(best, device=self.device).model.state_dict()
+        self.evals.restore()
 
     def checkpoint_state(self) -> dict:
+        """The trainer state of a checkpoint (``trainer.pt``): the run state and the training figures since the
+        last scheduled evaluation (a collective: every rank calls it)."""
         return {**self.state.to_dict(self.optimizer, self.device, self.dist, self.scaler),
                 "interval": self.interval.to_dict(self.dist)}
 
     def save(self, name: str, val: EvalResult | None) -> None:
         """Every rank takes part (the state is gathered); only rank 0 writes."""
-        t0 = time.perf_counter()
-        trainer_state = self.checkpoint_state()
-        if not self.dist.is_main:
-            return
-        st = self.state
-        progress = {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
-                    "best_val_loss": None if math.isinf(st.best_loss) else st.best_loss,
-                    "val_loss": val.loss if val else None}
-        if name == "best" and val is not None and len(self.eval_ids) >= len(self.data.val_ids):
-            progress["held_out"] = held_out_entry(val)  # periodic evaluations read the whole tail
-        meta = {**self.meta_base, "progress": progress}
-        save_checkpoint(self.run_dir.checkpoint(name), self.model, self.data.vocab, meta, trainer_state)
-        self.last_save_s = time.perf_counter() - t0
-        self.save_s += self.last_save_s
+        self.evals.save(name, self.model, self.state, val, self.checkpoint_state)
 
-    # -- the plan --------------------------------------------------------------------------------
-    @property
-    def planned(self) -> bool:
-        return self.cfg.lr_schedule != "plateau"
-
+    # -- the plan and the time -----------------------------------------------------------------
     def plan(self) -> None:
-        """Fix a planned schedule's length before the first step: the run's steps as ``--epochs`` and
-        ``--max-steps`` bound it (:meth:`total_steps`). A resumed run keeps the plan it saved."""
-        st = self.state
-        if self.planned and st.planned_steps is None:
-            st.planned_steps = self.total_steps()
-
-    def mark_timing(self) -> None:
-        """At a scheduled evaluation: the first of the invocation starts the step-time measurement (the first
-        steps and the first evaluation run cold: a first evaluation measured at several times its later
-        cost made the final work's reserve eat 14% of a 15-minute run); each later one measures the
-        interval since the one before, from which :meth:`time_plan` estimates."""
-        st, now = self.state, self.elapsed()
-        if st.step == self.first_step:
-            return
-        if self.plan_mark is not None and st.step > self.last_mark[0]:
-            self.interval_s_per_step = (now - self.last_mark[1]) / (st.step - self.last_mark[0])
-        if self.plan_mark is None:
-            self.plan_mark = (st.step, now)
-        self.last_mark = (st.step, now)
-
-    def time_plan(self) -> int | None:
-        """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
-        reserve kept) at the slower of two step times: the mean since the first evaluation, and the last
-        interval between evaluations (so that a run that slows down is caught within an interval);
-        ``st.step`` when the time is up; None while nothing is measured yet."""
-        st, cfg = self.state, self.cfg
-        now = self.elapsed()
-        left = cfg.time_limit - now - self.reserve()
-        if left <= 0:
-            return st.step
-        if self.interval_s_per_step is not None:
-            per_step = max((now - self.plan_mark[1]) / (st.step - self.plan_mark[0]), self.interval_s_per_step)
-        elif self.step_mark is not None and st.step - self.step_mark[0] >= WARM_STEPS:
-            # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
-            # warm-up, so that the plan is fitted long before the time is up rather than cut at the end
-            per_step = (now - self.step_mark[1]) / (st.step - self.step_mark[0])
-        else:
-            return None
-        return st.step + int(left / per_step)
-
-    def _proposal(self) -> int:
-        """Rank 0's :meth:`time_plan` under a planned schedule and --time-limit; -1 for none (other ranks too)."""
-        if not (self.planned and self.cfg.time_limit is not None and self.dist.is_main):
-            return -1
-        steps = self.time_plan()
-        return -1 if steps is None else steps
-
-    def fit_plan(self, proposal: int) -> None:
-        """Shorten the plan to rank 0's proposal (-1: none) when the time left cannot hold it."""
-        if proposal >= 0 and self.shorten_plan(proposal):
-            self.time_shortened = True
-
-    def shorten_plan(self, steps: int) -> bool:
-        """End the plan after ``steps`` steps in all (at least one more) when that is sooner than planned,
-        falling from the lr of the step about to be taken (no jump); True if it changed."""
-        st, cfg = self.state, self.cfg
-        steps = max(st.step + 1, steps)
-        if st.planned_steps is None or steps >= st.planned_steps:
-            return False
-        lr_now = scheduled_lr(cfg.lr_schedule, self.base_lr, st.step, st.planned_steps, st.plan_anchor)
-        held = cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and st.step < HOLD_FRACTION * steps
-        st.planned_steps = steps
-        if not held and st.step > 0:  # (still held under the shorter plan: its own shape, nothing to anchor)
-            st.plan_anchor = (st.step, lr_now)
-        return True
+        """Fix a planned schedule's length before the first step (:meth:`charlm.schedule.Schedule.fix`)."""
+        self.schedule.fix(self.state)
 
     def check_plan(self) -> None:
-        """On a resume: a plan longer than --epochs and --max-steps now allow is shortened from here; one
-        they would extend is kept, and the run says so."""
-        st, cfg = self.state, self.cfg
-        if not self.planned or st.planned_steps is None:
-            return
-        bound = self.total_steps()
-        if bound <= st.step:  # no step will be taken (--max-steps reached): the saved plan stays as it was
-            return
-        if self.shorten_plan(bound):
-            self.emit("warning", {"message": f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} "
-                                             f"(--max-steps or --epochs), falling from step {st.step:,}"})
-        elif cfg.max_steps and cfg.max_steps > st.planned_steps:
-            self.emit("warning", {"message": f"the {cfg.lr_schedule} schedule was planned for {st.planned_steps:,} "
-                                             f"steps when the run started; the run ends there (--max-steps "
-                                             f"{cfg.max_steps:,} does not extend a plan)"})
+        """On a resume: the plan against --epochs and --max-steps now (:meth:`charlm.schedule.Schedule.check`)."""
+        warning = self.schedule.check(self.state)
+        if warning is not None:
+            self.emit("warning", {"message": warning})
+
+    def total_steps(self) -> int:
+        """The steps ``--epochs`` and ``--max-steps`` allow (:meth:`charlm.schedule.Schedule.total_steps`)."""
+        return self.schedule.total_steps()
 
     def apply_lr(self) -> None:
         """The planned lr of the step about to be taken."""
-        st = self.state
-        st.lr = scheduled_lr(self.cfg.lr_schedule, self.base_lr, st.step, st.planned_steps, st.plan_anchor)
-        for group in self.optimizer.param_groups:
-            group["lr"] = st.lr
+        self.state.lr = self.schedule.lr(self.state)
+        self._set_lr()
 
-    # -- one step --------------------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.state.lr
+
+    def elapsed(self) -> float:
+        """Seconds since the loop started: the time every decision reads (the plan, the time limit)."""
+        return time.perf_counter() - self.t_start
+
+    def reserve(self) -> float:
+        """Seconds the run still needs once it stops training (:meth:`Evaluator.reserve`)."""
+        return self.evals.reserve(final_eval=self.last_eval_step != self.state.step)
+
+    def _proposal(self) -> int:
+        """Rank 0's :meth:`~charlm.schedule.StepClock.time_plan` under a planned schedule and --time-limit; -1 for
+        none (other ranks too)."""
+        if not (self.schedule.planned and self.cfg.time_limit is not None and self.dist.is_main):
+            return -1
+        steps = self.clock.time_plan(self.state.step, self.elapsed(), self.reserve())
+        return -1 if steps is None else steps
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, stop: dict) -> str:
+        """Train until a stopping rule fires; return why."""
+        cfg, st = self.cfg, self.state
+        self.t_start = self.interval.t0 = time.perf_counter()
+        self.clock.first_step = st.step
+        self.plan()  # (done already by train(); here for a Trainer run on its own)
+        self.model.train()
+        while st.epoch < cfg.epochs:
+            for X, Y in self.batches():
+                if cfg.max_steps is not None and st.step >= cfg.max_steps:
+                    return f"--max-steps {cfg.max_steps} reached"
+                if (done := self.schedule.done(st)) is not None:  # a resumed run already at its plan's end
+                    return done
+                self.train_step(X, Y)
+                reason = self.after_step(stop)
+                if reason is not None:
+                    return reason
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            st.hidden = None  # each epoch starts from a zero state, as in d2l
+        return f"{cfg.epochs} epochs done"
+
     def train_step(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        """batch -> reset or detach the state -> forward -> loss -> backward -> clip -> step.
+        """batch -> reset or detach the state -> forward -> loss -> zero_grad -> backward -> clip -> step -> log.
 
         Under fp16 the loss is scaled before the backward pass and the gradients unscaled before
         clipping; a step whose scaled gradients overflowed is skipped by the scaler (which then
@@ -496,7 +548,7 @@ class Trainer:
         if self.pin:
             X, Y = X.pin_memory(), Y.pin_memory()
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
-        if self.planned:
+        if self.schedule.planned:
             self.apply_lr()
         # random windows are unrelated: fresh state; sequential ones continue: detach (TBPTT)
         hidden = None if cfg.sampling == "random" else st.hidden  # (stored detached: truncated BPTT)
@@ -507,89 +559,20 @@ class Trainer:
         scaler.scale(loss).backward()
         scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
-        ok = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        finite = bool(ok)  # the step's one host sync
-        if self.dist.enabled:  # one rank's non-finite loss skips the step on every rank
-            finite = not self.dist.any([not finite], self.device)[0]
-        if finite:
+        if self.finite(loss, grad_norm):
             st.nonfinite = 0
             scaler.step(self.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
             st.hidden = _carried(new_hidden)  # the next batch continues from it, without this graph
-            self.interval.loss_sum += loss.detach()
-            if scaler.is_enabled():  # a step the scaler skipped has an infinite norm: count it as 0
-                grad_norm = torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
-            self.interval.norm_sum += grad_norm.detach()
+            self.interval.add(loss, grad_norm, scaled=scaler.is_enabled())
         else:  # skip the update; give up after MAX_NONFINITE in a row
             st.nonfinite += 1
         scaler.update()  # fp16: a lower scale after an overflow (a skipped step's too), a higher one after many without
         if st.nonfinite >= MAX_NONFINITE:
-            self.save("last", self.last_val)
-            raise TrainError(
-                f"the loss was not finite for {st.nonfinite} steps in a row at step {st.step + 1}; saved "
-                f"{self.run_dir.checkpoint('last')} (weights from before those steps); try a lower --lr or --clip")
+            self.stop_nonfinite()
         st.step += 1
         st.batch_in_epoch += 1
-        self.interval.steps += 1
-        self.interval.tokens += self.tokens_per_step
+        self.interval.count(self.tokens_per_step)
 
-    # -- evaluation and checkpoints ------------------------------------------------------------
-    def evaluate_and_save(self, scheduled: bool = True) -> dict:
-        """Held-out loss -> metrics row -> best/ when better -> last/.
-
-        A scheduled evaluation (every ``eval_every`` steps) also drives the plateau schedule: the lr
-        decays, and patience counts, when it did not improve on the scheduled ones before it; it then
-        starts a new interval of training figures. The final evaluation of an invocation that stopped
-        between two scheduled ones (a time limit, a signal, ``--max-steps`` off the schedule) only
-        reports and saves, so that a resumed run takes the same decisions as one never stopped."""
-        st, iv = self.state, self.interval
-        now = time.perf_counter()
-        val = evaluate(self.model, self.eval_ids, device=self.device, dist=self.dist)
-        if not math.isfinite(val.loss):  # the weights diverged: nothing of them is kept
-            kept = (f"{self.run_dir.checkpoint('best')} keeps the best weights so far" if not math.isinf(st.best_loss)
-                    else "no checkpoint was kept")
-            raise TrainError(f"the held-out loss is not finite at step {st.step} (the weights diverged); {kept}; try "
-                             f"a lower --lr, --weight-decay or --clip")
-        spent = time.perf_counter() - now
-        self.eval_s += spent
-        self.eval_s_per_char = spent / val.tokens
-        row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
-               "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
-               "train_loss": iv.mean(self.dist.sum(iv.loss_sum) / self.dist.world_size), "val_loss": val.loss,
-               "val_bpc": val.bits_per_char, "val_ppl": val.perplexity, "lr": st.lr, "grad_norm": iv.mean(iv.norm_sum),
-               "tokens_per_s": round(iv.tokens / (now - iv.t0), 1) if iv.tokens else None}
-        if self.dist.is_main:
-            self.run_dir.append_metrics(row)
-        self.last_val = val
-        if scheduled:  # before the checkpoints, which hold the interval and the schedule
-            iv.reset()
-            self.plateau_step(val.loss)
-            self.mark_timing()
-            if self.planned and self.cfg.time_limit is not None:  # the checkpoints below keep the plan
-                self.fit_plan(self.dist.broadcast_int(self._proposal(), self.device))
-        improved = val.loss < st.best_loss
-        if improved:
-            st.best_loss, self.best_val = val.loss, val
-            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.save("best", val)
-        self.save("last", val)
-        self.last_eval_step = st.step  # (before the event: a callback that stops the run there leaves it evaluated)
-        self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
-        return row
-
-    def plateau_step(self, loss: float) -> None:
-        """After a scheduled evaluation: a new plateau best, or one more evaluation without it (the lr
-        decays). It depends on held-out losses only, so a resumed run repeats it."""
-        st = self.state
-        if loss < st.plateau_loss:
-            st.plateau_loss, st.evals_since_best = loss, 0
-            return
-        st.evals_since_best += 1
-        if self.cfg.lr_decay < 1.0 and not self.planned:  # a plateau: smaller steps
-            st.lr *= self.cfg.lr_decay
-            for group in self.optimizer.param_groups:
-                group["lr"] = st.lr
-
-    # -- the loop ------------------------------------------------------------------------------
     def batches(self):
         """The rest of the current epoch's batches."""
         cfg, st = self.cfg, self.state
@@ -599,27 +582,22 @@ class Trainer:
         self.steps_per_epoch = batches.num_batches
         return batches
 
-    def run(self, stop: dict) -> str:
-        """Train until a stopping rule fires; return why."""
-        cfg, st = self.cfg, self.state
-        self.t_start = self.interval.t0 = time.perf_counter()
-        self.first_step = st.step
-        self.plan()  # (done already by train(); here for a Trainer run on its own)
-        self.model.train()
-        while st.epoch < cfg.epochs:
-            for X, Y in self.batches():
-                if cfg.max_steps is not None and st.step >= cfg.max_steps:
-                    return f"--max-steps {cfg.max_steps} reached"
-                if st.planned_steps is not None and st.step >= st.planned_steps:  # a resumed run already at its end
-                    return f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done"
-                self.train_step(X, Y)
-                reason = self.after_step(stop)
-                if reason is not None:
-                    return reason
-            st.epoch += 1
-            st.batch_in_epoch = 0
-            st.hidden = None  # each epoch starts from a zero state, as in d2l
-        return f"{cfg.epochs} epochs done"
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the step may update the weights: its loss is finite (and, without fp16's scaler, which skips
+        an overflowed step itself, its gradient norm), on every rank. The step's one host sync."""
+        ok = torch.isfinite(loss) if self.scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        finite = bool(ok)
+        if self.dist.enabled:  # one rank's non-finite loss skips the step on every rank
+            finite = not self.dist.any([not finite], self.device)[0]
+        return finite
+
+    def stop_nonfinite(self) -> None:
+        """MAX_NONFINITE steps in a row had no finite loss: save ``last/`` (the weights from before them), stop."""
+        st = self.state
+        self.save("last", self.evals.last_val)
+        raise TrainError(
+            f"the loss was not finite for {st.nonfinite} steps in a row at step {st.step + 1}; saved "
+            f"{self.run_dir.checkpoint('last')} (weights from before those steps); try a lower --lr or --clip")
 
     def after_step(self, stop: dict) -> str | None:
         """Report, evaluate on schedule, fit the plan to the time left, and say whether the run must stop now.
@@ -638,79 +616,74 @@ class Trainer:
             if patience is not None and st.evals_since_best >= patience:
                 reason = f"no held-out improvement in {patience} evaluations"
         timed = cfg.time_limit is not None
-        if timed and self.step_mark is None and st.step - self.first_step == WARM_STEPS:
-            self.step_mark = (st.step, self.elapsed())
-        time_up = timed and not self.planned and self.elapsed() + self.reserve() >= cfg.time_limit
+        if timed:
+            self.clock.warm(st.step, self.elapsed())
+        time_up = timed and not self.schedule.planned and self.elapsed() + self.reserve() >= cfg.time_limit
         (signalled, time_up), proposal = self.dist.agree([bool(stop["signal"]), time_up], self._proposal(),
                                                          self.device)
         if signalled:
             stop["signal"] = stop["signal"] or "SIGTERM"  # a signal another rank received
             return stop["signal"]
-        self.fit_plan(proposal)
-        if reason is None and st.planned_steps is not None and st.step >= st.planned_steps:
-            fitted = f" (fitted to --time-limit {cfg.time_limit:g}s)" if self.time_shortened else ""
-            reason = f"the {cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done{fitted}"
+        self.schedule.fit(st, proposal)
+        if reason is None:
+            reason = self.schedule.done(st)
         if reason is None and time_up:
             reason = f"--time-limit {cfg.time_limit:g}s reached"
         return reason
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t_start
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate_and_save(self, scheduled: bool = True) -> dict:
+        """Held-out loss -> metrics row -> best/ when better -> last/.
 
-    def reserve(self) -> float:
-        """Seconds the run still needs once it stops training, at the rates measured so far: the final
-        evaluation and checkpoints, and the best weights on the whole tail (at most a tenth of the time
-        limit, FINAL_EVAL_SHARE, is given to that: on a huge corpus the summary then reports a leading
-        part of the tail)."""
-        if self.eval_s_per_char is None:
-            return 0.0
-        final_eval = 0 if self.last_eval_step == self.state.step else len(self.eval_ids)
-        whole_tail = len(self.data.val_ids) if len(self.eval_ids) < len(self.data.val_ids) else 0
-        whole_tail_s = min(whole_tail * self.eval_s_per_char, FINAL_EVAL_SHARE * (self.cfg.time_limit or 0))
-        return RESERVE_MARGIN * (final_eval * self.eval_s_per_char + whole_tail_s + 2 * self.last_save_s)
+        A scheduled evaluation (every ``eval_every`` steps) also drives the plateau schedule: the lr
+        decays, and patience counts, when it did not improve on the scheduled ones before it; it then
+        starts a new interval of training figures. The final evaluation of an invocation that stopped
+        between two scheduled ones (a time limit, a signal, ``--max-steps`` off the schedule) only
+        reports and saves, so that a resumed run takes the same decisions as one never stopped."""
+        st, iv, evals = self.state, self.interval, self.evals
+        now = time.perf_counter()
+        val = evals.measure(self.model, st, since=now)
+        row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
+               "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
+               "train_loss": iv.mean(self.dist.sum(iv.loss_sum) / self.dist.world_size), "val_loss": val.loss,
+               "val_bpc": val.bits_per_char, "val_ppl": val.perplexity, "lr": st.lr, "grad_norm": iv.mean(iv.norm_sum),
+               "tokens_per_s": round(iv.tokens / (now - iv.t0), 1) if iv.tokens else None}
+        evals.report(row, val)
+        if scheduled:  # before the checkpoints, which hold the interval and the schedule
+            iv.reset()
+            if self.schedule.plateau(st, val.loss):  # the plateau schedule's lr decayed
+                self._set_lr()
+            self.clock.mark(st.step, self.elapsed())
+            if self.schedule.planned and self.cfg.time_limit is not None:  # the checkpoints below keep the plan
+                self.schedule.fit(st, self.dist.broadcast_int(self._proposal(), self.device))
+        improved = val.loss < st.best_loss
+        if improved:
+            st.best_loss = val.loss
+            evals.keep_best(self.model, val)
+            self.save("best", val)
+        self.save("last", val)
+        self.last_eval_step = st.step  # (before the event: a callback that stops the run there leaves it evaluated)
+        self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
+        return row
 
     def evaluate_best_on_tail(self) -> None:
-        """When periodic evaluations read only the tail's first part: the best weights on the whole tail,
-        or on as much of it as fits in what is left of the time limit, and in a tenth of it at most.
-        Sets ``best_val``."""
-        val_ids = self.data.val_ids
-        if self.best_weights is None or len(self.eval_ids) >= len(val_ids):
-            return
-        chars = len(val_ids)
-        if self.cfg.time_limit is not None and self.eval_s_per_char:
-            room = min(self.cfg.time_limit - self.elapsed(), FINAL_EVAL_SHARE * self.cfg.time_limit)
-            chars = min(chars, max(len(self.eval_ids), int(room / self.eval_s_per_char)))
-        chars = self.dist.broadcast_int(chars, self.device)  # rank 0's clock decides for all
-        self.model.load_state_dict(self.best_weights)
-        t0 = time.perf_counter()
-        self.best_val = evaluate(self.model, val_ids[:chars], device=self.device, dist=self.dist)
-        self.final_eval_s = time.perf_counter() - t0
-        self.eval_s += self.final_eval_s
-        if chars == len(val_ids) and self.dist.is_main and self.state.step > self.first_step:
-            # the whole figure, kept where it was measured (a resume that took no step writes nothing)
-            update_progress(self.run_dir.checkpoint("best"), held_out=held_out_entry(self.best_val))
+        """The best weights on the whole tail, when periodic evaluations read a part of it
+        (:meth:`Evaluator.evaluate_best_on_tail`)."""
+        self.evals.evaluate_best_on_tail(self.model, self.elapsed(), stepped=self.state.step > self.first_step)
 
     def result(self, stop_reason: str) -> TrainResult:
-        st = self.state
-        best = self.best_val
+        st, evals = self.state, self.evals
+        best = evals.best_val
         if best is None and not math.isinf(st.best_loss):  # resumed: the best came from an earlier invocation
-            best = EvalResult(loss=st.best_loss, tokens=self.last_val.tokens if self.last_val else 0)
+            best = EvalResult(loss=st.best_loss, tokens=evals.last_val.tokens if evals.last_val else 0)
         return TrainResult(out=self.run_dir.path, steps=st.step,
                            epochs_done=st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch),
                            tokens=st.step * self.tokens_per_step, elapsed_s=time.perf_counter() - self.t_start,
-                           stop_reason=stop_reason, best=best, last=self.last_val,
+                           stop_reason=stop_reason, best=best, last=evals.last_val,
                            train_loss=self.run_dir.last_train_loss() if self.dist.is_main else None,
-                           eval_s=self.eval_s, save_s=self.save_s,
-                           final_eval_s=self.final_eval_s,
-                           val_chars=len(self.data.val_ids), eval_chars=len(self.eval_ids),
+                           eval_s=evals.eval_s, save_s=evals.save_s, final_eval_s=evals.final_eval_s,
+                           val_chars=len(self.data.val_ids), eval_chars=len(evals.eval_ids),
                            precision=self.cfg.precision)
-
-    def total_steps(self) -> int:
-        """Steps in ``cfg.epochs`` epochs (each epoch's own random offset may drop a batch), at most
-        ``cfg.max_steps``: what a planned schedule is planned for."""
-        cfg = self.cfg
-        return run_batches(len(self.data.train_ids), cfg.batch_size, cfg.num_steps, cfg.seed, cfg.epochs,
-                           cfg.max_steps)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callback=None,
@@ -729,7 +702,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     emit = callback or (lambda event, info: None)
     if init_from is not None or new_chars is not None:
         cfg = dataclasses.replace(cfg, init_from=str(init_from) if init_from is not None else cfg.init_from,
-                                  new_chars=new_chars or cfg.new_chars)
+                                  new_chars=new_chars if new_chars is not None else cfg.new_chars)
     device = resolve_device(cfg.device)
     dist = from_env()
     if dist.enabled and device.type == "cuda" and device.index is None:
@@ -769,6 +742,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
         trainer, saved = _prepare_run(cfg, run, resume, overwrite, prepare_progress, device, dist, parent)
         if dist.is_main:  # one writer per run folder: locked, (re)checked under the lock, then written
             run.create(overwrite, step=trainer.state.step if saved is not None else None)
+            if run.unlocked:
+                trainer.warnings.append(f"{run.path} is on a file system without file locks: nothing stops a second "
+                                        f"process from writing the run at the same time")
     except CharlmError as exc:
         error = exc
     try:
@@ -787,10 +763,13 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
         raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world_size} processes; "
                          f"use a multiple of {dist.world_size}")
     run.check(resume, overwrite)
+    if parent is not None:
+        finetune.check_apart(parent, run.path)
     saved = None
     if resume:
         saved = run.load_last(device)
         if cfg.init_from:  # a fine-tuning run: the architecture it took from its parent is in its checkpoints
+            finetune.check_same_parent(saved, cfg.init_from)
             cfg = finetune.inherit(cfg, saved)
         run.check_resume(saved, cfg)
     onto = saved.vocab if saved is not None and cfg.init_from else parent.vocab if parent is not None else None
@@ -844,6 +823,7 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                 stop_reason = trainer.run(stop)
             except StopTraining as exc:  # the callback's stop: ends the run as a signal does
                 stop_reason, stopped = str(exc), True
+            done = not stop["signal"]  # the loop ended by its own rule: a signal from here on cuts the final work only
             if trainer.last_eval_step != st.step:
                 with contextlib.suppress(StopTraining):  # (the run ends here anyway)
                     trainer.evaluate_and_save(scheduled=False)  # the final evaluation and checkpoint
@@ -862,6 +842,6 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                 f"died or did not answer within --dist-timeout {cfg.dist_timeout:g}s; resume from "
                 f"{run.checkpoint('last')} with --resume") from None
         if stop["signal"]:
-            raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result)
+            raise TrainingInterrupted(f"{stop['signal']}: stopped at step {st.step}", result, complete=done)
     emit("end", {"result": result})
     return result

@@ -16,17 +16,21 @@ towards ``trials``. ``storage`` takes any database URL Optuna takes (``postgresq
 killed worker's trial is failed by Optuna's heartbeat and run again by another worker.
 
 The folder ``OUT`` (default ``tunes/<corpus stem>``) is owned as a run folder is (:mod:`charlm.outputs`):
-marked, refused when it is not charlm's, one process at a time (a lock). The results, rewritten after each
-trial: ``trials.csv``, ``best.json`` and ``best-command.txt`` (the ``charlm train`` command that reproduces
-the best trial: to the bit when trials run by steps), and at the end ``history.png`` and ``importances.png``
-(Optuna's matplotlib plots, with the ``plot`` extra); with ``final_time``, a final run of the best
-configuration in ``OUT/final``.
+marked, refused when it is not charlm's or lies inside another folder charlm owns, one process at a time (a
+lock, taken before the folder is marked; every check of the folder and of the study is made again under it).
+The results, rewritten after each trial (each written in the marked temporary folder ``OUT/.charlm-tune-tmp`` and
+renamed into place): ``trials.csv``, ``best.json`` and ``best-command.txt`` (the ``charlm train`` command that
+reproduces the best trial: to the bit when trials run by steps), and at the end ``history.png`` and
+``importances.png`` (Optuna's matplotlib plots, with the ``plot`` extra); with ``final_time``, a final run of
+the best configuration in ``OUT/final`` (resumed when it holds that configuration's run, replaced when the best
+changed) and, once it succeeded, ``final-command.txt``. With ``tensorboard``, the TensorBoard events go into
+``DIR/<study>-<8 hex digits of OUT's path>/trial-NNNN`` and ``.../final`` (:func:`charlm.board.run_name`).
 
 Events: ``"search-start"`` (``out``, ``study``, ``storage``, ``done``, ``trials``, ``budget``, ``space``,
 ``resumed``, ``retried``), ``"trial-start"`` (``number``, ``params``, ``out``), ``"trial-eval"``
 (``number``, ``step``, ``percent``, ``val_bpc``), ``"trial-end"`` (``number``, ``state``, ``value``,
-``seconds``, ``best``, ``done``), ``"final-start"`` (``out``), ``"warning"`` (``message``); and with
-``train_callback``, every trial's own training events.
+``seconds``, ``best``, ``done``), ``"final-start"`` (``out``, ``resumed``, ``replaced``, ``trial``),
+``"warning"`` (``message``); and with ``train_callback``, every trial's own training events.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import io
 import json
 import math
 import os
+import re
+import secrets
 import shlex
 import socket
 import statistics
@@ -45,12 +51,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from charlm.config import (CELLS, GATES, IMPLS, LR_SCHEDULES, OPTIMIZERS, PREPROCESS_MODES, PRECISIONS, SAMPLINGS,
-                           SMALL_CORPUS_CHARS, TrainConfig, seed_error)
+from charlm.config import (CELLS, DEVICE_CHOICES, GATES, IMPLS, LR_SCHEDULES, MAX_SECONDS, OPTIMIZERS,
+                           PREPROCESS_MODES, PRECISIONS, SAMPLINGS, SMALL_CORPUS_CHARS, TrainConfig, _check, _is_int,
+                           _is_real, seed_error)
 from charlm.data import min_tokens
 from charlm.errors import (ConfigError, StopTraining, TrainError, TrainingInterrupted, TuneError, TuneInterrupted,
                            os_error_line)
-from charlm.outputs import (LOCK, FolderLock, LockedError, check_folder, check_not_cwd, check_parent, remove_entries,
+from charlm.outputs import (FILE, LOCK, MARKER, TUNE_RESULTS, FolderLock, LockedError, check_folder, check_not_cwd,
+                            check_not_inside_owned, check_parent, entry_kind, marker_kind, new_folders, remove_entries,
                             resolve_path, write_marker)
 
 TUNE_EVALS = 10  # held-out evaluations (and pruning decisions) per trial
@@ -294,6 +302,16 @@ def check_space(space: dict[str, Dim], train_chars: int, corpus) -> None:
 
 
 # -- settings, folder, storage ----------------------------------------------------------------------------------
+STORAGE_ENV = "CHARLM_TUNE_STORAGE"  # the environment variable the command takes --storage from
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # what --study takes (a path component, safe anywhere)
+STUDY_RULE = "1 to 100 letters, digits, '.', '_', '+' or '-', the first a letter or digit"
+MIN_TRIAL_S = 1.0  # a trial by time trains this long at least (it evaluates TUNE_EVALS times), and so does a search
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike)) and str(value) != ""
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """Everything ``charlm tune`` does. ``None``: the study's setting when it exists (a resumed or shared
@@ -306,43 +324,87 @@ class TuneConfig:
     trial_steps: int | None = None  # each trial's steps ...
     trial_time: float | None = None  # ... or seconds; None: time_budget / TRIALS_PER_BUDGET, else 60 s
     final_time: float | None = None  # seconds of a final run of the best configuration (out of time_budget)
-    space: tuple[str, ...] = ()  # --space items (SPACE_SYNTAX) over the default space
+    space: tuple[str, ...] = ()  # --space items (SPACE_SYNTAX) over the default space (a list is taken as a tuple)
     pruner: str | None = None  # hyperband | halving | median | none; None: hyperband
     storage: str | None = None  # a database URL Optuna takes; None: OUT/study.journal
-    study: str | None = None  # the study's name; None: the corpus's stem
-    tensorboard: str | None = None  # a folder: one TensorBoard run per trial, DIR/<study>/trial-NNNN
+    study: str | None = None  # the study's name (STUDY_RULE); None: the corpus's stem
+    tensorboard: str | None = None  # a folder: one TensorBoard run per trial, DIR/<study>-<hash>/trial-NNNN
     preprocess: str | None = None  # None: raw
     min_count: int | None = None  # None: 1
     val_fraction: float | None = None  # None: 0.1
     seed: int | None = None  # the trials' training seed and the sampler's; None: 0
     device: str = "auto"  # where the trials train (a worker's own: not part of the study's settings)
     precision: str = "fp32"
+    storage_from: str = "--storage"  # where ``storage`` came from, as messages name it: --storage or STORAGE_ENV
 
     def __post_init__(self):
-        checks = [
-            (self.trials is not None or self.time_budget is not None,
-             "give --trials N, --time-budget SECONDS or both"),
-            (self.trials is None or self.trials >= 1, f"--trials must be >= 1, got {self.trials}"),
-            (self.time_budget is None or self.time_budget > 0, f"--time-budget must be > 0, got {self.time_budget}"),
-            (self.trial_steps is None or self.trial_time is None, "--trial-steps and --trial-time exclude each other"),
-            (self.trial_steps is None or self.trial_steps >= 1, f"--trial-steps must be >= 1, got {self.trial_steps}"),
-            (self.trial_time is None or self.trial_time > 0, f"--trial-time must be > 0, got {self.trial_time}"),
-            (self.final_time is None or self.final_time > 0, f"--final-time must be > 0, got {self.final_time}"),
-            (self.final_time is None or self.time_budget is None or self.final_time < self.time_budget,
-             f"--final-time {_show_setting(self.final_time)} leaves no time to search in --time-budget "
-             f"{_show_setting(self.time_budget)}"),
-            (self.pruner is None or self.pruner in PRUNERS, f"--pruner must be one of {', '.join(PRUNERS)}"),
-            (self.preprocess is None or self.preprocess in PREPROCESS_MODES,
-             f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}"),
-            (self.min_count is None or self.min_count >= 1, f"--min-count must be >= 1, got {self.min_count}"),
-            (self.val_fraction is None or 0 < self.val_fraction < 1,
-             f"--val-fraction must lie in (0, 1), got {self.val_fraction}"),
+        if isinstance(self.space, list):
+            object.__setattr__(self, "space", tuple(self.space))
+        seconds = f"must be > 0 and at most {MAX_SECONDS:g} seconds"
+        _check([
+            (_is_path(self.corpus), f"corpus must be a path, got {self.corpus!r}"),
+            (self.out is None or _is_path(self.out), f"--out must name a folder, got {self.out!r}"),
+            (self.trials is None or _is_int(self.trials, 1), f"--trials must be an integer >= 1, got {self.trials!r}"),
+            (self.time_budget is None or _is_real(self.time_budget, 0, MAX_SECONDS, low_open=True),
+             f"--time-budget {seconds}, got {self.time_budget!r}"),
+            (self.trial_steps is None or _is_int(self.trial_steps, 1),
+             f"--trial-steps must be an integer >= 1, got {self.trial_steps!r}"),
+            (self.trial_time is None or _is_real(self.trial_time, 0, MAX_SECONDS, low_open=True),
+             f"--trial-time {seconds}, got {self.trial_time!r}"),
+            (self.final_time is None or _is_real(self.final_time, 0, MAX_SECONDS, low_open=True),
+             f"--final-time {seconds}, got {self.final_time!r}"),
+            (isinstance(self.space, tuple) and all(isinstance(item, str) for item in self.space),
+             f"space must be a tuple of --space items (strings such as 'lr=0.001:0.01:log'), got {self.space!r}"),
+            (self.pruner is None or (isinstance(self.pruner, str) and self.pruner in PRUNERS),
+             f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}"),
+            (self.storage_from in ("--storage", STORAGE_ENV),
+             f"storage_from must be --storage or {STORAGE_ENV}, got {self.storage_from!r}"),
+            (self.storage is None or (isinstance(self.storage, str) and self.storage.strip() != ""),
+             f"{self.storage_from} must be a database URL, got {self.storage!r}"),
+            (self.study is None or (isinstance(self.study, str) and STUDY_NAME.fullmatch(self.study) is not None),
+             f"--study must be {STUDY_RULE}, got {self.study!r}"),
+            (self.tensorboard != "", "--tensorboard needs a folder (an empty path is the current folder); name one, "
+                                     "e.g. --tensorboard runs"),
+            (self.tensorboard is None or _is_path(self.tensorboard),
+             f"--tensorboard must name a folder, got {self.tensorboard!r}"),
+            (self.preprocess is None or (isinstance(self.preprocess, str) and self.preprocess in PREPROCESS_MODES),
+             f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}"),
+            (self.min_count is None or _is_int(self.min_count, 1),
+             f"--min-count must be an integer >= 1, got {self.min_count!r}"),
+            (self.val_fraction is None or (_is_real(self.val_fraction, 0, 1, low_open=True) and self.val_fraction < 1),
+             f"--val-fraction must lie in (0, 1), got {self.val_fraction!r}"),
             (self.seed is None or seed_error(self.seed) is None, seed_error(self.seed)),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+            (isinstance(self.device, str) and self.device.strip() != "",
+             f"--device must be one of {DEVICE_CHOICES}, got {self.device!r}"),
+            (isinstance(self.precision, str) and self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+        ])
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        """The budgets together (their types checked): one line each, with what to change."""
+        if self.trials is None and self.time_budget is None:
+            raise ConfigError("give --trials N, --time-budget SECONDS or both")
+        if self.trial_steps is not None and self.trial_time is not None:
+            raise ConfigError("--trial-steps and --trial-time exclude each other")
+        if self.trial_time is not None and self.trial_time < MIN_TRIAL_S:
+            raise ConfigError(f"--trial-time must be at least {MIN_TRIAL_S:g}s (a trial evaluates {TUNE_EVALS} times "
+                              f"in it), got {self.trial_time:g}")
+        if self.time_budget is None:
+            return
+        if self.final_time is not None and self.final_time >= self.time_budget:
+            raise ConfigError(f"--final-time {self.final_time:g} leaves no time to search in --time-budget "
+                              f"{self.time_budget:g}")
+        if self.search_budget < MIN_TRIAL_S:
+            if self.final_time:
+                raise ConfigError(f"--time-budget {self.time_budget:g}s less --final-time {self.final_time:g}s leaves "
+                                  f"{self.search_budget:g}s to search, under the {MIN_TRIAL_S:g}s a trial needs: give "
+                                  f"more --time-budget or less --final-time")
+            raise ConfigError(f"--time-budget {self.time_budget:g}s is under the {MIN_TRIAL_S:g}s a trial needs: give "
+                              f"more time")
+        if self.trial_time is not None and self.search_budget < self.trial_time:
+            raise ConfigError(f"--time-budget {self.time_budget:g}s{_after_final(self)} is shorter than one trial "
+                              f"(--trial-time {self.trial_time:g}s); give more time or a shorter --trial-time")
 
     @property
     def search_budget(self) -> float | None:
@@ -350,6 +412,41 @@ class TuneConfig:
         if self.time_budget is None:
             return None
         return self.time_budget - (self.final_time or 0.0)
+
+
+def _after_final(cfg: TuneConfig) -> str:
+    return f" (after --final-time {cfg.final_time:g}s)" if cfg.final_time else ""
+
+
+def check_trial_budget(cfg: TuneConfig, settings: dict, stored: bool, study: str) -> None:
+    """The trial budget a search runs with (``settings``: the study's, or this invocation's for a new study)
+    against ``cfg``'s time budget, before anything is written: one line with what to change."""
+    trial_time, budget = settings["trial_time"], cfg.search_budget
+    if trial_time is None or budget is None:
+        return
+    if stored and budget < trial_time:
+        raise TuneError(f"--time-budget {cfg.time_budget:g}s{_after_final(cfg)} is shorter than one trial of the "
+                        f"study {study!r} (its --trial-time, {trial_time:g}s): give more --time-budget")
+    if not stored and cfg.trial_time is None and trial_time < MIN_TRIAL_S:  # a tenth of the time budget
+        need = MIN_TRIAL_S * TRIALS_PER_BUDGET + (cfg.final_time or 0.0)
+        rest = "it" if not cfg.final_time else f"the {budget:g}s left after --final-time {cfg.final_time:g}s"
+        raise TuneError(f"--time-budget {cfg.time_budget:g}s gives each trial a tenth of {rest} ({trial_time:g}s), "
+                        f"under the {MIN_TRIAL_S:g}s a trial needs: give --time-budget {need:g} or more, or a trial "
+                        f"budget (--trial-time SECONDS or --trial-steps N)")
+
+
+def no_trial_hint(reason: str, settings: dict, stored: bool, trials_csv) -> str:
+    """What to change when no trial completed, by what stopped the trials: the time budget before a trial finished
+    its steps or seconds (a study that existed before keeps its trial budget), else whatever ``trials_csv`` says."""
+    if reason != "--time-budget spent":
+        return f"see {trials_csv}"
+    if settings["trial_steps"] is not None:
+        what = f"its {settings['trial_steps']:,} steps"
+        change = " or fewer --trial-steps" if not stored else ""
+    else:
+        what = f"its {settings['trial_time']:g}s"
+        change = " or a shorter --trial-time" if not stored else ""
+    return f"the time ran out before a trial finished {what}: give more --time-budget{change}"
 
 
 def _stem(corpus: str | os.PathLike) -> str:
@@ -365,37 +462,54 @@ def default_study(corpus: str | os.PathLike) -> str:
     return _stem(corpus)
 
 
+TMP_DIR = ".charlm-tune-tmp"  # the tune folder's temporary folder (marked "tune-tmp"): results written there, renamed
+
+
 class TuneFolder:
-    """A search's folder: what it holds, the checks before anything is written, the one-process lock
-    (:class:`~charlm.outputs.FolderLock`). ``path`` is resolved (:func:`~charlm.outputs.resolve_path`)."""
+    """A search's folder: what it holds, the checks before anything is written (and again under the lock), the
+    one-process lock (:class:`~charlm.outputs.FolderLock`), its result files. ``path`` is resolved
+    (:func:`~charlm.outputs.resolve_path`)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = resolve_path(path)
         self.journal = self.path / JOURNAL
         self.trials = self.path / "trials"
         self.final = self.path / "final"
+        self.tmp = self.path / TMP_DIR
         self.lock: FolderLock | None = None
 
     def trial(self, number: int) -> Path:
         return self.trials / f"{number:04d}"
 
-    def check(self, resume: bool, overwrite: bool, shared: bool) -> None:
+    def names(self) -> set[str]:
+        """The names of the folder's entries (none for a missing folder)."""
+        try:
+            return {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
+        except OSError as exc:
+            raise TuneError(f"--out {self.path}: cannot read it ({os_error_line(exc)})") from None
+
+    def holds_search(self) -> bool:
+        """Whether the folder holds anything beyond charlm's marker, lock and temporary folder."""
+        return bool(self.names() - {LOCK, MARKER, TMP_DIR})
+
+    def check(self, resume: bool, overwrite: bool, shared: bool, locked: bool = False) -> None:
         """Refuse (one line, nothing written) a folder that is not charlm's (or holds anything charlm did not
-        write, in the trials' runs too), a folder another process is writing, a search already there without
+        write, in the trials' runs too), one inside a folder charlm owns as another output, a folder another
+        process is writing (unless ``locked``: this process holds the lock), a search already there without
         --resume or --overwrite, or nothing to resume."""
         if resume and overwrite:
             raise TuneError("--resume and --overwrite contradict each other; pass one")
-        if overwrite and shared:
-            raise TuneError("--overwrite with --storage: the study's trials stay in the database; delete the study "
-                            "(optuna delete-study --study-name NAME --storage URL) or choose another --study and --out")
         check_parent(self.path)
-        check_folder(self.path, "tune")
-        if self.path.is_dir():
+        lone_lock = self.path.is_dir() and not self.path.is_symlink() and self.names() == {LOCK}
+        if not lone_lock:  # (a folder holding nothing but charlm's lock is empty)
+            check_folder(self.path, "tune", hint="; move them out to resume the search" if resume else "")
+        check_not_inside_owned(self.path, "tune")
+        if self.path.is_dir() and not locked:
             try:
                 FolderLock(self.path).check_free()
             except LockedError as exc:
                 raise TuneError(str(exc)) from None
-        existing = self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+        existing = self.holds_search()
         if resume and not (existing and (shared or self.journal.is_file())):
             raise TuneError(f"nothing to resume: {self.path} holds no search")
         if existing and not resume and not overwrite:
@@ -404,31 +518,101 @@ class TuneFolder:
         if overwrite and existing:
             check_not_cwd(self.path)
 
-    def create(self, overwrite: bool) -> None:
-        """The folder, marked as charlm's, and its lock taken (a second process is refused in one line naming the
-        first); with ``overwrite``, the earlier search's entries deleted, under the lock, after a last check."""
+    def create(self, resume: bool, overwrite: bool, shared: bool, recheck=None) -> None:
+        """The folder locked first (a second process is refused in one line naming the first), then every check
+        of :meth:`check` again under the lock, and ``recheck()`` (the study's), since another process may have
+        written the folder after them; only then is it marked as charlm's (never over another kind's marker),
+        the earlier search's entries deleted (``overwrite``) or a killed writer's temporary files (else). A
+        refused new folder is removed again."""
+        fresh = not (self.path.exists() or self.path.is_symlink())
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.lock = FolderLock(self.path).acquire()
+            with new_folders(self.path):
+                self.lock = FolderLock(self.path).acquire()
+                try:
+                    self.check(resume, overwrite, shared, locked=True)
+                    if recheck is not None:
+                        recheck()
+                except BaseException:
+                    self.release()
+                    if fresh and self.names() == {LOCK}:  # (ours alone: the new folder goes again)
+                        (self.path / LOCK).unlink(missing_ok=True)
+                    raise
             if overwrite:
-                check_folder(self.path, "tune")
                 remove_entries(self.path, "tune")
+            else:
+                self._tidy()
             write_marker(self.path, "tune")
         except LockedError as exc:
             raise TuneError(str(exc)) from None
         except OSError as exc:
-            raise TuneError(f"cannot create the tune folder {self.path}: {os_error_line(exc)}") from None
+            self.release()
+            raise TuneError(f"cannot write the tune folder {self.path}: {os_error_line(exc)}") from None
+
+    def _tidy(self) -> None:
+        """Under the lock: the temporary files a killed writer left in the folder's marked temporary folder."""
+        if not (self.tmp.is_dir() and not self.tmp.is_symlink() and marker_kind(self.tmp) == "tune-tmp"):
+            return
+        for entry in self.tmp.iterdir():
+            if entry.name != MARKER and entry_kind("tune-tmp", entry.name) == FILE and entry.is_file() \
+                    and not entry.is_symlink():
+                entry.unlink()
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
 
-    def write(self, name: str, text: str) -> None:
-        """A result file, replaced whole (a temporary file renamed over it)."""
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path / name)
+    def write(self, name: str, data: str | bytes) -> None:
+        """A result file, replaced whole (see :meth:`write_with`)."""
+        body = data.encode("utf-8") if isinstance(data, str) else data
+        self.write_with(name, lambda f: f.write(body))
+
+    def write_with(self, name: str, fill) -> None:
+        """The result file ``name`` (one of TUNE_RESULTS), replaced whole: ``fill(f)`` writes it into a new file
+        in the marked temporary folder, which is then renamed over it (a kill leaves the old file or the new)."""
+        assert name in TUNE_RESULTS, name
+        if not self.tmp.is_dir():
+            self.tmp.mkdir()
+            write_marker(self.tmp, "tune-tmp")
+        tmp = self.tmp / f"{name}.tmp-{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "xb") as f:
+                fill(f)
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def check_storage_path(url: str, out: Path, option: str = "--storage") -> None:
+    """A SQLite database file (``sqlite:///FILE``) may not lie inside the tune folder ``out`` or any other folder
+    charlm owns (one line, before anything is written); other databases are not files here."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        return  # (open_storage says what is wrong with it)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    target = resolve_path(database)
+    full, owned = Path(os.path.abspath(target)), Path(os.path.abspath(out))
+    if full == owned or owned in full.parents:
+        raise TuneError(f"{option} {show_url(url)} would keep the study in {target}, inside the tune folder {out}; "
+                        f"keep the database outside it (e.g. sqlite:///{out.name}.db)")
+    check_not_inside_owned(target, "database", option)
+
+
+def has_password(url: str) -> bool:
+    """Whether a database URL holds a password (never printed)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).password is not None
+    except Exception:  # noqa: BLE001 (not a URL: nothing to hide in it that show_url would not cut)
+        return False
 
 
 def show_url(url: str) -> str:
@@ -441,15 +625,13 @@ def show_url(url: str) -> str:
         return url[:80]
 
 
-def open_storage(url: str | None, journal: Path):
+def open_storage(url: str | None, journal: Path, option: str = "--storage"):
     """Optuna's storage: the journal file, or the database at ``url`` (connected now: a bad URL, a refused
-    connection or bad credentials is one line, within CONNECT_TIMEOUT_S)."""
+    connection or bad credentials is one line naming ``option``, within CONNECT_TIMEOUT_S)."""
     import optuna
 
     if url is None:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        from optuna.storages.journal import JournalFileOpenLock
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
         # (a lock file, not the default symbolic link: a kill mid-write must not leave a link in the folder)
         return JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
@@ -459,7 +641,7 @@ def open_storage(url: str | None, journal: Path):
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError:
-        raise TuneError(f"--storage {url!r} is not a database URL; write e.g. "
+        raise TuneError(f"{option} {show_url(url)!r} is not a database URL; write e.g. "
                         f"postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE or sqlite:///FILE") from None
     shown = parsed.render_as_string(hide_password=True)
     backend = parsed.get_backend_name()
@@ -479,18 +661,18 @@ def open_storage(url: str | None, journal: Path):
                     raise
                 time.sleep(0.2 + 0.3 * attempt)
     except sa_exc.NoSuchModuleError:
-        raise TuneError(f"--storage {shown}: no database '{parsed.drivername}' is known; write e.g. "
+        raise TuneError(f"{option} {shown}: no database '{parsed.drivername}' is known; write e.g. "
                         f"postgresql+psycopg://..., mysql+pymysql://... or sqlite:///FILE") from None
     except ImportError as exc:
-        raise TuneError(f"--storage {shown}: the driver of '{parsed.drivername}' is not installed"
+        raise TuneError(f"{option} {shown}: the driver of '{parsed.drivername}' is not installed"
                         f"{f' ({exc.name})' if exc.name else ''}; for PostgreSQL write postgresql+psycopg://... "
                         f"(the tune extra installs psycopg)") from None
     except sa_exc.OperationalError as exc:
-        raise TuneError(f"--storage {shown}: cannot connect: {_first_line(exc.orig)}") from None
+        raise TuneError(f"{option} {shown}: cannot connect: {_first_line(exc.orig)}") from None
     except sa_exc.DBAPIError as exc:
-        raise TuneError(f"--storage {shown}: {_first_line(exc.orig)}") from None
+        raise TuneError(f"{option} {shown}: {_first_line(exc.orig)}") from None
     except (sa_exc.SQLAlchemyError, ValueError, TypeError) as exc:
-        raise TuneError(f"--storage {shown}: {_first_line(exc)}") from None
+        raise TuneError(f"{option} {shown}: {_first_line(exc)}") from None
 
 
 def retry_callback():
@@ -584,131 +766,90 @@ SETTINGS_KEY = "charlm"  # the study's user attribute holding the search's setti
 SETTING_NAMES = ("preprocess", "min_count", "val_fraction", "seed", "trial_steps", "trial_time", "pruner")
 
 
-class _Search:
-    """One invocation of a search: the study, its settings and space, the trials this process runs."""
 
-    def __init__(self, cfg: TuneConfig, resume: bool, overwrite: bool, emit, train_callback):
-        self.cfg, self.resume, self.overwrite, self.emit = cfg, resume, overwrite, emit
-        self.train_callback = train_callback
-        self.t0 = time.monotonic()
-        self.deadline = None if cfg.search_budget is None else self.t0 + cfg.search_budget
-        self.folder = TuneFolder(cfg.out or default_tune_out(cfg.corpus))
-        self.study_name = cfg.study or default_study(cfg.corpus)
-        self.worker = f"{socket.gethostname()}:{self.folder.path.resolve()}"
-        self.rate = NOMINAL_MACS_PER_S
-        self.timings: list[TrialTiming] = []  # this process's finished trials
-        self.train_s: dict[int, float] = {}  # seconds each trial of this process spent in train()
-        self.durations: list[float] = []  # this process's finished trials, seconds each
-        self.errors: list[str] = []  # this process's trials that failed in a row
-        self.running = None  # the trial number this process runs now
 
-    # -- before anything is written --------------------------------------------------------------------------
-    def prepare(self):
+def _train_config(trial) -> TrainConfig:
+    """The TrainConfig a trial trained with (its user attribute ``train``)."""
+    return TrainConfig.from_dict(trial.user_attrs["train"])
+
+
+def _best(study):
+    """The best complete trial, or None."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return min(complete, key=lambda t: t.value) if complete else None
+
+
+class _Study:
+    """The study's storage (OUT's journal, or a database) and what a search reads and writes there besides its
+    trials: the settings it keeps, the sampler and pruner it opens the study with, the trials a kill left
+    running (failed, and run again with their parameters)."""
+
+    def __init__(self, cfg: TuneConfig, folder: TuneFolder, name: str, worker: str):
+        self.cfg, self.folder, self.name, self.worker = cfg, folder, name, worker
+        self.storage = None
+        self.study = None
+
+    @property
+    def shared(self) -> bool:
+        return self.cfg.storage is not None
+
+    def shown(self) -> str:
+        """The storage in words (a database URL without its password, or the journal's path)."""
+        return show_url(self.cfg.storage) if self.shared else str(self.folder.journal)
+
+    def connect(self) -> None:
+        """The storage opened (afresh: a journal another process replaced is read anew)."""
+        self.storage = open_storage(self.cfg.storage, self.folder.journal, self.cfg.storage_from)
+
+    def stored_settings(self) -> dict | None:
+        """The settings of the study as the storage holds it now (None: no such study)."""
         import optuna
 
-        from charlm.data import load_split
-
-        cfg = self.cfg
-        overrides = parse_space(cfg.space)
-        if cfg.tensorboard:
-            from charlm.board import check_available
-
-            check_available()
-        self.folder.check(self.resume, self.overwrite, shared=cfg.storage is not None)
-        self.storage = None
-        if cfg.storage is not None or self.resume:
-            self.storage = open_storage(cfg.storage, self.folder.journal)
-        stored = self._stored_settings(optuna) if self.storage is not None else None
-        if self.resume and cfg.storage is None and stored is None:
-            raise TuneError(f"nothing to resume: {self.folder.journal} holds no study {self.study_name!r}")
-        settings = dict(stored or {})
-        for name in SETTING_NAMES:
-            given = getattr(cfg, name)
-            if stored is None:
-                settings[name] = given
-            elif given is not None and given != stored.get(name):
-                raise TuneError(f"the study {self.study_name!r} was started with --{name.replace('_', '-')} "
-                                f"{_show_setting(stored.get(name))}, not {_show_setting(given)}: leave it out, or "
-                                f"start another study (--study, --out)")
-        if stored is None:
-            settings.update(preprocess=settings["preprocess"] or "raw", min_count=settings["min_count"] or 1,
-                            val_fraction=settings["val_fraction"] or 0.1, seed=settings["seed"] or 0,
-                            pruner=settings["pruner"] or "hyperband")
-        data = load_split(cfg.corpus, settings["preprocess"], settings["val_fraction"], None, settings["min_count"])
-        train_chars = len(data.train_ids)
-        if train_chars < MIN_TRAIN_CHARS:
-            raise TuneError(f"{cfg.corpus} has {train_chars:,} training characters (after holding out "
-                            f"{settings['val_fraction']:g}); charlm tune needs at least {MIN_TRAIN_CHARS:,}")
-        if stored is not None and stored.get("corpus", {}).get("sha256") != data.sha256:
-            raise TuneError(f"{cfg.corpus} is not the text the study {self.study_name!r} searches on (sha256 "
-                            f"{stored.get('corpus', {}).get('sha256', '?')[:12]}..., this one "
-                            f"{data.sha256[:12]}...)")
-        if stored is None:
-            if settings["trial_steps"] is None and settings["trial_time"] is None:
-                settings["trial_time"] = default_trial_time(cfg.search_budget)
-            space = sized_space(train_chars, settings["trial_steps"], settings["trial_time"], overrides)
-            settings.update(corpus={"name": Path(cfg.corpus).name, "sha256": data.sha256, "train_chars": train_chars},
-                            space={name: dim.to_dict() for name, dim in space.items()}, format=1)
-        else:
-            space = {name: Dim.from_dict(d) for name, d in stored["space"].items()}
-            changed = [d.describe() for name, d in overrides.items() if space.get(name) != d]
-            if changed:
-                raise TuneError(f"the study {self.study_name!r} searches another space than --space "
-                                f"{' '.join(changed)}: leave --space out, or start another study (--study, --out)")
-        check_space(space, train_chars, cfg.corpus)
-        trial_time = settings["trial_time"]
-        if trial_time is not None and cfg.search_budget is not None and cfg.search_budget < trial_time:
-            final = f" (after --final-time {cfg.final_time:g})" if cfg.final_time else ""
-            raise TuneError(f"--time-budget {cfg.time_budget:g}s{final} is shorter than one trial (--trial-time "
-                            f"{trial_time:g}s); give more time or a shorter --trial-time")
-        self.settings, self.space, self.vocab_size, self.stored = settings, space, len(data.vocab), stored is not None
-
-    def _stored_settings(self, optuna) -> dict | None:
         try:
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            study = optuna.load_study(study_name=self.name, storage=self.storage)
         except KeyError:
             return None
         settings = study.user_attrs.get(SETTINGS_KEY)
         if not isinstance(settings, dict) or settings.get("format") != 1:
-            raise TuneError(f"the study {self.study_name!r} in --storage was not made by charlm tune; choose "
-                            f"another --study")
+            raise TuneError(f"the study {self.name!r} in {self.cfg.storage_from} was not made by charlm tune; "
+                            f"choose another --study")
         return settings
 
-    # -- the study -------------------------------------------------------------------------------------------
-    def open_study(self):
+    def open(self, settings: dict, stored: bool):
+        """The study (created with ``settings`` when it is new), with this worker's sampler and pruner; then the
+        trials this folder left RUNNING failed and run again. Under the folder's lock."""
         import optuna
 
-        cfg = self.cfg
-        self.folder.create(self.overwrite)
         if self.storage is None:
-            self.storage = open_storage(None, self.folder.journal)
-        study = optuna.create_study(storage=self.storage, study_name=self.study_name, direction="minimize",
-                                    pruner=make_pruner(self.settings["pruner"]), load_if_exists=True)
+            self.connect()
+        pruner = make_pruner(settings["pruner"])
+        study = optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize", pruner=pruner,
+                                    load_if_exists=True)
         if SETTINGS_KEY not in study.user_attrs:
-            study.set_user_attr(SETTINGS_KEY, self.settings)
-        elif study.user_attrs[SETTINGS_KEY].get("space") != self.settings["space"] and not self.stored:
-            raise TuneError(f"another charlm tune started the study {self.study_name!r} at the same time with other "
+            study.set_user_attr(SETTINGS_KEY, settings)
+        elif study.user_attrs[SETTINGS_KEY].get("space") != settings["space"] and not stored:
+            raise TuneError(f"another charlm tune started the study {self.name!r} at the same time with other "
                             f"settings; run this one again to join it")
         # the sampler: seeded by the study's size, so that a resumed search does not repeat its first proposals;
         # under a shared database each worker its own (and the others' running trials counted as pending)
-        shared = cfg.storage is not None
-        seed = None if shared else self.settings["seed"] + len(study.get_trials(deepcopy=False))
-        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=shared)
-        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
-                                       pruner=make_pruner(self.settings["pruner"]))
-        self.retried = self._fail_stale()
+        seed = None if self.shared else settings["seed"] + len(study.get_trials(deepcopy=False))
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=self.shared)
+        self.study = optuna.load_study(study_name=self.name, storage=self.storage, sampler=sampler,
+                                       pruner=make_pruner(settings["pruner"]))
         return self.study
 
-    def _fail_stale(self) -> list[int]:
+    def fail_stale(self) -> list[int]:
         """The trials this folder left RUNNING (a kill): failed, and run again with the same parameters."""
         from optuna.trial import TrialState
 
-        journal = self.cfg.storage is None  # this process alone writes the journal (the folder's lock)
+        journal = not self.shared  # this process alone writes the journal (the folder's lock)
         stale = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                  if journal or t.user_attrs.get("worker") == self.worker]
-        return [n for n in stale if self._fail_and_retry(n)]
+        return [n for n in stale if self.fail_and_retry(n)]
 
-    def _fail_and_retry(self, number: int) -> bool:
+    def fail_and_retry(self, number: int) -> bool:
         from optuna.trial import TrialState
 
         self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
@@ -724,7 +865,117 @@ class _Search:
 
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
-    # -- one trial -------------------------------------------------------------------------------------------
+
+class _Report:
+    """What a search tells about its study: trials.csv, best.json and best-command.txt (rewritten after each
+    trial), the plots, and the :class:`TuneResult`."""
+
+    def __init__(self, cfg: TuneConfig, folder: TuneFolder, store: _Study, emit):
+        self.cfg, self.folder, self.store, self.emit = cfg, folder, store, emit
+        self.space: dict[str, Dim] = {}
+
+    def best_command(self, trial) -> str:
+        return train_command(_train_config(trial), out=str(default_best_out(self.cfg.corpus)))
+
+    def write_tables(self) -> None:
+        """trials.csv, best.json and best-command.txt from the study as it stands."""
+        study = self.store.study
+        trials = study.get_trials(deepcopy=False)
+        names = list(self.space)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["number", "state", "value", "seconds", "steps", "pruned_at", "host", "run", "note", *names])
+        for t in trials:
+            a = t.user_attrs
+            params = {**{n: a.get("train", {}).get(n, "") for n in names}, **t.params}
+            writer.writerow([t.number, t.state.name.lower(), "" if t.value is None else repr(t.value),
+                             "" if t.duration is None else round(t.duration.total_seconds(), 3), a.get("steps", ""),
+                             a.get("pruned_at", ""), a.get("host", ""), a.get("run", ""),
+                             a.get("error") or a.get("stop_reason", ""), *[params[n] for n in names]])
+        self.folder.write("trials.csv", buffer.getvalue())
+        best = _best(study)
+        if best is None:
+            return
+        command = self.best_command(best)
+        body = {"study": self.store.name, "trial": best.number, "value": best.value, "params": best.params,
+                "run": best.user_attrs.get("run"), "host": best.user_attrs.get("host"), "command": command,
+                "train": best.user_attrs["train"]}
+        self.folder.write("best.json", json.dumps(body, indent=2) + "\n")
+        self.folder.write("best-command.txt", command + "\n")
+
+    def result(self, reason: str, timings: list[TrialTiming], elapsed_s: float) -> TuneResult:
+        """The results written (the tables, the plots) and returned."""
+        from optuna.trial import TrialState
+
+        study = self.store.study
+        self.write_tables()
+        files = ["trials.csv"]
+        files += self.plots()
+        trials = study.get_trials(deepcopy=False)
+        count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
+        result = TuneResult(out=self.folder.path, study=self.store.name, storage=self.store.shown(),
+                            complete=count(TrialState.COMPLETE), pruned=count(TrialState.PRUNED),
+                            failed=count(TrialState.FAIL), stop_reason=reason, timings=timings, elapsed_s=elapsed_s)
+        best = _best(study)
+        if best is not None:
+            files += ["best.json", "best-command.txt"]
+            result.best_number, result.best_value, result.best_params = best.number, best.value, dict(best.params)
+            result.best_run, result.best_host = best.user_attrs.get("run"), best.user_attrs.get("host")
+            result.command = self.best_command(best)
+        result.files = files
+        return result
+
+    def plots(self) -> list[str]:
+        """history.png and importances.png (Optuna's matplotlib plots), where matplotlib is installed and the
+        study has what each needs; the names written."""
+        from optuna.trial import TrialState
+
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            from optuna.visualization import matplotlib as ovm
+        except ImportError:
+            return []
+        study = self.store.study
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        written = []
+        jobs = [("history.png", ovm.plot_optimization_history, 1)]
+        if any(not d.fixed for d in self.space.values()):
+            jobs.append(("importances.png", ovm.plot_param_importances, 2))
+        for name, plot, need in jobs:
+            if len(complete) < need:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    ax = plot(study)
+                except (ValueError, RuntimeError) as exc:
+                    self.emit("warning", {"message": f"{name} not drawn: {_first_line(exc)}"})
+                    continue
+                self.folder.write_with(name, lambda f: ax.figure.savefig(f, format="png", dpi=100,
+                                                                          bbox_inches="tight"))
+                plt.close(ax.figure)
+            written.append(name)
+        return written
+
+
+class _Objective:
+    """One trial, as Optuna calls it: its configuration from the space, its training run in OUT/trials/NNNN
+    (with TensorBoard events in ``log_dir``/trial-NNNN), its reports to the pruner, the time budget's cut.
+    Keeps what the search asks after a trial: the one running, the errors in a row, the seconds in training."""
+
+    def __init__(self, search: "_Search"):
+        self.cfg, self.folder, self.emit = search.cfg, search.folder, search.emit
+        self.train_callback, self.deadline, self.worker = search.train_callback, search.deadline, search.worker
+        self.settings, self.space, self.vocab_size = search.settings, search.space, search.vocab_size
+        self.log_dir = search.log_dir
+        self.rate = NOMINAL_MACS_PER_S
+        self.train_s: dict[int, float] = {}  # seconds each trial of this process spent in train()
+        self.errors: list[str] = []  # this process's trials that failed in a row
+        self.running = None  # the trial number this process runs now
+
     def trial_config(self, values: dict, out: Path) -> TrainConfig:
         s = self.settings
         base = dict(corpus=self.cfg.corpus, out=str(out), preprocess=s["preprocess"], min_count=s["min_count"],
@@ -749,7 +1000,7 @@ class _Search:
         done = row["step"] / s["trial_steps"] if s["trial_steps"] else row["elapsed_s"] / s["trial_time"]
         return max(1, min(100, round(100 * done)))
 
-    def objective(self, trial) -> float:
+    def __call__(self, trial) -> float:
         import optuna
 
         from charlm.training import train
@@ -769,10 +1020,10 @@ class _Search:
         self.emit("trial-start", {"number": trial.number, "params": dict(trial.params), "out": out})
         state = {"pruned": None, "cut": False, "reported": 0}
         board = None
-        if self.cfg.tensorboard:
+        if self.log_dir is not None:
             from charlm.board import TensorBoardLog
 
-            board = TensorBoardLog(Path(self.cfg.tensorboard) / self.study_name / f"trial-{trial.number:04d}")
+            board = TensorBoardLog(self.log_dir / f"trial-{trial.number:04d}")
 
         def callback(event, info):
             if board is not None:
@@ -827,24 +1078,156 @@ class _Search:
         if train_s > 0 and result.tokens:
             self.rate = macs_per_char(values, self.vocab_size) * result.tokens / train_s
 
+
+class _Search:
+    """One invocation of a search: every check before anything is written (and the study's again under the
+    folder's lock), then the trials this process runs (:class:`_Objective`) on the study (:class:`_Study`), the
+    results after each (:class:`_Report`), and the final run of the best configuration."""
+
+    def __init__(self, cfg: TuneConfig, resume: bool, overwrite: bool, emit, train_callback):
+        self.cfg, self.resume, self.overwrite, self.emit = cfg, resume, overwrite, emit
+        self.train_callback = train_callback
+        self.t0 = time.monotonic()
+        self.deadline = None if cfg.search_budget is None else self.t0 + cfg.search_budget
+        self.folder = TuneFolder(cfg.out or default_tune_out(cfg.corpus))
+        self.study_name = cfg.study or default_study(cfg.corpus)
+        self.worker = f"{socket.gethostname()}:{self.folder.path.resolve()}"
+        self.store = _Study(cfg, self.folder, self.study_name, self.worker)
+        self.report = _Report(cfg, self.folder, self.store, emit)
+        self.log_dir: Path | None = None  # DIR/<study>-<hash>: the TensorBoard runs of the trials and the final run
+        self.stored: dict | None = None  # the study's settings as the storage held them (None: a new study)
+        self.timings: list[TrialTiming] = []  # this process's finished trials
+        self.durations: list[float] = []  # this process's finished trials, seconds each
+
+    @property
+    def shared(self) -> bool:
+        return self.cfg.storage is not None
+
+    # -- before anything is written --------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Every check that needs no lock: the options, the folder, the outputs' places, the device and
+        precision, the storage and the study's settings, the corpus, the space, the budgets."""
+        from charlm.device import resolve_device
+
+        cfg = self.cfg
+        self.overrides = parse_space(cfg.space)
+        if self.overwrite and self.shared:
+            raise TuneError(f"--overwrite with {cfg.storage_from}: the study's trials stay in the database; delete "
+                            f"the study ({self.delete_command()}) or choose another --study and --out")
+        self.folder.check(self.resume, self.overwrite, self.shared)
+        if cfg.tensorboard is not None:
+            from charlm.board import check_available, check_log_dir, run_name
+
+            check_available()
+            self.log_dir = check_log_dir(cfg.tensorboard, run_name(self.folder.path, self.study_name),
+                                         outputs=(self.folder.path,))
+        if self.shared:
+            check_storage_path(cfg.storage, self.folder.path, cfg.storage_from)
+        self.device = resolve_device(cfg.device)
+        self.stored = self.read_stored() if self.shared or self.resume else None
+        self.settle(self.stored)
+
+    def delete_command(self) -> str:
+        """Optuna's command that deletes the study, as this invocation's storage was given (no password shown)."""
+        words = shlex.join(["optuna", "delete-study", "--study-name", self.study_name])
+        if self.cfg.storage_from == STORAGE_ENV:
+            return f'{words} --storage "${STORAGE_ENV}"'
+        if has_password(self.cfg.storage):
+            return f"{words} --storage with the URL of --storage"
+        return f"{words} --storage {shlex.quote(self.cfg.storage)}"
+
+    def read_stored(self) -> dict | None:
+        """The study's settings from the storage (opened afresh), or None for a new study."""
+        self.store.connect()
+        stored = self.store.stored_settings()
+        if self.resume and not self.shared and stored is None:
+            raise TuneError(f"nothing to resume: {self.folder.journal} holds no study {self.study_name!r}")
+        return stored
+
+    def recheck(self) -> None:
+        """Under the folder's lock: the study read again and every check of its settings made again (another
+        process may have started, replaced or changed the search since :meth:`prepare`)."""
+        if self.shared or self.resume:
+            self.stored = self.read_stored()
+            self.settle(self.stored)
+
+    def settle(self, stored: dict | None) -> None:
+        """The search's settings: the study's (``stored``; an option given must agree) or this invocation's,
+        and every check that depends on them: the corpus, the space, the trial budget, the precision."""
+        from charlm.data import load_split
+
+        cfg, name = self.cfg, self.study_name
+        settings = dict(stored or {})
+        for key in SETTING_NAMES:
+            given = getattr(cfg, key)
+            if stored is None:
+                settings[key] = given
+            elif given is not None and given != stored.get(key):
+                raise TuneError(f"the study {name!r} was started with --{key.replace('_', '-')} "
+                                f"{_show_setting(stored.get(key))}, not {_show_setting(given)}: leave it out, or "
+                                f"start another study (--study, --out)")
+        if stored is None:
+            settings.update(preprocess=settings["preprocess"] or "raw", min_count=settings["min_count"] or 1,
+                            val_fraction=settings["val_fraction"] or 0.1, seed=settings["seed"] or 0,
+                            pruner=settings["pruner"] or "hyperband")
+            if settings["trial_steps"] is None and settings["trial_time"] is None:
+                settings["trial_time"] = default_trial_time(cfg.search_budget)
+        check_trial_budget(cfg, settings, stored is not None, name)
+        data = load_split(cfg.corpus, settings["preprocess"], settings["val_fraction"], None, settings["min_count"])
+        train_chars = len(data.train_ids)
+        if train_chars < MIN_TRAIN_CHARS:
+            raise TuneError(f"{cfg.corpus} has {train_chars:,} training characters (after holding out "
+                            f"{settings['val_fraction']:g}); charlm tune needs at least {MIN_TRAIN_CHARS:,}")
+        if stored is not None and stored.get("corpus", {}).get("sha256") != data.sha256:
+            raise TuneError(f"{cfg.corpus} is not the text the study {name!r} searches on (sha256 "
+                            f"{stored.get('corpus', {}).get('sha256', '?')[:12]}..., this one {data.sha256[:12]}...)")
+        if stored is None:
+            space = sized_space(train_chars, settings["trial_steps"], settings["trial_time"], self.overrides)
+            settings.update(corpus={"name": Path(cfg.corpus).name, "sha256": data.sha256, "train_chars": train_chars},
+                            space={key: dim.to_dict() for key, dim in space.items()}, format=1)
+        else:
+            space = {key: Dim.from_dict(d) for key, d in stored["space"].items()}
+            changed = [d.describe() for key, d in self.overrides.items() if space.get(key) != d]
+            if changed:
+                raise TuneError(f"the study {name!r} searches another space than --space {' '.join(changed)}: leave "
+                                f"--space out, or start another study (--study, --out)")
+        check_space(space, train_chars, cfg.corpus)
+        self.warnings = self.check_precision(space)
+        self.settings, self.space, self.vocab_size = settings, space, len(data.vocab)
+        self.report.space = space
+
+    def check_precision(self, space: dict[str, Dim]) -> list[str]:
+        """--precision on this worker's device for every cell and implementation the space holds, as ``charlm
+        train`` checks it (one line where it cannot run); the warnings (a precision that runs only emulated)."""
+        from charlm.device import check_precision
+
+        defaults = TrainConfig(corpus="-")
+        cells = space["cell"].values() if "cell" in space else (defaults.cell,)
+        impls = space["impl"].values() if "impl" in space else (defaults.impl,)
+        found = [check_precision(self.cfg.precision, self.device,
+                                 TrainConfig(corpus="-", cell=cell, impl=impl).model_config(2))
+                 for cell in dict.fromkeys(cells) for impl in dict.fromkeys(impls)]
+        return list(dict.fromkeys(w for w in found if w))
+
+    # -- the search ------------------------------------------------------------------------------------------
     def after_trial(self, study, trial) -> None:
         """Optuna's callback after each trial of this process: results rewritten, progress, and whether the
         time left holds another trial."""
         from optuna.trial import TrialState
 
-        self.running = None
+        self.objective.running = None
         if trial.duration is not None:
             self.timings.append(TrialTiming(trial.number, trial.duration.total_seconds(),
-                                            self.train_s.get(trial.number, 0.0)))
+                                            self.objective.train_s.get(trial.number, 0.0)))
         if trial.duration is not None and trial.state == TrialState.COMPLETE:
             self.durations.append(trial.duration.total_seconds())
-        self.write_tables()
+        self.report.write_tables()
         best = _best(study)
         self.emit("trial-end", {"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
                                 "seconds": trial.duration.total_seconds() if trial.duration else None,
-                                "best": best.value if best else None, "done": self.done(),
+                                "best": best.value if best else None, "done": self.store.done(),
                                 "note": trial.user_attrs.get("error") or trial.user_attrs.get("stop_reason")})
-        if len(self.errors) >= ERRORS_IN_A_ROW:
+        if len(self.objective.errors) >= ERRORS_IN_A_ROW:
             study.stop()
         elif self.deadline is not None:
             expected = self.settings["trial_time"] or (statistics.median(self.durations) if self.durations else 0)
@@ -857,15 +1240,19 @@ class _Search:
 
         cfg = self.cfg
         self.prepare()
-        study = self.open_study()
-        done = self.done()
-        self.emit("search-start", {"out": self.folder.path, "study": self.study_name,
-                                   "storage": show_url(cfg.storage) if cfg.storage else str(self.folder.journal),
+        self.folder.create(self.resume, self.overwrite, self.shared, recheck=self.recheck)
+        study = self.store.open(self.settings, self.stored is not None)
+        retried = self.store.fail_stale()
+        self.objective = _Objective(self)
+        done = self.store.done()
+        for warning in self.warnings:
+            self.emit("warning", {"message": warning})
+        self.emit("search-start", {"out": self.folder.path, "study": self.study_name, "storage": self.store.shown(),
                                    "done": done, "trials": cfg.trials, "time_budget": cfg.time_budget,
                                    "budget": _budget_words(self.settings), "space": [d.describe() for d in
                                                                                       self.space.values()],
-                                   "resumed": self.resume, "joined": self.stored and not self.resume,
-                                   "retried": self.retried})
+                                   "resumed": self.resume, "joined": self.stored is not None and not self.resume,
+                                   "retried": retried})
         callbacks = [self.after_trial]
         if cfg.trials is not None:
             callbacks.append(optuna.study.MaxTrialsCallback(cfg.trials, states=(TrialState.COMPLETE,
@@ -876,21 +1263,21 @@ class _Search:
             if left is None or left > 0:
                 timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
                 study.optimize(self.objective, n_trials=left, timeout=timeout, callbacks=callbacks)
-                if len(self.errors) >= ERRORS_IN_A_ROW:
-                    raise TuneError(f"{len(self.errors)} trials in a row failed; the last: {self.errors[-1]}")
-                if cfg.trials is None or self.done() < cfg.trials:
+                errors = self.objective.errors
+                if len(errors) >= ERRORS_IN_A_ROW:
+                    raise TuneError(f"{len(errors)} trials in a row failed; the last: {errors[-1]}")
+                if cfg.trials is None or self.store.done() < cfg.trials:
                     reason = "--time-budget spent"
         except (TrainingInterrupted, KeyboardInterrupt) as exc:
-            if self.running is not None:
-                self._fail_and_retry(self.running)
+            running = self.objective.running
+            if running is not None:
+                self.store.fail_and_retry(running)
             signal = str(exc).split(":")[0] or "SIGINT"
-            during = f" during trial {self.running} (it runs again on --resume)" if self.running is not None else ""
-            result = self.results(f"{signal}{during}")
-            raise TuneInterrupted(f"{signal}{during}", result) from None
+            during = f" during trial {running} (it runs again on --resume)" if running is not None else ""
+            raise TuneInterrupted(f"{signal}{during}", self.results(f"{signal}{during}")) from None
         result = self.results(reason)
         if result.best_number is None:
-            hint = ("the time ran out before a trial finished its --trial-steps: give more --time-budget or fewer "
-                    "--trial-steps" if reason == "--time-budget spent" else f"see {self.folder.path / 'trials.csv'}")
+            hint = no_trial_hint(reason, self.settings, self.stored is not None, self.folder.path / "trials.csv")
             raise TuneError(f"no trial completed ({result.pruned} pruned, {result.failed} failed): {hint}")
         if cfg.final_time:
             try:
@@ -901,112 +1288,34 @@ class _Search:
                 raise TuneInterrupted(result.stop_reason, result) from None
         return result
 
-    # -- results ---------------------------------------------------------------------------------------------
-    def best_config(self, trial) -> TrainConfig:
-        return TrainConfig.from_dict(trial.user_attrs["train"])
-
-    def write_tables(self) -> None:
-        """trials.csv, best.json and best-command.txt from the study as it stands."""
-        study = self.study
-        trials = study.get_trials(deepcopy=False)
-        names = list(self.space)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["number", "state", "value", "seconds", "steps", "pruned_at", "host", "run", "note", *names])
-        for t in trials:
-            a = t.user_attrs
-            params = {**{n: a.get("train", {}).get(n, "") for n in names}, **t.params}
-            writer.writerow([t.number, t.state.name.lower(), "" if t.value is None else repr(t.value),
-                             "" if t.duration is None else round(t.duration.total_seconds(), 3), a.get("steps", ""),
-                             a.get("pruned_at", ""), a.get("host", ""), a.get("run", ""),
-                             a.get("error") or a.get("stop_reason", ""), *[params[n] for n in names]])
-        self.folder.write("trials.csv", buffer.getvalue())
-        best = _best(study)
-        if best is None:
-            return
-        command = train_command(self.best_config(best), out=str(default_best_out(self.cfg.corpus)))
-        body = {"study": self.study_name, "trial": best.number, "value": best.value, "params": best.params,
-                "run": best.user_attrs.get("run"), "host": best.user_attrs.get("host"), "command": command,
-                "train": best.user_attrs["train"]}
-        self.folder.write("best.json", json.dumps(body, indent=2) + "\n")
-        self.folder.write("best-command.txt", command + "\n")
-
     def results(self, reason: str) -> TuneResult:
-        from optuna.trial import TrialState
-
-        study = self.study
-        self.write_tables()
-        files = ["trials.csv"]
-        files += self.plots()
-        trials = study.get_trials(deepcopy=False)
-        count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
-        result = TuneResult(out=self.folder.path, study=self.study_name,
-                            storage=show_url(self.cfg.storage) if self.cfg.storage else str(self.folder.journal),
-                            complete=count(TrialState.COMPLETE), pruned=count(TrialState.PRUNED),
-                            failed=count(TrialState.FAIL), stop_reason=reason, timings=self.timings,
-                            elapsed_s=time.monotonic() - self.t0)
-        best = _best(study)
-        if best is not None:
-            files += ["best.json", "best-command.txt"]
-            result.best_number, result.best_value, result.best_params = best.number, best.value, dict(best.params)
-            result.best_run, result.best_host = best.user_attrs.get("run"), best.user_attrs.get("host")
-            result.command = train_command(self.best_config(best), out=str(default_best_out(self.cfg.corpus)))
-        result.files = files
-        return result
-
-    def plots(self) -> list[str]:
-        """history.png and importances.png (Optuna's matplotlib plots), where matplotlib is installed and the
-        study has what each needs; the names written."""
-        from optuna.trial import TrialState
-
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            from optuna.visualization import matplotlib as ovm
-        except ImportError:
-            return []
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        written = []
-        jobs = [("history.png", ovm.plot_optimization_history, 1)]
-        if any(not d.fixed for d in self.space.values()):
-            jobs.append(("importances.png", ovm.plot_param_importances, 2))
-        for name, plot, need in jobs:
-            if len(complete) < need:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    ax = plot(self.study)
-                except (ValueError, RuntimeError) as exc:
-                    self.emit("warning", {"message": f"{name} not drawn: {_first_line(exc)}"})
-                    continue
-                tmp = self.folder.path / f".{name}.tmp"
-                ax.figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-                plt.close(ax.figure)
-                os.replace(tmp, self.folder.path / name)
-            written.append(name)
-        return written
+        return self.report.result(reason, self.timings, time.monotonic() - self.t0)
 
     def final_run(self):
-        """The best configuration trained for --final-time seconds into OUT/final (a run stopped earlier
-        resumes)."""
+        """The best configuration trained for --final-time seconds into OUT/final: resumed when final/ holds that
+        configuration's run (stopped earlier), replaced when it holds another's (the best changed since; charlm's
+        own run). final-command.txt is written once it succeeded (and removed before final/ is replaced)."""
+        from charlm.rundir import RunDir, config_differences, saved_train_options
         from charlm.training import train
 
-        best = _best(self.study)
-        cfg = dataclasses.replace(self.best_config(best), out=str(self.folder.final), time_limit=self.cfg.final_time,
+        best = _best(self.store.study)
+        cfg = dataclasses.replace(_train_config(best), out=str(self.folder.final), time_limit=self.cfg.final_time,
                                   max_steps=None, eval_every=TrainConfig(corpus="-").eval_every,
                                   device=self.cfg.device, precision=self.cfg.precision)
-        resume = (self.folder.final / "last").is_dir()
-        self.emit("final-start", {"out": self.folder.final, "resumed": resume})
-        command = train_command(cfg)
-        self.folder.write("final-command.txt", command + "\n")
+        resume = replace = False
+        if RunDir(self.folder.final).holds_run():
+            saved = saved_train_options(self.folder.final)
+            resume = bool(saved) and not config_differences(saved, cfg)
+            replace = not resume
+        if replace:  # (the command of the configuration being replaced no longer says what final/ holds)
+            (self.folder.path / "final-command.txt").unlink(missing_ok=True)
+        self.emit("final-start", {"out": self.folder.final, "resumed": resume, "replaced": replace,
+                                  "trial": best.number})
         board = None
-        if self.cfg.tensorboard:
+        if self.log_dir is not None:
             from charlm.board import TensorBoardLog
 
-            board = TensorBoardLog(Path(self.cfg.tensorboard) / self.study_name / "final")
+            board = TensorBoardLog(self.log_dir / "final")
 
         def callback(event, info):
             if board is not None:
@@ -1015,23 +1324,18 @@ class _Search:
                 self.train_callback(event, info)
 
         try:
-            return train(cfg, resume=resume, callback=callback), cfg, command
+            result = train(cfg, resume=resume, overwrite=replace, callback=callback)
         finally:
             if board is not None:
                 board.close()
+        command = train_command(cfg)
+        self.folder.write("final-command.txt", command + "\n")
+        return result, cfg, command
 
 
 def default_best_out(corpus) -> Path:
     """Where the best trial's command line trains: checkpoints/<corpus stem>-tuned."""
     return Path("checkpoints") / f"{_stem(corpus)}-tuned"
-
-
-def _best(study):
-    """The best complete trial, or None."""
-    from optuna.trial import TrialState
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: t.value) if complete else None
 
 
 def _show_setting(value) -> str:
@@ -1048,11 +1352,12 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, callbac
          train_callback=None) -> TuneResult:
     """Search with Optuna as ``charlm tune`` does and return the outcome (see the module docstring).
 
-    Every option, the folder, the storage, the corpus and the space are checked before anything is
-    written. ``resume`` continues the search in ``cfg.out``; ``overwrite`` deletes it first. SIGINT or
-    SIGTERM stops the running trial and raises :class:`~charlm.errors.TuneInterrupted` (the trial runs again
-    on resume); every other problem is a one-line ``CharlmError``. ``train_callback(event, info)`` receives
-    every trial's training events (:mod:`charlm.training`).
+    Every option, the folder, the outputs' places, the device and precision, the storage, the corpus, the
+    space and the budgets are checked before anything is written, and the folder and the study again once the
+    folder is locked. ``resume`` continues the search in ``cfg.out``; ``overwrite`` deletes it first. SIGINT
+    or SIGTERM stops the running trial and raises :class:`~charlm.errors.TuneInterrupted` (the trial runs
+    again on resume); every other problem is a one-line ``CharlmError``. ``train_callback(event, info)``
+    receives every trial's training events (:mod:`charlm.training`).
     """
     try:
         import optuna  # noqa: F401
@@ -1069,4 +1374,5 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, callbac
 
 __all__ = ["tune", "TuneConfig", "TuneResult", "TrialTiming", "Dim", "parse_spec", "parse_space", "default_space",
            "batch_shape_ranges", "trial_chars", "macs_per_char", "sized_space", "default_trial_time", "check_space",
-           "TuneFolder", "open_storage", "make_pruner", "train_command"]
+           "check_trial_budget", "no_trial_hint", "TuneFolder", "open_storage", "make_pruner", "train_command",
+           "STORAGE_ENV", "MIN_TRIAL_S"]

@@ -33,6 +33,9 @@ exclude_patterns = ["_build"]
 root_doc = "index"
 
 myst_enable_extensions = ["colon_fence", "deflist"]
+# Smart quotes, not smart dashes: the commands' help texts (the CLI reference, from click) name options in
+# plain text ("into --dir"), and docutils would print their "--" as an en dash, which a shell does not take.
+smartquotes_action = "qe"
 myst_heading_anchors = 3
 
 html_theme = "furo"

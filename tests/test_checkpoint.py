@@ -69,6 +69,14 @@ def test_a_missing_file_is_named(saved):
         ck.load_checkpoint(saved)
 
 
+@pytest.mark.parametrize("manifest", ["[]", "3", "null", '"model.pt"', "{nope"])
+def test_a_manifest_that_is_not_a_json_object_is_one_line(saved, manifest):
+    """#35 (an error class seen while there): a manifest.json holding a list was an AttributeError traceback."""
+    (saved / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match="unreadable manifest.json"):
+        ck.load_checkpoint(saved)
+
+
 def test_unwritable_place_is_one_line(saved, tmp_path):
     c = ck.load_checkpoint(saved)
     (tmp_path / "a-file").write_text("x")

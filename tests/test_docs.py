@@ -14,6 +14,7 @@ The strict Sphinx build (``sphinx-build -W --keep-going -n``) is run by ``.ci/ru
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import os
 import re
@@ -256,6 +257,28 @@ def test_cli_reference_lists_every_command(tmp_path):
     assert not missing, f"docs/reference/cli.md renders no section for: {', '.join(missing)}"
     for name, command in main.commands.items():
         assert f"charlm {name} [OPTIONS]" in text, f"no usage line for charlm {name}"
+
+
+def test_the_cli_reference_as_the_site_shows_it_has_no_dash_for_an_options_hyphens(tmp_path):
+    """#35: the site printed option names in the commands' help texts with an en dash ("into \u2013dir",
+    "charlm train \u2013precision bf16": docutils' smart quotes), so an option copied from the page failed.
+    docs/reference/cli.md is built to HTML with the site's own configuration (docs/conf.py) and read as shown."""
+    pytest.importorskip("sphinx_click")
+    src = tmp_path / "src"
+    src.mkdir()
+    page = (DOCS / "reference" / "cli.md").read_text(encoding="utf-8")
+    (src / "index.md").write_text(re.sub(r"\{doc\}`[^`]*`", "the guide", page), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-q", "-b", "html", "-c", str(DOCS), str(src),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shown = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "out" / "index.html").read_text(encoding="utf-8")))
+    dashed = re.findall(r".{0,30}[\u2013\u2014]\w.{0,10}", shown)
+    assert not dashed, f"an en or em dash where an option's -- belongs: {dashed[:5]}"
+    for name, command in main.commands.items():  # every option a help text names is shown as typed
+        helps = " ".join([command.help or "", *(getattr(p, "help", None) or "" for p in command.params)])
+        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", helps)):
+            assert option in shown, f"charlm {name}'s help names {option}, which the page does not show"
+    assert "charlm train --precision bf16" in shown  # (charlm env's help, an example the issue names)
 
 
 def test_every_public_name_has_a_docstring_and_a_place_in_the_reference():

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from charlm import checkpoint as ck
 from charlm.cli import main
 from charlm.config import TrainConfig
-from charlm.errors import TrainingInterrupted
+from charlm.errors import TrainError, TrainingInterrupted
 from charlm.finetune import extend_state
 from charlm.models import RNNLM
 from charlm.training import train
@@ -311,20 +311,70 @@ def test_an_extended_model_through_generate_eval_serve_and_onnx(tmp_path, new_te
     assert f"started from: {(parent / 'best').resolve()}" in cli("info", onnx_path).output
 
 
-def test_finetuning_defaults_apply_where_no_option_is_given(tmp_path, new_text):
-    from charlm.config import FINETUNE_PRESET
+def test_finetuning_defaults_apply_where_no_option_is_given_in_the_cli_and_in_python(tmp_path, new_text):
+    from charlm.config import FINETUNE_LR
 
     parent = make_parent(tmp_path)
-    out = tmp_path / "c"
-    r = cli("train", new_text, "--init-from", parent, "--out", out, "--max-steps", 2, "--batch-size", 4,
-            "--num-steps", 10, "--time-limit", 0, "--quiet")
-    assert r.exit_code == 0, r.output
-    options = ck.load_checkpoint(out).train_options
-    for name, value in FINETUNE_PRESET.items():
-        if name not in ("max_steps", "time_limit", "batch_size", "num_steps"):
-            assert options[name] == value, name
+    for optimizer in ("adam", "sgd"):
+        out = tmp_path / f"c-{optimizer}"
+        r = cli("train", new_text, "--init-from", parent, "--out", out, "--optimizer", optimizer, "--max-steps", 2,
+                "--batch-size", 4, "--num-steps", 10, "--time-limit", 0, "--quiet")
+        assert r.exit_code == 0, r.output
+        lrs = [float(row.split(",")[8]) for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+        options = TrainConfig.from_dict(ck.load_checkpoint(out).train_options)
+        assert options.resolved_lr() == FINETUNE_LR[optimizer] < TrainConfig(corpus="x", optimizer=optimizer).resolved_lr()
+        assert lrs and max(lrs) <= FINETUNE_LR[optimizer]
+    train(finetune_cfg(new_text, tmp_path / "py", max_steps=2), init_from=parent)  # the same default from Python
+    assert TrainConfig.from_dict(ck.load_checkpoint(tmp_path / "py").train_options).resolved_lr() == FINETUNE_LR["adam"]
     r = cli("train", new_text, "--init-from", parent, "--out", tmp_path / "d", "--max-steps", 2, "--batch-size", 4,
             "--num-steps", 10, "--time-limit", 0, "--lr", "0.02", "--quiet")
     assert ck.load_checkpoint(tmp_path / "d").train_options["lr"] == 0.02  # an option given wins
-    assert not math.isnan(ck.load_checkpoint(out).progress["best_val_loss"])
-    assert Path(out / "best").is_dir()
+
+
+def test_new_chars_without_init_from_is_one_line(tmp_path, new_text):
+    from charlm.errors import ConfigError
+
+    line = one_line_error(cli("train", new_text, "--out", tmp_path / "c", "--new-chars", "error"), 2)
+    assert "--init-from" in line
+    with pytest.raises(ConfigError, match="new chars"):
+        TrainConfig(corpus="x", new_chars="unk")
+    with pytest.raises(ConfigError, match="new chars must be one of"):
+        train(finetune_cfg(new_text, tmp_path / "c", max_steps=2), init_from=make_parent(tmp_path), new_chars="")
+
+
+def test_overwrite_never_deletes_the_model_a_run_starts_from(tmp_path, new_text):
+    """The default --out of two corpora both named input.txt is one folder: --overwrite would delete the parent."""
+    parent = make_parent(tmp_path)
+    before = {p: p.read_bytes() for p in (parent / "best").iterdir()}
+    for out in (parent, parent / "best", tmp_path):
+        line = one_line_error(cli("train", new_text, "--init-from", parent, "--out", out, "--overwrite", "--max-steps",
+                                  2, "--batch-size", 4, "--num-steps", 10, "--time-limit", 0), 1)
+        assert "lies inside" in line or "is not a charlm run" in line, line
+    assert {p: p.read_bytes() for p in (parent / "best").iterdir()} == before
+
+
+def test_a_resume_with_another_new_chars_or_parent_is_refused(tmp_path, new_text):
+    parent = make_parent(tmp_path)
+    other = make_parent(tmp_path, name="other")
+    out = tmp_path / "c"
+    train(finetune_cfg(new_text, out, max_steps=4, eval_every=2), init_from=parent, new_chars="unk")
+    with pytest.raises(TrainError, match="new-chars: 'unk' -> 'extend'"):
+        train(finetune_cfg(new_text, out, max_steps=8), init_from=parent, new_chars="extend", resume=True)
+    with pytest.raises(TrainError, match="started from .*parent/best; resume it without --init-from"):
+        train(finetune_cfg(new_text, out, max_steps=8), init_from=other, new_chars="unk", resume=True)
+    scratch = tmp_path / "scratch"
+    train(finetune_cfg(new_text, scratch, max_steps=4, hidden_size=12, embedding_dim=4))
+    with pytest.raises(TrainError, match="did not start from a trained model"):
+        train(finetune_cfg(new_text, scratch, max_steps=8, hidden_size=12, embedding_dim=4), init_from=parent,
+              resume=True)
+    train(finetune_cfg(new_text, out, max_steps=8), init_from=parent, new_chars="unk", resume=True)  # the same: fine
+
+
+def test_a_parent_read_from_a_backup_is_named_as_the_checkpoint_it_stands_for(tmp_path, new_text):
+    parent = make_parent(tmp_path)
+    best = parent / "best"
+    (best / ".charlm-old").write_text('{"of": "best"}\n')
+    backup = parent / ".best.old-1a2b3c4d"
+    best.rename(backup)  # a replacement of best/ cut short between its two renames
+    train(finetune_cfg(new_text, tmp_path / "c", max_steps=2), init_from=parent)
+    assert ck.load_checkpoint(tmp_path / "c").lineage["parent"] == str(best.resolve())

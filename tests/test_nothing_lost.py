@@ -57,13 +57,17 @@ def run(corpus, tmp_path):
 
 # -- 3: everything checked before the first write ---------------------------------------------------------
 
-@pytest.mark.parametrize("option", [["--hidden-size", "1000000000"], ["--embedding-dim", "100000000000"],
+@pytest.mark.parametrize("option", [["--hidden-size", "1000000000"], ["--embedding-dim", "2000000000"],
                                     ["--hidden-size", "3000000"], ["--lr", "10", "--weight-decay", "0.5"],
-                                    ["--weight-decay", "1e300"]])
+                                    ["--weight-decay", "1e300"], ["--embedding-dim", "100000000000"]])
 def test_item3_overwrite_with_an_impossible_option_keeps_the_old_run(corpus, run, tmp_path, option):
     before = digest(tmp_path)
-    line = one_line_error(train_cli(corpus, run, "--overwrite", "--max-steps", 2, *option))
-    assert any(word in line for word in ("too large", "GiB", "under 1")), line
+    result = train_cli(corpus, run, "--overwrite", "--max-steps", 2, *option)
+    if option[1] == "100000000000":  # past what a tensor dimension holds: click's own range check (exit 2)
+        assert "is not in the range 0<=x<=2147483647" in one_line_error(result, code=2)
+    else:
+        line = one_line_error(result)
+        assert any(word in line for word in ("too large", "GiB", "under 1")), line
     assert digest(tmp_path) == before  # the old run whole: nothing was deleted before the options were known good
 
 
@@ -233,7 +237,7 @@ def test_item9_a_held_out_loss_that_is_not_finite_stops_the_run_in_one_line(corp
     from charlm.evaluation import EvalResult
 
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: EvalResult(loss=float("nan"), tokens=10))
-    with pytest.raises(TrainError, match="not finite at step 4.*no checkpoint was kept"):
+    with pytest.raises(TrainError, match="not finite at step 4: the weights diverged; no checkpoint was kept"):
         train(TrainConfig(corpus=str(corpus), out=str(tmp_path / "r"), hidden_size=8, embedding_dim=4, batch_size=4,
                           num_steps=10, max_steps=8, eval_every=4, time_limit=None))
     assert not (tmp_path / "r" / "best").exists()
@@ -309,3 +313,111 @@ def test_item9_a_web_export_into_an_existing_empty_folder_keeps_its_mode(tmp_pat
     os.chmod(site, 0o750)
     assert CliRunner().invoke(main, ["export", str(run), "--format", "web", "--out", str(site)]).exit_code == 0
     assert stat.S_IMODE(site.stat().st_mode) == 0o750 and (site / "index.html").is_file()
+
+
+def test_item9_a_run_that_diverged_to_a_finite_figure_is_one_line_naming_no_checkpoint(corpus, tmp_path):
+    """--lr 1e30 without decay: the weights blow up to a finite but absurd held-out loss (3e30 nats/char)."""
+    line = one_line_error(train_cli(corpus, tmp_path / "r", "--max-steps", 3, "--lr", "1e30", "--weight-decay", "0"))
+    assert "the weights diverged" in line and "no checkpoint was kept" in line
+    assert not (tmp_path / "r" / "best").exists()
+
+
+# -- what a hostile review found: races, temporary names, outputs inside outputs, readers during a save ----------
+
+def test_a_run_finished_by_another_process_while_this_one_started_is_not_replaced(corpus, tmp_path, write_corpus):
+    """Check-then-act: B checks an empty --out, then (while B reads its corpus) A runs a whole training there.
+    Under its lock B checks again and refuses; A's run is whole."""
+    from charlm.errors import RunExistsError
+
+    out = tmp_path / "r"
+    other = write_corpus(20, name="other.txt")
+    small = dict(hidden_size=8, embedding_dim=4, batch_size=4, num_steps=10, eval_every=4, time_limit=None)
+    ran = []
+
+    def meanwhile(nbytes):  # B's corpus is being prepared: A trains on the same --out now
+        if not ran:
+            ran.append(train(TrainConfig(corpus=str(corpus), out=str(out), max_steps=4, **small)))
+            ran.append(digest(out))
+
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        train(TrainConfig(corpus=str(other), out=str(out), max_steps=4, **small), prepare_progress=meanwhile)
+    assert ran and ck.load_checkpoint(out).corpus_info["path"] == str(corpus.resolve())
+    assert digest(out) == ran[1]  # A's run as A left it
+
+
+def test_entries_named_like_charlms_temporaries_but_unmarked_are_the_users(corpus, run, tmp_path):
+    import shutil
+
+    (run / ".metrics.csv.tmp-mynotes").write_text("my notes\n")
+    shutil.copytree(run / "last", run / ".last.tmp-mybackup")  # a copy of a checkpoint, without charlm's mark
+    shutil.copytree(run / "best", run / ".best.old-keep")
+    before = digest(tmp_path)
+    line = one_line_error(train_cli(corpus, run, "--resume", "--max-steps", 16))
+    assert ".best.old-keep" in line and ".last.tmp-mybackup" in line and ".metrics.csv.tmp-mynotes" in line
+    one_line_error(train_cli(corpus, run, "--overwrite", "--max-steps", 2))
+    assert digest(tmp_path) == before
+
+
+def test_marked_leftovers_of_a_killed_save_are_tidied_by_the_next_resume(corpus, run, tmp_path):
+    from charlm.checkpoint import _new_temporary
+
+    leftover = _new_temporary(run / "last")  # what a kill while writing last/ leaves: marked as charlm's
+    (leftover / "model.pt").write_bytes(b"half")
+    assert train_cli(corpus, run, "--resume", "--max-steps", 16, "--eval-every", 4).exit_code == 0
+    assert not leftover.exists()
+
+
+def test_overwrite_from_inside_the_run_is_one_line_and_keeps_the_run(corpus, run, tmp_path, monkeypatch):
+    monkeypatch.chdir(run / "best")
+    before = digest(tmp_path)
+    line = one_line_error(CliRunner().invoke(main, ["train", str(corpus), "--out", "..", "--overwrite", *SMALL,
+                                                    "--max-steps", "2"]))
+    assert "current directory is inside --out" in line
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [["export", "{run}", "--out", "{run}/model.onnx"],
+                                     ["train", "{corpus}", "--out", "{run}/sub", *SMALL, "--max-steps", "2"],
+                                     ["train", "{corpus}", "--out", "{run}/best/sub", *SMALL, "--max-steps", "2"],
+                                     ["download", "timemachine", "--dir", "{run}", "--quiet"]])
+def test_an_output_inside_another_charlm_folder_is_refused(corpus, run, tmp_path, command):
+    if command[0] == "export":
+        pytest.importorskip("onnx")
+    before = digest(tmp_path)
+    args = [a.format(run=run, corpus=corpus) for a in command]
+    line = one_line_error(CliRunner().invoke(main, args))
+    assert f"lies inside {run}" in line and "a folder of its own" in line
+    assert digest(tmp_path) == before
+    assert train_cli(corpus, run, "--resume", "--max-steps", 12, "--eval-every", 4).exit_code == 0  # not blocked
+
+
+def test_a_load_during_a_save_reads_one_whole_checkpoint(run, monkeypatch):
+    """A reader that reads the manifest, then a file after a save swapped the folder, used to call a good model
+    corrupt: the load reads again."""
+    c = ck.load_checkpoint(run / "last")
+    real, swapped = ck._sha256, []
+
+    def hash_then_swap(path):
+        digest_ = real(path)
+        if not swapped:  # the reader has just read a file: a writer replaces the checkpoint now
+            swapped.append(True)
+            ck.save_checkpoint(run / "last", c.model, c.vocab, {"progress": {"step": 99}})
+        return digest_
+
+    monkeypatch.setattr(ck, "_sha256", hash_then_swap)
+    loaded = ck.load_checkpoint(run / "last")
+    assert swapped and loaded.progress["step"] == 99
+
+
+def test_an_interrupt_during_the_final_evaluation_says_the_run_is_complete(corpus, tmp_path):
+    """Ctrl-C after the run reached its end (during its final evaluation): nothing to resume, and it says so."""
+    from charlm.errors import TrainingInterrupted
+
+    def interrupt_final(event, info):
+        if event == "eval" and info["step"] == 7:  # the evaluation after the last step, off the schedule
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as err:
+        train(TrainConfig(corpus=str(corpus), out=str(tmp_path / "r"), hidden_size=8, embedding_dim=4, batch_size=4,
+                          num_steps=10, max_steps=7, eval_every=4, time_limit=None), callback=interrupt_final)
+    assert err.value.complete and err.value.result.steps == 7

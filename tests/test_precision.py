@@ -106,8 +106,10 @@ def test_fp16_loss_scaling_skips_overflowed_steps_lowers_the_scale_and_resumes_i
 def test_fp16_loss_is_what_counts_as_non_finite(corpus, tmp_path, monkeypatch):
     """Overflowed fp16 gradients are the scaler's business; a non-finite loss still stops the run."""
     monkeypatch.setattr(training, "check_precision", lambda *args: None)
-    cfg = tiny(corpus, tmp_path / "r", max_steps=30, cell="gru", precision="fp16", optimizer="sgd", lr=1e38, clip=0,
-               weight_decay=0)
+    from test_train import nan_after_first_step
+
+    nan_after_first_step(monkeypatch)
+    cfg = tiny(corpus, tmp_path / "r", max_steps=30, cell="gru", precision="fp16")
     with pytest.raises(Exception, match="not finite"):
         train(cfg)
 

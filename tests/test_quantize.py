@@ -85,7 +85,27 @@ def test_an_onnxruntime_that_writes_full_range_weights_is_refused(tmp_path, monk
     ckpt = _checkpoint(tmp_path, "lstm", "torch", 6, 2)
     with pytest.raises(ExportError, match="only weights up to 64 give the same figures on every CPU"):
         export_onnx(ckpt, tmp_path / "out" / "int8.onnx", quantize="int8")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing written, and the folder the export made removed again
+
+
+def test_int8_weight_range_raises_export_error_for_every_file_it_cannot_check(tmp_path):
+    """#35: a MatMulInteger without stored weights was a ValueError (the project's user errors are CharlmErrors),
+    and a file that is not ONNX a protobuf DecodeError."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 2])])
+    onnx.save(helper.make_model(graph), tmp_path / "unstored.onnx")
+    (tmp_path / "text.onnx").write_text("not a model\n" * 10)
+    (tmp_path / "folder.onnx").mkdir()
+    for name, message in (("unstored.onnx", "MatMulInteger 'mm' multiplies by 'b', not a stored weight"),
+                          ("text.onnx", "is not an ONNX model"), ("folder.onnx", "cannot read it"),
+                          ("missing.onnx", "cannot read it")):
+        with pytest.raises(ExportError, match=message):
+            int8_weight_range(tmp_path / name)
 
 
 @pytest.fixture(scope="module")

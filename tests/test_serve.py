@@ -390,3 +390,67 @@ def test_cli_serve_stops_on_a_ctrl_c_that_another_thread_receives(ckpt):
         assert "Stopped." in err
     finally:
         stop_process(p)
+
+
+def _json_endpoints(server) -> list[str]:
+    """Every endpoint whose OpenAPI entry takes a JSON body."""
+    _, schema, _ = server.json("GET", "/openapi.json")
+    paths = [p for p, methods in schema["paths"].items() for m, op in methods.items()
+             if "application/json" in op.get("requestBody", {}).get("content", {})]
+    assert {"/generate", "/v1/completions"} <= set(paths)
+    return paths
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 60_000,  # 60 KB under the 64 KB limit: the decoder's recursion ran out (a plain-text 500)
+    b'{"prompt": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+    b'{"logit_bias": {"a": ' + b"[" * 40 + b"]" * 40 + b"}}",  # decodes, and would be walked by what follows
+    b'{"stop": ' + b"[" * 17 + b"]" * 17 + b"}",
+])
+def test_a_deeply_nested_json_body_is_a_400_with_the_json_error_body(server, raw):
+    """#35: a 60 KB body of "[[[[..." was a plain-text 500 (RecursionError) on /generate and /v1/completions."""
+    for path in _json_endpoints(server):
+        r, data = server.request("POST", path, raw=raw, headers={"Content-Type": "application/json"})
+        assert r.status == 400, (path, data[:200])
+        assert r.getheader("Content-Type") == "application/json"
+        error = json.loads(data)["error"]
+        assert error == {"message": "the body nests arrays and objects more than 16 deep",
+                         "type": "invalid_request_error", "code": "invalid_json"}
+    assert server.healthy()
+
+
+def test_a_body_nested_within_the_limit_is_read_and_its_field_named(server):
+    raw = b'{"stop": ' + b"[" * 15 + b"]" * 15 + b"}"
+    status, body, _ = server.json("POST", "/generate", raw=raw, headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["message"].startswith("'stop' must be a string or a list of strings")
+
+
+@pytest.mark.parametrize("body, code, message", [
+    ({"stream_options": {"include_usage": True, "extra": 1}}, "unknown_field",
+     "unknown field(s) in 'stream_options': extra; known: include_usage"),
+    ({"stream_options": {"include_usage": "yes"}}, "invalid_type",
+     "'stream_options.include_usage' must be true or false, got 'yes'"),
+    ({"stream_options": {"include_usage": None}}, "invalid_type",
+     "'stream_options.include_usage' must be true or false, got None"),
+    ({"stream_options": {"x": 1}, "bogus": 2}, "unknown_field", "unknown field(s): bogus; known: model, prompt, "),
+    ({"stream_options": 3}, "invalid_type", "'stream_options' must be an object or null, got 3"),
+    ({"prompt": ["the", 1]}, "invalid_type", "'prompt' must be a string or a list of strings, got ['the', 1]"),
+    ({"stop": ["a", 1]}, "invalid_type", "'stop' must be a string or a list of strings or null, got ['a', 1]"),
+    ({"logit_bias": 3}, "invalid_type", "'logit_bias' must be an object or null, got 3"),
+    ({"prompt": "t" * 10_000, "max_tokens": -1}, "invalid_value", "'max_tokens' must be >= 0, got -1"),
+    ({"stream_options": {"include_usage": "y" * 5000}}, "invalid_type",
+     "'stream_options.include_usage' must be true or false, got 'yyyy"),  # (the value cut: the message stays short)
+])
+def test_errors_for_nested_fields_name_the_field_path_once(server, body, code, message):
+    """#35: a field inside an object field was reported as an unknown field of the body ("unknown field(s):
+    stream_options"), and a wrong type inside it as the object's ("'stream_options' must be true or false")."""
+    status, answer, _ = server.json("POST", "/v1/completions", body)
+    assert status == 400, answer
+    error = answer["error"]
+    assert message in error["message"], error
+    if code != "invalid_value":
+        assert error["code"] == code
+        where = message.split("'")[1] if "'" in message else None
+        if where:
+            assert error["message"].count(where) == 1  # named once
+    assert len(error["message"]) < 400 and "\n" not in error["message"]

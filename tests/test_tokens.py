@@ -1,5 +1,6 @@
 """The token cache: streamed == in memory for every mode and chunk size, cached, checked, read in windows."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from charlm.data import load_split, make_batches
 from charlm.errors import CorpusError
 from charlm.evaluation import evaluate
 from charlm.models import RNNLM
-from charlm.tokens import Normalizer, TokenReader, prepare
+from charlm.tokens import ENTRY_NAME_BYTES, Normalizer, TokenReader, prepare
 
 MODES = ("raw", "lower", "letters")
 # Characters that make chunking hard: CR/LF, a BOM, Greek capital sigma (final form when lowered at a
@@ -309,3 +310,82 @@ def test_large_vocabulary_trains_and_generates(tmp_path):
     data = load_split(path, "raw", 0.1, min_count=3)
     assert 0 < len(data.vocab) < 5000  # rare characters left out
     assert Path(data.cache).is_dir()
+
+
+@pytest.mark.parametrize("stem", ["c" * 251, "é" * 125 + "a", "时" * 83 + "ab"])  # each 255 bytes with ".txt"
+def test_a_corpus_with_a_long_file_name_is_cached(tmp_path, monkeypatch, stem):
+    """#35: a 255-byte source name (the longest a file may have) made a cache entry's name too long."""
+    path = tmp_path / f"{stem}.txt"
+    assert len(os.fsencode(path.name)) == 255
+    path.write_text("the time machine\n" * 10)
+    first = prepare(path, cache_dir=tmp_path / "cache")
+    assert not first.hit and prepare(path, cache_dir=tmp_path / "cache").hit
+    name = first.path.name
+    assert len(os.fsencode(name)) <= ENTRY_NAME_BYTES
+    assert name.endswith(f"-raw-{name.rsplit('-', 1)[1]}") and path.name.startswith(name.split("-raw-")[0])
+    assert len(name.split("-raw-")[0]) > 40  # readable: as much of the name as fits, cut between characters
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    r = run("prepare", path)
+    assert r.exit_code == 0 and "cached" in r.output, r.output
+
+
+def _mutated(meta: dict, how: str):
+    if how == "not an object":
+        return [meta]
+    if how.startswith("no "):
+        return {k: v for k, v in meta.items() if k != how[3:]}
+    key, value = how.split("=", 1)
+    return {**meta, key: json.loads(value)}
+
+
+@pytest.mark.parametrize("how", ["no dtype", "no tokens", "no sha256", "no vocab_size", "no size", "not an object",
+                                 'dtype="float64"', 'dtype="no such type"', "dtype=8", 'tokens="1700"', "tokens=true",
+                                 "tokens=-1", "sha256=null", "vocab_size=3"])
+def test_a_malformed_cache_meta_json_is_stale_and_rebuilt(tmp_path, monkeypatch, how):
+    """#35: a meta.json without dtype was a KeyError traceback; any malformed entry is built again."""
+    path = tmp_path / "c.txt"
+    path.write_text("the time machine\n" * 100)
+    first = prepare(path, cache_dir=tmp_path / "cache")
+    meta_path = first.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(_mutated(meta, how)))
+    again = prepare(path, cache_dir=tmp_path / "cache")
+    assert not again.hit and again.path == first.path
+    assert json.loads(meta_path.read_text())["sha256"] == meta["sha256"]
+    assert again.vocab.decode(again.ids.read()) == path.read_text()
+    meta_path.write_text(json.dumps(_mutated(meta, how)))
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
+    r = run("prepare", path)
+    assert r.exit_code == 0 and "cached" not in r.output and r.exception is None, r.output
+
+
+def test_a_cache_entry_with_a_broken_tokenizer_is_rebuilt(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("the time machine\n" * 100)
+    first = prepare(path, cache_dir=tmp_path / "cache")
+    (first.path / "tokenizer.json").write_text("{not json")
+    again = prepare(path, cache_dir=tmp_path / "cache")
+    assert not again.hit and again.vocab == first.vocab
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_cache_entries_take_the_mode_the_umask_gives_a_new_folder(tmp_path, umask, mode):
+    """#35: entries were made 0700 (tempfile.mkdtemp) whatever the umask."""
+    path = tmp_path / "c.txt"
+    path.write_text("the time machine\n" * 100)
+    old = os.umask(umask)
+    try:
+        prepared = prepare(path, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert prepared.path.stat().st_mode & 0o777 == mode
+    assert (prepared.path / "tokens.bin").stat().st_mode & 0o777 == mode & 0o666
+
+
+def test_a_min_count_that_leaves_no_character_is_one_line(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("aaab")
+    with pytest.raises(CorpusError, match=r"min count 4 leaves no character of .* \(the most frequent one is seen 3 "):
+        prepare(path, min_count=4, cache_dir=tmp_path / "cache")
+    r = run("prepare", path, "--min-count", 2**70)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "leaves no character" in r.output, r.output

@@ -163,10 +163,24 @@ def test_tampered_or_truncated_checkpoint_refused(corpus, tmp_path, damage):
     assert "\n" not in str(err.value)
 
 
-def test_nonfinite_loss_saves_and_stops(corpus, tmp_path):
-    # SGD at lr 1e38 without clipping: the first update overflows the weights' scale, every later
-    # loss is inf/NaN, the updates are skipped, and the run stops after five in a row.
-    cfg = tiny(corpus, tmp_path / "r", optimizer="sgd", lr=1e38, clip=0, max_steps=50, eval_every=100, weight_decay=0)
+def nan_after_first_step(monkeypatch):
+    """Every training loss after the first is NaN (what a diverged step gives), the weights untouched."""
+    from charlm import training
+
+    real, calls = training.F.cross_entropy, []
+
+    def cross_entropy(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss if len(calls) == 1 else loss * float("nan")
+
+    monkeypatch.setattr(training.F, "cross_entropy", cross_entropy)
+
+
+def test_nonfinite_loss_saves_and_stops(corpus, tmp_path, monkeypatch):
+    # the first step trains; every later loss is NaN: the updates are skipped, and the run stops after five in a row
+    nan_after_first_step(monkeypatch)
+    cfg = tiny(corpus, tmp_path / "r", max_steps=50, eval_every=100)
     with pytest.raises(TrainError, match="not finite for 5 steps in a row at step 6") as err:
         train(cfg)
     assert "saved" in str(err.value)

@@ -31,7 +31,8 @@ from torch import nn
 from charlm.config import MOGRIFIER_FIELDS, PAIR_STATE_CELLS
 from charlm.errors import CharlmError
 from charlm.models.stepper import MogrifierStepper, lstm_gate_order
-from charlm.outputs import check_file, check_parent, move_into_empty, new_folders, resolve_path, temp_prefix
+from charlm.outputs import (check_file, check_not_inside_owned, check_parent, move_into_empty, new_folders,
+                            resolve_path, temp_prefix)
 
 FORMATS = ("onnx", "web")
 OPSET = 18
@@ -218,6 +219,7 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True, quantize: str
         raise ExportError(f"--out {out}: an ONNX model's file name ends in .onnx (e.g. --out model.onnx)")
     vocab_path = tokenizer_path(out)
     check_parent(out)
+    check_not_inside_owned(out, "onnx")
     _check_targets(out, vocab_path)
     _check_writable(out.parent)
     cfg = ckpt.model.config

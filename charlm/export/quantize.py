@@ -62,16 +62,26 @@ def int8_weight_range(path: str | os.PathLike) -> int:
     """The largest absolute value among the int8 initializers of ``path`` (its weights; 0 where there is none).
 
     Every int8 tensor is looked at (a ``MatMulInteger``'s weights, or any other quantized node's), and a
-    ``MatMulInteger`` whose weights are not an initializer is an error: nothing int8 goes unchecked."""
+    ``MatMulInteger`` whose weights are not an initializer is an error: nothing int8 goes unchecked. Every
+    error (that one, a file that cannot be read or is not ONNX) is an
+    :class:`~charlm.export.graph.ExportError`."""
     import numpy as np
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    graph = onnx.load(str(path)).graph
+    from charlm.errors import os_error_line
+    from charlm.export.graph import ExportError
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read it ({os_error_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, and whatever else a file that is not ONNX gives
+        raise ExportError(f"{path} is not an ONNX model ({type(exc).__name__})") from None
     names = {t.name for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "MatMulInteger" and node.input[1] not in names:
-            raise ValueError(f"{path}: MatMulInteger {node.name!r} multiplies by {node.input[1]!r}, "
-                             "not a stored weight")
+            raise ExportError(f"{path}: MatMulInteger {node.name!r} multiplies by {node.input[1]!r}, "
+                              "not a stored weight")
     return max((int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max()) for t in graph.initializer
                 if t.data_type == TensorProto.INT8 and t.dims and np.prod(t.dims) > 0), default=0)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from charlm.corpus import _copy_stream, _sha256_file
 from charlm.export.graph import ExportError, export_onnx, metadata, replace_tree
-from charlm.outputs import (check_folder, check_not_cwd, check_parent, folder_mode, new_folders, resolve_path,
-                            temp_prefix, write_marker)
+from charlm.outputs import (check_folder, check_not_cwd, check_not_inside_owned, check_parent, folder_mode,
+                            new_folders, resolve_path, temp_prefix, write_marker)
 from charlm.tokens import cache_root
 
 ORT_WEB_VERSION = "1.30.0"
@@ -46,6 +46,7 @@ def export_web(ckpt, out: str | os.PathLike, progress: bool = True, quantize: st
     out = resolve_path(out)  # (q/../site is site, checked as such)
     check_not_cwd(out)
     check_parent(out)
+    check_not_inside_owned(out, "web")
     check_folder(out, "web")
     runtime = ort_web_files(progress)  # before anything is written: no fetch, no folder
     parent = out.parent

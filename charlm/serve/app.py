@@ -112,8 +112,9 @@ def _cors(app, origin: str | None):
 
 
 _ERRORS = {
-    400: "The body does not fit: a field's type or range, an unknown field, a character outside the model's "
-         "vocabulary, a server limit (the message names it).",
+    400: f"The body does not fit: not JSON, or nested more than {schemas.MAX_NESTING} deep; a field's type or range, "
+         f"an unknown field (the message names it by its path), a character outside the model's vocabulary, a "
+         f"server limit.",
     401: "The API key is missing or wrong (only when the server was started with --api-key).",
     403: "A Host this server does not answer to, or a browser request from another origin.",
     404: "No such model (OpenAI's model field names another).",
@@ -245,12 +246,18 @@ async def _json_body(request: Request, max_body: int) -> dict:
     if ctype != "application/json":
         raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"send Content-Type: application/json (got "
                        f"{ctype or 'none'!r})", code="unsupported_media_type")
+    too_deep = ApiError(HTTPStatus.BAD_REQUEST, f"the body nests arrays and objects more than {schemas.MAX_NESTING} "
+                        f"deep", code="invalid_json")
     try:
         body = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # (the decoder recurses once per level: thousands of "[" exhaust the stack)
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", code="invalid_json")
+    if schemas.nesting(body) > schemas.MAX_NESTING:  # nothing after this point walks a deep value
+        raise too_deep
     return body
 
 

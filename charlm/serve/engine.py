@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from charlm.config import PAIR_STATE_CELLS, SampleConfig
+from charlm.errors import ConfigError
 from charlm.models.stepper import Stepper
 from charlm.sample import DrawParams, _Uniforms, draw
 
@@ -159,7 +160,7 @@ class Engine:
     # -- any thread ------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         if req.n > self.slots:
-            raise ValueError(f"{req.n} samples need more than the {self.slots} slots")
+            raise ConfigError(f"{req.n} samples need more than the {self.slots} slots")
         with self.lock:
             if self.closed:  # (under the lock: the engine's last collection of requests takes it too)
                 raise Busy("the server is stopping")

@@ -9,6 +9,8 @@ completions API; a few are accepted only at their neutral value (named in the er
 from __future__ import annotations
 
 import json
+import types
+import typing
 from typing import Any
 
 import annotated_types as at
@@ -20,6 +22,7 @@ _DEFAULTS = SampleConfig()
 _STRICT = ConfigDict(extra="forbid", strict=True)
 MAX_STOPS = 4  # stop strings per request, as in OpenAI's API
 MAX_LOGPROBS = 20  # top characters per position
+MAX_NESTING = 16  # arrays and objects inside one another in a body, at most (the bodies charlm takes nest 2)
 
 Stop = str | list[str] | None
 
@@ -83,6 +86,18 @@ _TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type"
                "model_type": "an object", "finite_number": "a finite number"}
 
 
+def nesting(value) -> int:
+    """How deep arrays and objects nest in a decoded JSON ``value`` (0 for a number or a string), read level by
+    level (no recursion: a deep value cannot exhaust the stack)."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+
+
 class BodyError(ValueError):
     def __init__(self, message: str, code: str):
         super().__init__(message)
@@ -103,24 +118,95 @@ def parse(model: type[BaseModel], body: dict) -> BaseModel:
 
 
 def _describe(model: type[BaseModel], body: dict, errors: list[dict]) -> tuple[str, str]:
-    extra = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+    """One sentence for pydantic's ``errors``, naming the field by its path in the body once
+    (``stream_options.include_usage``), and a code."""
+    # unknown fields: the body's own first, then those inside an object field
+    extra = sorted((e for e in errors if e["type"] == "extra_forbidden"), key=lambda e: len(e["loc"]))
     if extra:
-        return (f"unknown field(s): {', '.join(extra)}; known: {', '.join(model.model_fields)}", "unknown_field")
+        path, _, _, inner = _resolve(model, extra[0]["loc"][:-1])
+        names = [str(e["loc"][-1]) for e in extra if _resolve(model, e["loc"][:-1])[0] == path]
+        where = f" in '{_name(path)}'" if path else ""
+        return f"unknown field(s){where}: {', '.join(names)}; known: {', '.join(inner.model_fields)}", "unknown_field"
+    path, owner, name, _ = _resolve(model, errors[0]["loc"])
+    field = owner.model_fields[name]
+    kinds = _kinds(field.annotation)
+    if len(kinds) > 2 or (len(kinds) == 2 and "null" not in kinds):  # a union (prompt, stop): named as a whole
+        path = path[:path.index(name) + 1]
+    where, value = _name(path), _shown(_value_at(body, path))
     e = errors[0]
-    name = str(e["loc"][0])
-    value = body.get(name)
-    field = model.model_fields[name]
     bounds = [m for m in field.metadata if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le))]
-    if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and bounds:
-        return f"'{name}' must be {_range(bounds)}, got {value!r}", "invalid_value"
-    if e["type"] == "finite_number":
-        return f"'{name}' must be a finite number, got {value!r}", "invalid_value"
-    kinds = [_TYPE_NAMES.get(x["type"], "valid") for x in errors if x["loc"][0] == name]
-    if name == "stop" or (name == "prompt" and model is CompletionBody):
-        kinds = ["a string", "a list of strings"] + (["null"] if name == "stop" else [])
-    elif field.default is None:
-        kinds.append("null")
-    return f"'{name}' must be {' or '.join(dict.fromkeys(kinds))}, got {value!r}", "invalid_type"
+    if path[-1] == name and e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") \
+            and bounds:
+        return f"'{where}' must be {_range(bounds)}, got {value}", "invalid_value"
+    if path[-1] == name and e["type"] == "finite_number":
+        return f"'{where}' must be a finite number, got {value}", "invalid_value"
+    if path[-1] != name:  # an item of a list field
+        kinds = [_TYPE_NAMES.get(x["type"], "valid") for x in errors if _resolve(model, x["loc"])[0] == path]
+    return f"'{where}' must be {' or '.join(dict.fromkeys(kinds))}, got {value}", "invalid_type"
+
+
+def _resolve(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel], str | None, type[BaseModel] | None]:
+    """A pydantic location as a path in the body (fields and list indices; the names pydantic gives the
+    branches of a union left out), the model that holds its last field, that field's name, and the model
+    the path leads into (None where it leads to no model)."""
+    path, current, owner, name = [], model, model, None
+    for part in loc:
+        if isinstance(part, int):
+            path.append(part)
+        elif current is not None and part in current.model_fields:
+            path.append(part)
+            owner, name = current, part
+            current = _model_in(current.model_fields[part].annotation)
+    return tuple(path), owner, name, current
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The model an annotation holds (``StreamOptions | None``: StreamOptions), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, typing.get_args(annotation)) if m is not None), None)
+
+
+def _kinds(annotation) -> list[str]:
+    """What a field's annotation takes, in words: ``str | list[str] | None``: a string, a list of strings, null."""
+    if annotation is None or annotation is type(None):
+        return ["null"]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [k for a in typing.get_args(annotation) for k in _kinds(a)]
+    if typing.get_origin(annotation) is dict:
+        return ["an object"]
+    if typing.get_origin(annotation) is list:
+        return [f"a list of {_PLURALS.get(typing.get_args(annotation)[0], 'values')}"]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return ["an object"]
+    return [_WORDS.get(annotation, "valid")]
+
+
+_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object"}
+_PLURALS = {str: "strings", int: "integers", float: "numbers"}
+
+
+def _name(path: tuple) -> str:
+    """``("stream_options", "include_usage")``: stream_options.include_usage; ``("prompt", 1)``: prompt[1]."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _value_at(body, path: tuple):
+    for part in path:
+        try:
+            body = body[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return body
+
+
+def _shown(value) -> str:
+    """A value as the error shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:56] + " ..."
 
 
 def _range(bounds) -> str:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from charlm.config import SampleConfig
+from charlm.config import MAX_SAMPLES, MAX_STREAM_INTERVAL, SampleConfig, _is_int, _is_real
 from charlm.corpus import normalize
 from charlm.errors import CharlmError, ConfigError, UnknownCharactersError
 from charlm.serve import schemas
@@ -29,7 +29,9 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Limits and security settings of ``charlm serve`` (each one a CLI option)."""
+    """Limits and security settings of ``charlm serve`` (most of them a CLI option). Each number is checked
+    (a ``ConfigError`` names it): the port 0 to 65,535, ``slots`` at most 65,536, ``stream_interval`` 0 to 10
+    seconds, ``max_seconds`` finite."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -50,8 +52,21 @@ class ServeConfig:
     api_key: str | None = None  # when set: "Authorization: Bearer <key>" on every API call
 
     def __post_init__(self):
+        ints = {"port": (0, 65535), "max_length": (1, None), "max_prompt": (0, None), "slots": (1, MAX_SAMPLES),
+                "queue_size": (0, None), "max_body": (1, None), "chunk": (1, None)}
+        for name, (low, high) in ints.items():
+            if not _is_int(getattr(self, name), low, high):
+                limit = f"from {low:,} to {high:,}" if high is not None else f">= {low}"
+                raise ConfigError(f"{name} must be an integer {limit}, got {getattr(self, name)!r}")
+        if not _is_real(self.max_seconds, 0, low_open=True):
+            raise ConfigError(f"max_seconds must be a finite number > 0, got {self.max_seconds!r}")
+        if not _is_real(self.stream_interval, 0, MAX_STREAM_INTERVAL):
+            raise ConfigError(f"stream_interval must lie in [0, {MAX_STREAM_INTERVAL:g}] seconds, got "
+                              f"{self.stream_interval!r}")
         if self.max_samples is None:
             object.__setattr__(self, "max_samples", min(8, self.slots))
+        if not _is_int(self.max_samples, 1):
+            raise ConfigError(f"max_samples must be an integer >= 1, got {self.max_samples!r}")
         if self.max_samples > self.slots:
             raise ConfigError(f"--max-samples {self.max_samples} is more than --slots {self.slots}: a request for "
                               f"that many samples could never start")

@@ -1,0 +1,182 @@
+"""A run's learning-rate schedule and the step time a planned one is fitted to. Library code, used by
+:class:`charlm.training.Trainer`.
+
+- :func:`scheduled_lr`: the lr of each step of a planned schedule (``hold-decay``, ``cosine``);
+- :class:`Schedule`: the rules of the run's schedule: a planned one's length, fixed before the first step
+  from ``--epochs`` and ``--max-steps``, checked on a resume, and shortened (never lengthened) when the time
+  left cannot hold it; the plateau schedule's decay after held-out evaluations that did not improve;
+- :class:`StepClock`: this invocation's step time, measured after the first steps and evaluations (they run
+  cold), and the steps the time left can still hold.
+
+What the schedule moves is kept in the run's :class:`~charlm.training.RunState` (saved in every
+checkpoint, so a resume follows the same plan); the step time is this invocation's own. Neither class reads
+the clock: the trainer passes its readings in (:meth:`charlm.training.Trainer.elapsed`,
+:meth:`charlm.training.Trainer.reserve`), and neither draws a random number.
+"""
+
+from __future__ import annotations
+
+import math
+
+from charlm.config import HOLD_FRACTION, TrainConfig
+from charlm.data import run_batches
+
+WARM_STEPS = 10  # steps a time-limited invocation runs before its step time counts (the first ones run cold)
+
+
+def scheduled_lr(schedule: str, base: float, step: int, planned: int | None,
+                 anchor: tuple[int, float] | None = None) -> float:
+    """The lr of step ``step`` (0-based) of a planned schedule ``planned`` steps long, whose last step
+    (``planned - 1``) is its end, at lr 0: ``hold-decay`` holds ``base`` for the first HOLD_FRACTION of
+    the steps, then falls linearly; ``cosine`` follows half a cosine from ``base``. ``anchor`` ``(step, lr)``:
+    a plan shortened while the run went falls from there, from the lr it had, the same way to 0 at its
+    new last step (the lr never jumps). ``base`` for the plateau schedule, before a plan is known, and
+    for a plan of one step."""
+    if schedule == "plateau" or not planned or planned < 2:
+        return base
+    last = planned - 1
+    if step >= last:
+        return 0.0
+    start, lr0 = anchor if anchor is not None else (HOLD_FRACTION * planned if schedule == "hold-decay" else 0, base)
+    if step < start:
+        return base
+    frac = (step - start) / (last - start)
+    return lr0 * 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else lr0 * (1.0 - frac)
+
+
+class Schedule:
+    """The rules of a run's lr schedule (``--lr-schedule``). What they move lives in the
+    :class:`~charlm.training.RunState` each method is given, so that checkpoints hold it: a planned
+    schedule's length and the anchor a shortened plan falls from, the plateau schedule's best loss and the
+    evaluations since it. The plateau schedule has no plan (``planned`` is False: the plan's methods leave
+    the state as it is)."""
+
+    def __init__(self, cfg: TrainConfig, train_tokens: int):
+        self.cfg, self.train_tokens = cfg, train_tokens
+        self.base_lr = cfg.resolved_lr()
+        self.time_shortened = False  # the time limit shortened the plan (the stop reason says so)
+
+    @property
+    def planned(self) -> bool:
+        return self.cfg.lr_schedule != "plateau"
+
+    def total_steps(self) -> int:
+        """Steps in ``cfg.epochs`` epochs (each epoch's own random offset may drop a batch), at most
+        ``cfg.max_steps``: what a planned schedule is planned for."""
+        cfg = self.cfg
+        return run_batches(self.train_tokens, cfg.batch_size, cfg.num_steps, cfg.seed, cfg.epochs, cfg.max_steps)
+
+    def fix(self, st) -> None:
+        """Fix a planned schedule's length before the first step: the run's steps as ``--epochs`` and
+        ``--max-steps`` bound it (:meth:`total_steps`). A resumed run keeps the plan it saved."""
+        if self.planned and st.planned_steps is None:
+            st.planned_steps = self.total_steps()
+
+    def lr(self, st) -> float:
+        """The planned lr of the step about to be taken."""
+        return scheduled_lr(self.cfg.lr_schedule, self.base_lr, st.step, st.planned_steps, st.plan_anchor)
+
+    def shorten(self, st, steps: int) -> bool:
+        """End the plan after ``steps`` steps in all (at least one more) when that is sooner than planned,
+        falling from the lr of the step about to be taken (no jump); True if it changed."""
+        steps = max(st.step + 1, steps)
+        if st.planned_steps is None or steps >= st.planned_steps:
+            return False
+        lr_now = self.lr(st)
+        held = self.cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and st.step < HOLD_FRACTION * steps
+        st.planned_steps = steps
+        if not held and st.step > 0:  # (still held under the shorter plan: its own shape, nothing to anchor)
+            st.plan_anchor = (st.step, lr_now)
+        return True
+
+    def fit(self, st, proposal: int) -> None:
+        """Shorten the plan to rank 0's proposal (:meth:`StepClock.time_plan`; -1: none) when the time left
+        cannot hold it."""
+        if proposal >= 0 and self.shorten(st, proposal):
+            self.time_shortened = True
+
+    def check(self, st) -> str | None:
+        """On a resume: a plan longer than --epochs and --max-steps now allow is shortened from here; one
+        they would extend is kept. The warning the run gives either way, or None."""
+        cfg = self.cfg
+        if not self.planned or st.planned_steps is None:
+            return None
+        bound = self.total_steps()
+        if bound <= st.step:  # no step will be taken (--max-steps reached): the saved plan stays as it was
+            return None
+        if self.shorten(st, bound):
+            return (f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} (--max-steps or "
+                    f"--epochs), falling from step {st.step:,}")
+        if cfg.max_steps and cfg.max_steps > st.planned_steps:
+            return (f"the {cfg.lr_schedule} schedule was planned for {st.planned_steps:,} steps when the run "
+                    f"started; the run ends there (--max-steps {cfg.max_steps:,} does not extend a plan)")
+        return None
+
+    def plateau(self, st, loss: float) -> bool:
+        """After a scheduled evaluation: a new plateau best, or one more evaluation without it, after which
+        the plateau schedule's lr decays by --lr-decay (True when it did). It depends on held-out losses
+        only, so a resumed run repeats it."""
+        if loss < st.plateau_loss:
+            st.plateau_loss, st.evals_since_best = loss, 0
+            return False
+        st.evals_since_best += 1
+        if self.cfg.lr_decay < 1.0 and not self.planned:  # a plateau: smaller steps
+            st.lr *= self.cfg.lr_decay
+            return True
+        return False
+
+    def done(self, st) -> str | None:
+        """The stop reason once the plan's last step is taken; None before."""
+        if st.planned_steps is None or st.step < st.planned_steps:
+            return None
+        fitted = f" (fitted to --time-limit {self.cfg.time_limit:g}s)" if self.time_shortened else ""
+        return f"the {self.cfg.lr_schedule} schedule's {st.planned_steps:,} planned steps done{fitted}"
+
+
+class StepClock:
+    """This invocation's step time, from the elapsed seconds the trainer reads at its marks, and the steps
+    that the time left under --time-limit can still hold (:meth:`time_plan`)."""
+
+    def __init__(self, time_limit: float | None, first_step: int = 0):
+        self.time_limit = time_limit
+        self.first_step = first_step  # the step this invocation started from
+        self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
+        self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
+        self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
+        self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
+
+    def warm(self, step: int, now: float) -> None:
+        """After each step: the first WARM_STEPS steps of the invocation done, the steps' own time starts."""
+        if self.step_mark is None and step - self.first_step == WARM_STEPS:
+            self.step_mark = (step, now)
+
+    def mark(self, step: int, now: float) -> None:
+        """At a scheduled evaluation: the first of the invocation starts the step-time measurement (the first
+        steps and the first evaluation run cold: a first evaluation measured at several times its later
+        cost made the final work's reserve eat 14% of a 15-minute run); each later one measures the
+        interval since the one before, from which :meth:`time_plan` estimates."""
+        if step == self.first_step:
+            return
+        if self.plan_mark is not None and step > self.last_mark[0]:
+            self.interval_s_per_step = (now - self.last_mark[1]) / (step - self.last_mark[0])
+        if self.plan_mark is None:
+            self.plan_mark = (step, now)
+        self.last_mark = (step, now)
+
+    def time_plan(self, step: int, now: float, reserve: float) -> int | None:
+        """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
+        ``reserve`` kept) at the slower of two step times: the mean since the first evaluation, and the last
+        interval between evaluations (so that a run that slows down is caught within an interval);
+        ``step`` when the time is up; None while nothing is measured yet."""
+        left = self.time_limit - now - reserve
+        if left <= 0:
+            return step
+        if self.interval_s_per_step is not None:
+            per_step = max((now - self.plan_mark[1]) / (step - self.plan_mark[0]), self.interval_s_per_step)
+        elif self.step_mark is not None and step - self.step_mark[0] >= WARM_STEPS:
+            # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
+            # warm-up, so that the plan is fitted long before the time is up rather than cut at the end
+            per_step = (now - self.step_mark[1]) / (step - self.step_mark[0])
+        else:
+            return None
+        return step + int(left / per_step)
