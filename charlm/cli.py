@@ -24,9 +24,9 @@ import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
                            DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
-                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS,
-                           NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
-                           SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
+                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MAX_SAMPLES, MAX_SECONDS,
+                           MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES,
+                           REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -202,12 +202,12 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
               help="Stacked recurrent layers.")
 @click.option("--embedding-dim", type=click.IntRange(0, MAX_UNITS), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
-@click.option("--mogrify-rounds", type=click.IntRange(min=1), default=_d("mogrify_rounds"),
+@click.option("--mogrify-rounds", type=click.IntRange(1, MAX_MOGRIFY_ROUNDS), default=_d("mogrify_rounds"),
               help="--cell mogrifier: rounds in which the input and the previous state gate each other before "
                    "each step (Melis et al., 2019).")
-@click.option("--mogrify-rank", type=click.IntRange(min=0), default=_d("mogrify_rank"),
-              help="--cell mogrifier: each round's matrix a product of two of this rank (fewer parameters); "
-                   "0 = full matrices.")
+@click.option("--mogrify-rank", type=click.IntRange(0, MAX_UNITS), default=_d("mogrify_rank"),
+              help="--cell mogrifier: each round's matrix a product of two of this rank (fewer parameters: a rank "
+                   "that saves none is refused); 0 = full matrices.")
 @click.option("--dropout", type=_FloatRange(0, 1, max_open=True), default=_d("dropout"),
               help="Dropout between layers and before the output layer (the locked dropouts below replace it "
                    "by default).")

@@ -66,6 +66,7 @@ EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the h
 MAX_LR = 1e30  # learning rates (training's, dynamic evaluation's): float32 holds it times Adam's bias correction (10)
 MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a dimension torch's and cuDNN's kernels index in 32 bits
 MAX_LAYERS = 1024  # stacked recurrent layers
+MAX_MOGRIFY_ROUNDS = 1024  # a mogrifier's rounds (each one step's product per layer, run in turn)
 MAX_SAMPLES = 65_536  # continuations generated together (SampleConfig.num_samples, a server's slots)
 MAX_STREAM_INTERVAL = 10.0  # seconds between a server's stream pieces, at most (ServeConfig.stream_interval)
 MAX_SECONDS = 1e9  # a search's durations (charlm tune's budgets), at most: about 31 years, and their products fit
@@ -141,10 +142,12 @@ class ModelConfig:
         check_choice("cell", self.cell, CELLS)
         check_choice("impl", self.impl, IMPLS)
         if self.cell == "mogrifier":
-            _check([(_is_int(self.mogrify_rounds, 1), f"mogrify-rounds must be an integer >= 1, "
-                                                      f"got {self.mogrify_rounds!r}"),
-                    (_is_int(self.mogrify_rank, 0), f"mogrify-rank must be an integer >= 0 (0 = full matrices), "
-                                                    f"got {self.mogrify_rank!r}")])
+            _check([(_is_int(self.mogrify_rounds, 1, MAX_MOGRIFY_ROUNDS),
+                     f"mogrify-rounds must be an integer >= 1 and at most {MAX_MOGRIFY_ROUNDS:,}, "
+                     f"got {self.mogrify_rounds!r}"),
+                    (_is_int(self.mogrify_rank, 0, MAX_UNITS),
+                     f"mogrify-rank must be an integer >= 0 (0 = full matrices) and at most {MAX_UNITS:,}, "
+                     f"got {self.mogrify_rank!r}")])
         else:
             _check([(getattr(self, name) == _MOGRIFIER_DEFAULTS[name],
                      f"{name.replace('_', '-')} applies to the mogrifier cell only (cell {self.cell!r})")
@@ -158,6 +161,12 @@ class ModelConfig:
                 (0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout!r}")])
         _check([(isinstance(getattr(self, name), (int, float)) and 0.0 <= getattr(self, name) < 1.0,
                  f"{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)!r}") for name in REGULARISERS])
+        if self.cell == "mogrifier" and self.mogrify_rank > mogrify_rank_limit(self):
+            limit, inputs = mogrify_rank_limit(self), " or ".join(map(str, sorted(_layer_inputs(self))))
+            raise ConfigError(f"mogrify-rank {self.mogrify_rank} saves no parameters: a pair of "
+                              f"rank-{self.mogrify_rank} factors holds as many numbers as the matrix it stands for, "
+                              f"or more, in every layer ({inputs} inputs x {self.hidden_size} units); pass "
+                              + (f"a rank of at most {limit}, or 0 (full matrices)" if limit else "0 (full matrices)"))
 
     @property
     def regularised(self) -> bool:
@@ -182,6 +191,17 @@ class ModelConfig:
 
 
 _MOGRIFIER_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name in MOGRIFIER_FIELDS}
+
+
+def _layer_inputs(config: ModelConfig) -> set[int]:
+    return {config.input_size} | ({config.hidden_size} if config.num_layers > 1 else set())
+
+
+def mogrify_rank_limit(config: ModelConfig) -> int:
+    """The largest ``mogrify_rank`` k whose factors save parameters in some layer of ``config``: a round's
+    ``I x H`` matrix as ``I x k`` and ``k x H`` factors is smaller only while ``k (I + H) < I H`` (0: none does)."""
+    H = config.hidden_size
+    return max((i * H - 1) // (i + H) for i in _layer_inputs(config))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ starts. The same probe tells the tests what to expect of the machine they run on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import platform
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from charlm.config import DEVICE_CHOICES, GATES, PRECISIONS, ModelConfig, check_choice
+from charlm.config import DEVICE_CHOICES, GATES, PRECISIONS, ModelConfig, check_choice, mogrify_rank_limit
 from charlm.errors import ConfigError
 from charlm.models import RNNLM
 
@@ -120,7 +121,9 @@ def probe_precision(precision: str, device: str, model: ModelConfig) -> Precisio
     probing does not change a run's results. Cached: each kind of model is probed once a process."""
     config = ModelConfig(vocab_size=_PROBE_VOCAB, cell=model.cell, hidden_size=_PROBE_HIDDEN, impl=model.impl,
                          embedding_dim=_PROBE_EMBEDDING if model.embedding_dim else 0,
-                         mogrify_rounds=model.mogrify_rounds, mogrify_rank=min(model.mogrify_rank, _PROBE_HIDDEN))
+                         mogrify_rounds=model.mogrify_rounds)
+    if model.mogrify_rank:  # (at most the rank that still saves parameters at the probe's size)
+        config = dataclasses.replace(config, mogrify_rank=min(model.mogrify_rank, mogrify_rank_limit(config)))
     return _probe(precision, device, config)
 
 
@@ -316,9 +319,13 @@ def check_memory(config: ModelConfig, batch_size: int, num_steps: int, optimizer
     params, need = training_footprint(config, batch_size, num_steps, optimizer)
     free = available_memory(device)
     if free is not None and need > free:
+        mog = config.cell == "mogrifier"
         raise ConfigError(f"training a {params:,}-parameter model (--hidden-size {config.hidden_size}, --num-layers "
-                          f"{config.num_layers}, --embedding-dim {config.embedding_dim}) with batches of "
+                          f"{config.num_layers}, --embedding-dim {config.embedding_dim}"
+                          + (f", --mogrify-rounds {config.mogrify_rounds}, --mogrify-rank {config.mogrify_rank}"
+                             if mog else "") + f") with batches of "
                           f"{batch_size} x {num_steps} needs about {need / 2**30:,.1f} GiB, but {device} has "
-                          f"{free / 2**30:,.1f} GiB available; use a smaller --hidden-size, --embedding-dim or "
+                          f"{free / 2**30:,.1f} GiB available; use a smaller --hidden-size, --embedding-dim"
+                          + (", --mogrify-rounds" if mog else "") + " or "
                           f"--batch-size")
     return params

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
 from charlm import RNNLM, ModelConfig
+from charlm.config import mogrify_rank_limit
 from charlm.models import ScratchRecurrent, detach_state, recurrent_layer
 from charlm.models.mogrifier import MogrifierLSTM
 
@@ -328,10 +331,29 @@ def test_the_fast_mogrifier_runs_in_fp32_under_bf16_autocast():
     (dict(cell="mogrifier", mogrify_rank=-1), "mogrify-rank must be an integer >= 0"),
     (dict(cell="lstm", mogrify_rounds=3), "mogrify-rounds applies to the mogrifier cell only"),
     (dict(cell="gru", mogrify_rank=8), "mogrify-rank applies to the mogrifier cell only"),
+    (dict(cell="mogrifier", mogrify_rounds=2**70), "mogrify-rounds must be an integer >= 1 and at most 1,024"),
+    (dict(cell="mogrifier", mogrify_rank=2**70), "mogrify-rank must be an integer >= 0"),
+    # a rank whose two factors hold as many numbers as the matrix, in every layer: more parameters, nothing gained
+    (dict(cell="mogrifier", hidden_size=8, embedding_dim=4, mogrify_rank=8), "mogrify-rank 8 saves no parameters"),
+    (dict(cell="mogrifier", hidden_size=8, embedding_dim=8, num_layers=2, mogrify_rank=4),
+     "mogrify-rank 4 saves no parameters: .* at most 3"),
+    (dict(cell="mogrifier", hidden_size=1, mogrify_rank=1), "pass 0 \\(full matrices\\)"),
 ])
 def test_bad_mogrifier_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RNNLM(V, **kwargs)
+
+
+def test_the_largest_rank_that_saves_parameters_is_accepted():
+    """(I x k + k x H < I x H in at least one layer: the limit is the largest such k over the layers' inputs.)"""
+    for hidden, emb, layers in ((8, 4, 1), (8, 8, 2), (320, 64, 2), (12, 6, 2), (5, 0, 1)):
+        cfg = ModelConfig(vocab_size=V, cell="mogrifier", hidden_size=hidden, embedding_dim=emb, num_layers=layers)
+        limit = mogrify_rank_limit(cfg)
+        inputs = {cfg.input_size} | ({hidden} if layers > 1 else set())
+        assert any(limit * (i + hidden) < i * hidden for i in inputs)
+        assert all((limit + 1) * (i + hidden) >= i * hidden for i in inputs)
+        if limit:
+            RNNLM.from_config(dataclasses.replace(cfg, mogrify_rank=limit))
 
 
 def test_the_mogrifier_options_are_saved_with_a_mogrifier_only():

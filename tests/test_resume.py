@@ -19,7 +19,7 @@ from charlm import training
 from charlm.config import TrainConfig
 from charlm import device as device_mod
 from charlm.device import probe_precision
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, TrainError
 from charlm.evaluation import EvalResult
 from charlm.training import train
 
@@ -106,6 +106,20 @@ def test_a_mogrifier_run_resumes_exactly(corpus, tmp_path, impl):
     saved = ck.load_checkpoint(tmp_path / "parts" / "last", with_trainer_state=True)
     assert saved.config.cell == "mogrifier" and (saved.config.mogrify_rounds, saved.config.mogrify_rank) == (3, 4)
     assert len(saved.trainer_state["state"]) == 2  # (h, c)
+
+
+@pytest.mark.parametrize("change, message", [(dict(mogrify_rounds=4), "mogrify-rounds: 3 -> 4"),
+                                             (dict(mogrify_rank=2), "mogrify-rank: 0 -> 2")])
+def test_a_mogrifier_resumed_with_other_rounds_or_rank_is_one_line(corpus, tmp_path, change, message):
+    """Other rounds or another rank are another model: refused as another --hidden-size is (was a traceback of
+    load_state_dict's size mismatch), the run left as it was."""
+    kw = dict(cell="mogrifier", mogrify_rounds=3, num_layers=1, max_steps=4, eval_every=2)
+    train(config(corpus, tmp_path / "run", **kw))
+    before = (tmp_path / "run" / "metrics.csv").read_bytes()
+    with pytest.raises(TrainError, match=r"^--resume with different model, data, optimizer or schedule options: "
+                                         + message):
+        train(config(corpus, tmp_path / "run", **{**kw, "max_steps": 8, **change}), resume=True)
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == before
 
 
 def test_a_stop_between_evaluations_does_not_change_the_schedule(corpus, tmp_path, monkeypatch):
