@@ -24,9 +24,9 @@ import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
                            DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
-                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_SAMPLES, MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS,
-                           NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX,
-                           SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
+                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MAX_SAMPLES, MAX_SECONDS,
+                           MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES,
+                           REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
 from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
@@ -190,15 +190,24 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.argument("corpus", type=click.Path())
 @click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default=_d("preprocess"), help=_PREPROCESS_HELP)
 @click.option("--min-count", type=click.IntRange(min=1), default=_d("min_count"), help=_MIN_COUNT_HELP)
-@click.option("--cell", type=click.Choice(CELLS), default=_d("cell"), help="Recurrent cell.")
+@click.option("--cell", type=click.Choice(CELLS), default=_d("cell"),
+              help="Recurrent cell: rnn (tanh), gru, lstm, or mogrifier (an LSTM whose input and state gate each "
+                   "other first: --mogrify-rounds).")
 @click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
-              help="torch: PyTorch's kernels (cuDNN on GPUs); scratch: charlm's own cells (same weights).")
+              help="torch: PyTorch's kernels (cuDNN on GPUs; the mogrifier's fast form); scratch: charlm's own "
+                   "cells (same weights).")
 @click.option("--hidden-size", type=click.IntRange(1, MAX_UNITS), default=_d("hidden_size"),
               help="Units per recurrent layer (at most 2**31 - 1, the dimensions torch's kernels take).")
 @click.option("--num-layers", type=click.IntRange(1, MAX_LAYERS), default=_d("num_layers"),
               help="Stacked recurrent layers.")
 @click.option("--embedding-dim", type=click.IntRange(0, MAX_UNITS), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
+@click.option("--mogrify-rounds", type=click.IntRange(1, MAX_MOGRIFY_ROUNDS), default=_d("mogrify_rounds"),
+              help="--cell mogrifier: rounds in which the input and the previous state gate each other before "
+                   "each step (Melis et al., 2019).")
+@click.option("--mogrify-rank", type=click.IntRange(0, MAX_UNITS), default=_d("mogrify_rank"),
+              help="--cell mogrifier: each round's matrix a product of two of this rank (fewer parameters: a rank "
+                   "that saves none is refused); 0 = full matrices.")
 @click.option("--dropout", type=_FloatRange(0, 1, max_open=True), default=_d("dropout"),
               help="Dropout between layers and before the output layer (the locked dropouts below replace it "
                    "by default).")
@@ -967,7 +976,7 @@ def info(checkpoint):
     lines = [
         f"checkpoint:   {ckpt.path}",
         f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, "
-        f"impl {cfg.impl}"
+        f"impl {cfg.impl}" + _mogrifier_info(cfg.to_dict())
         + "".join(f", {name.replace('_', '-')} {getattr(cfg, name):g}" for name in REGULARISERS if getattr(cfg, name)),
         f"parameters:   {ckpt.model.num_parameters():,}",
         f"vocabulary:   {len(ckpt.vocab)} symbols (with <unk>), most frequent: {sample!r}",
@@ -1010,6 +1019,15 @@ def _held_out_lines(progress: dict, corpus: dict) -> list[str]:
     return lines or ["held-out:     n/a"]
 
 
+def _mogrifier_info(fields: dict) -> str:
+    """``charlm info``'s words for a mogrifier's rounds and rank (none for other cells), from its config or the
+    metadata of its export."""
+    if fields.get("cell") != "mogrifier":
+        return ""
+    rank = fields.get("mogrify_rank") or 0
+    return f", {fields.get('mogrify_rounds')} mogrifier rounds" + (f" of rank {rank}" if rank else "")
+
+
 def _onnx_info(model) -> str:
     meta, corpus = model.meta, model.corpus_info
     inputs = "one-hot" if meta["embedding_dim"] == 0 else f"embedding {meta['embedding_dim']}"
@@ -1018,7 +1036,8 @@ def _onnx_info(model) -> str:
     parameters = meta.get("parameters")
     return "\n".join([
         f"model file:   {model.path} ({size:,} bytes), vocabulary {model.vocab_path.name}",
-        f"model:        {meta['num_layers']} x {meta['cell'].upper()} {meta['hidden_size']}, {inputs}, impl {meta['impl']}",
+        f"model:        {meta['num_layers']} x {meta['cell'].upper()} {meta['hidden_size']}, {inputs}, impl {meta['impl']}"
+        + _mogrifier_info(meta),
         f"weights:      {model.quantization or 'fp32'}" + (f", {parameters:,} parameters" if parameters else ""),
         f"vocabulary:   {len(model.vocab)} symbols (with <unk>), most frequent: {''.join(model.vocab.itos[1:41])!r}",
         f"corpus:       {corpus.get('path', '?')} (preprocess {model.preprocess}, {corpus.get('val_fraction', 0):.0%} "

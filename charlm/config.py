@@ -16,8 +16,10 @@ from dataclasses import dataclass, fields
 
 from charlm.errors import ConfigError
 
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks stacked in each weight matrix, in torch's layout
+GATES = {"rnn": 1, "gru": 3, "lstm": 4, "mogrifier": 4}  # gate blocks stacked in each weight matrix, torch's layout
 CELLS = tuple(GATES)
+PAIR_STATE_CELLS = ("lstm", "mogrifier")  # cells whose state is a pair (h, c)
+MOGRIFIER_FIELDS = ("mogrify_rounds", "mogrify_rank")  # ModelConfig's options of the mogrifier cell
 IMPLS = ("torch", "scratch")
 PREPROCESS_MODES = ("raw", "lower", "letters")  # see charlm.corpus.normalize
 SAMPLINGS = ("random", "sequential")  # the d2l minibatch iterators (charlm.data)
@@ -35,7 +37,7 @@ DEFAULT_LR = {"sgd": 1.0, "adam": 3e-3}  # --lr by optimizer: d2l's SGD rate; Ad
 FINETUNE_LR = {"sgd": 0.3, "adam": 1e-3}
 NEW_CHARS = ("extend", "unk", "error")  # fine-tuning: the new text's characters the parent lacks (data.load_split_onto)
 # What --init-from takes from the parent model: its architecture and how it reads text (none may be given with it)
-INHERITED = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "preprocess", "min_count")
+INHERITED = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", *MOGRIFIER_FIELDS, "preprocess", "min_count")
 PATIENCE_AUTO = -1  # TrainConfig.patience's default: 5 under the plateau schedule, never under a planned one
 REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options
 
@@ -64,6 +66,7 @@ EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the h
 MAX_LR = 1e30  # learning rates (training's, dynamic evaluation's): float32 holds it times Adam's bias correction (10)
 MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a dimension torch's and cuDNN's kernels index in 32 bits
 MAX_LAYERS = 1024  # stacked recurrent layers
+MAX_MOGRIFY_ROUNDS = 1024  # a mogrifier's rounds (each one step's product per layer, run in turn)
 MAX_SAMPLES = 65_536  # continuations generated together (SampleConfig.num_samples, a server's slots)
 MAX_STREAM_INTERVAL = 10.0  # seconds between a server's stream pieces, at most (ServeConfig.stream_interval)
 MAX_SECONDS = 1e9  # a search's durations (charlm tune's budgets), at most: about 31 years, and their products fit
@@ -119,7 +122,7 @@ class ModelConfig:
     """The architecture of an :class:`~charlm.RNNLM`: everything needed to rebuild it."""
 
     vocab_size: int  # characters, <unk> included; the size of the one-hot input and of the output
-    cell: str = "gru"  # "rnn" (tanh), "gru" or "lstm", with torch's gate equations
+    cell: str = "gru"  # "rnn" (tanh), "gru" or "lstm", with torch's gate equations; or "mogrifier" (below)
     hidden_size: int = 256  # H: units per recurrent layer
     num_layers: int = 1  # stacked recurrent layers
     embedding_dim: int = 0  # 0: one-hot inputs, as in d2l; > 0: a learned nn.Embedding of this size
@@ -130,10 +133,25 @@ class ModelConfig:
     dropout_input: float = 0.0  # locked dropout on the recurrent core's input: one mask per sequence, every step
     dropout_hidden: float = 0.0  # locked dropout between recurrent layers
     dropout_output: float = 0.0  # locked dropout on the last layer's output, before the head
+    # The Mogrifier LSTM (Melis et al., 2019, https://arxiv.org/abs/1909.01792; charlm.models.mogrifier), "mogrifier"
+    # cells only: before each LSTM step the input and the previous state gate each other for this many rounds,
+    mogrify_rounds: int = 5
+    mogrify_rank: int = 0  # each round's matrix a product of two of this rank; 0: full matrices
 
     def __post_init__(self):
         check_choice("cell", self.cell, CELLS)
         check_choice("impl", self.impl, IMPLS)
+        if self.cell == "mogrifier":
+            _check([(_is_int(self.mogrify_rounds, 1, MAX_MOGRIFY_ROUNDS),
+                     f"mogrify-rounds must be an integer >= 1 and at most {MAX_MOGRIFY_ROUNDS:,}, "
+                     f"got {self.mogrify_rounds!r}"),
+                    (_is_int(self.mogrify_rank, 0, MAX_UNITS),
+                     f"mogrify-rank must be an integer >= 0 (0 = full matrices) and at most {MAX_UNITS:,}, "
+                     f"got {self.mogrify_rank!r}")])
+        else:
+            _check([(getattr(self, name) == _MOGRIFIER_DEFAULTS[name],
+                     f"{name.replace('_', '-')} applies to the mogrifier cell only (cell {self.cell!r})")
+                    for name in MOGRIFIER_FIELDS])
         _check([(_is_int(getattr(self, name), 1, high), f"{name} must be an integer >= 1 and at most {high:,}, "
                                                              f"got {getattr(self, name)!r}")
                 for name, high in (("vocab_size", MAX_UNITS), ("hidden_size", MAX_UNITS), ("num_layers", MAX_LAYERS))])
@@ -143,6 +161,12 @@ class ModelConfig:
                 (0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout!r}")])
         _check([(isinstance(getattr(self, name), (int, float)) and 0.0 <= getattr(self, name) < 1.0,
                  f"{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)!r}") for name in REGULARISERS])
+        if self.cell == "mogrifier" and self.mogrify_rank > mogrify_rank_limit(self):
+            limit, inputs = mogrify_rank_limit(self), " or ".join(map(str, sorted(_layer_inputs(self))))
+            raise ConfigError(f"mogrify-rank {self.mogrify_rank} saves no parameters: a pair of "
+                              f"rank-{self.mogrify_rank} factors holds as many numbers as the matrix it stands for, "
+                              f"or more, in every layer ({inputs} inputs x {self.hidden_size} units); pass "
+                              + (f"a rank of at most {limit}, or 0 (full matrices)" if limit else "0 (full matrices)"))
 
     @property
     def regularised(self) -> bool:
@@ -155,13 +179,29 @@ class ModelConfig:
         return self.embedding_dim or self.vocab_size
 
     def to_dict(self) -> dict:
-        """The fields, less the regularisers that are off: a checkpoint of a model trained without them is
-        the file it was before they existed, which earlier charlm versions read (they refuse unknown fields)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in REGULARISERS or v}
+        """The fields, less the regularisers that are off and the mogrifier's options of other cells: a
+        checkpoint of a model without them is the file it was before they existed, which earlier charlm
+        versions read (they refuse unknown fields)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if (k not in REGULARISERS or v) and (k not in MOGRIFIER_FIELDS or self.cell == "mogrifier")}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return _from_dict(cls, data)
+
+
+_MOGRIFIER_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.name in MOGRIFIER_FIELDS}
+
+
+def _layer_inputs(config: ModelConfig) -> set[int]:
+    return {config.input_size} | ({config.hidden_size} if config.num_layers > 1 else set())
+
+
+def mogrify_rank_limit(config: ModelConfig) -> int:
+    """The largest ``mogrify_rank`` k whose factors save parameters in some layer of ``config``: a round's
+    ``I x H`` matrix as ``I x k`` and ``k x H`` factors is smaller only while ``k (I + H) < I H`` (0: none does)."""
+    H = config.hidden_size
+    return max((i * H - 1) // (i + H) for i in _layer_inputs(config))
 
 
 @dataclass(frozen=True)
@@ -180,6 +220,8 @@ class TrainConfig:
     hidden_size: int = 320  # 2 x 320 generalises better than 1 x 512 or 2 x 256 on small corpora (README)
     num_layers: int = 2
     embedding_dim: int = 64  # a learned embedding instead of d2l's one-hot input
+    mogrify_rounds: int = 5  # these two: cell "mogrifier" only (see ModelConfig)
+    mogrify_rank: int = 0
     # Regularisation (README, "Why the defaults are what they are"): AWD-LSTM's, lightly, chosen by
     # measurement on four corpora; plain dropout off. dropout None: the rule before these defaults
     # (0.5 for corpora under 500k characters, else 0.2), which runs saved then still resume with.
@@ -302,7 +344,7 @@ class TrainConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size,
                            num_layers=self.num_layers, embedding_dim=self.embedding_dim,
                            dropout=self.resolved_dropout(num_chars), impl=self.impl,
-                           **{name: getattr(self, name) for name in REGULARISERS})
+                           **{name: getattr(self, name) for name in REGULARISERS + MOGRIFIER_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

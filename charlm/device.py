@@ -11,6 +11,7 @@ starts. The same probe tells the tests what to expect of the machine they run on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import platform
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from charlm.config import DEVICE_CHOICES, PRECISIONS, ModelConfig, check_choice
+from charlm.config import DEVICE_CHOICES, GATES, PRECISIONS, ModelConfig, check_choice, mogrify_rank_limit
 from charlm.errors import ConfigError
 from charlm.models import RNNLM
 
@@ -119,7 +120,10 @@ def probe_precision(precision: str, device: str, model: ModelConfig) -> Precisio
     It leaves the global RNG as it found it (the model and its batch are drawn on a forked RNG), so
     probing does not change a run's results. Cached: each kind of model is probed once a process."""
     config = ModelConfig(vocab_size=_PROBE_VOCAB, cell=model.cell, hidden_size=_PROBE_HIDDEN, impl=model.impl,
-                         embedding_dim=_PROBE_EMBEDDING if model.embedding_dim else 0)
+                         embedding_dim=_PROBE_EMBEDDING if model.embedding_dim else 0,
+                         mogrify_rounds=model.mogrify_rounds)
+    if model.mogrify_rank:  # (at most the rank that still saves parameters at the probe's size)
+        config = dataclasses.replace(config, mogrify_rank=min(model.mogrify_rank, mogrify_rank_limit(config)))
     return _probe(precision, device, config)
 
 
@@ -267,7 +271,8 @@ def grad_scaler(precision: str, device: torch.device):
 
 # A training step holds, per parameter, the weights, their gradients, the optimizer's state (Adam's two
 # moments; nothing for plain SGD) and the trainer's copy of the best weights; per character of a batch, each
-# layer's gates and states kept for the backward pass and the logits with their softmax and gradient.
+# layer's gates and states kept for the backward pass (a mogrifier's also each round's gate, input and gradient)
+# and the logits with their softmax and gradient.
 _OPTIMIZER_COPIES = {"adam": 2, "sgd": 0}
 
 
@@ -282,8 +287,8 @@ def training_footprint(config: ModelConfig, batch_size: int, num_steps: int, opt
         raise ConfigError(f"a {config.num_layers} x {config.cell.upper()} {config.hidden_size:,} model with {inputs} "
                           f"inputs is too large to build ({str(exc).splitlines()[0][:100]}); use a smaller "
                           f"--hidden-size or --embedding-dim") from None
-    gates = {"rnn": 1, "gru": 3, "lstm": 4}[config.cell]
-    per_char = config.num_layers * (gates + 3) * config.hidden_size + config.input_size + 3 * config.vocab_size
+    kept = GATES[config.cell] + 3 + (3 * config.mogrify_rounds + 4 if config.cell == "mogrifier" else 0)
+    per_char = config.num_layers * kept * config.hidden_size + config.input_size + 3 * config.vocab_size
     return params, 4 * (params * (3 + _OPTIMIZER_COPIES.get(optimizer, 2)) + batch_size * num_steps * per_char)
 
 
@@ -314,9 +319,13 @@ def check_memory(config: ModelConfig, batch_size: int, num_steps: int, optimizer
     params, need = training_footprint(config, batch_size, num_steps, optimizer)
     free = available_memory(device)
     if free is not None and need > free:
+        mog = config.cell == "mogrifier"
         raise ConfigError(f"training a {params:,}-parameter model (--hidden-size {config.hidden_size}, --num-layers "
-                          f"{config.num_layers}, --embedding-dim {config.embedding_dim}) with batches of "
+                          f"{config.num_layers}, --embedding-dim {config.embedding_dim}"
+                          + (f", --mogrify-rounds {config.mogrify_rounds}, --mogrify-rank {config.mogrify_rank}"
+                             if mog else "") + f") with batches of "
                           f"{batch_size} x {num_steps} needs about {need / 2**30:,.1f} GiB, but {device} has "
-                          f"{free / 2**30:,.1f} GiB available; use a smaller --hidden-size, --embedding-dim or "
+                          f"{free / 2**30:,.1f} GiB available; use a smaller --hidden-size, --embedding-dim"
+                          + (", --mogrify-rounds" if mog else "") + " or "
                           f"--batch-size")
     return params

@@ -72,7 +72,8 @@ def parent_settings(parent: Checkpoint) -> dict:
     """The options a fine-tuning run takes from its parent (INHERITED): its architecture and reading of text."""
     cfg = parent.config
     return {"cell": cfg.cell, "impl": cfg.impl, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
-            "embedding_dim": cfg.embedding_dim, "preprocess": parent.preprocess, "min_count": parent.min_count}
+            "embedding_dim": cfg.embedding_dim, "mogrify_rounds": cfg.mogrify_rounds, "mogrify_rank": cfg.mogrify_rank,
+            "preprocess": parent.preprocess, "min_count": parent.min_count}
 
 
 def inherit(cfg: TrainConfig, parent: Checkpoint) -> TrainConfig:
@@ -99,6 +100,16 @@ def extend_state(state: dict, config: ModelConfig, added: int) -> dict:
     else:
         cols = state["rnn.weight_ih_l0"]  # (G*H, V): one-hot inputs select a column
         out["rnn.weight_ih_l0"] = torch.cat([cols, cols[:, :1].expand(-1, added)], dim=1)
+        # a mogrifier's rounds gate the one-hot input element by element: Q's rows (x-sized) and R's columns are
+        # per character too (its full matrices', or at a low rank the factor on the input's side)
+        for name in ("rnn.weight_q_l0", "rnn.weight_ql_l0"):  # (nQ, V, H) or (nQ, V, k)
+            if name in state:
+                rows = state[name]
+                out[name] = torch.cat([rows, rows[:, :1].expand(-1, added, -1)], dim=1)
+        for name in ("rnn.weight_r_l0", "rnn.weight_rr_l0"):  # (nR, H, V) or (nR, k, V)
+            if name in state:
+                cols = state[name]
+                out[name] = torch.cat([cols, cols[..., :1].expand(-1, -1, added)], dim=2)
     weight, bias = state["head.weight"], state["head.bias"]  # (V, H), (V,)
     shared = bias[:1] - math.log(added + 1)  # <unk>'s probability, split over it and the new characters
     out["head.weight"] = torch.cat([weight, weight[:1].expand(added, -1)])

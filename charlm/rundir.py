@@ -23,14 +23,15 @@ import tempfile
 from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
-from charlm.config import REGULARISERS, with_legacy
+from charlm.config import MOGRIFIER_FIELDS, REGULARISERS, with_legacy
 from charlm.errors import CharlmError, CheckpointError, RunExistsError, TrainError, os_error_line
 from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_not_inside_owned, check_parent,
                             new_folders, remove_entries, remove_temporaries, resolve_path, write_marker)
 
 METRICS_COLUMNS = ("step", "epoch", "tokens", "elapsed_s", "train_loss", "val_loss", "val_bpc",
                    "val_ppl", "lr", "grad_norm", "tokens_per_s")
-MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout", *REGULARISERS)
+MODEL_FIELDS = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", "dropout", *REGULARISERS,
+                *MOGRIFIER_FIELDS)
 OPTIMIZER_FIELDS = ("optimizer", "weight_decay")  # the optimizer state saved must fit the one rebuilt
 SCHEDULE_FIELDS = ("lr", "lr_schedule")  # the lr plan a resume follows is the one the run started with
 FINETUNE_FIELDS = ("new_chars",)  # how a fine-tuning run reads its text's characters its parent lacked

@@ -172,8 +172,9 @@ def iter_generate(model, vocab, prefix: str, length: int = _DEFAULT.length, temp
             # across threads costs more than it saves (2-8 samples on two threads: RNN 256 5-14% slower,
             # 2 x GRU 128 0-9%), while a large one's is bound by reading its weights, which two threads
             # do faster (2 x LSTM 320: 17-25%); one sequence's matmuls: see Stepper._matmul.
-            small = step_bytes(model.config.cell, model.config.num_layers, model.config.hidden_size,
-                               model.config.vocab_size) < _SINGLE_THREAD_MAX_BYTES
+            cfg = model.config
+            small = step_bytes(cfg.cell, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.embedding_dim,
+                               cfg.mogrify_rounds) < _SINGLE_THREAD_MAX_BYTES
             if cpu and ((1 < N <= _SINGLE_THREAD_MAX_N and small) or (N == 1 and not fast)):
                 torch.set_num_threads(1)
             if fast and N == 1 and temperature == 0 and cpu:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from charlm import finetune
 from charlm.checkpoint import corpus_paths, held_out_entry, load_checkpoint, save_checkpoint, update_progress
-from charlm.config import TrainConfig
+from charlm.config import PAIR_STATE_CELLS, TrainConfig
 from charlm.data import RunData, load_split, load_split_onto, make_batches, min_tokens
 from charlm.device import autocast, check_memory, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
@@ -163,7 +163,7 @@ class RunState:
         hidden = saved.get("state")
         if hidden is not None:
             hidden = tuple(dist.rows(s).to(device) for s in hidden)
-            hidden = hidden if cell == "lstm" else hidden[0]
+            hidden = hidden if cell in PAIR_STATE_CELLS else hidden[0]
         return cls(lr=optimizer.param_groups[0]["lr"], step=saved["step"], epoch=saved["epoch"],
                    batch_in_epoch=saved["batch_in_epoch"], best_loss=saved["best_loss"],
                    plateau_loss=saved.get("plateau_loss", saved["best_loss"]),  # older checkpoints: the same

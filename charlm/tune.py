@@ -264,12 +264,18 @@ def trial_chars(train_chars: int, trial_steps: int | None, trial_time: float | N
 
 
 def macs_per_char(values: dict, vocab_size: int) -> float:
-    """Multiply-adds of the model's forward pass per character (its recurrent layers and output layer)."""
+    """Multiply-adds of the model's forward pass per character (its recurrent layers and output layer; a
+    mogrifier's rounds too)."""
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     d.update(values)
     h, gates = d["hidden_size"], GATES[d["cell"]]
     first = d["embedding_dim"] or vocab_size
-    return gates * h * (first + h) + (d["num_layers"] - 1) * gates * h * 2 * h + h * vocab_size
+    macs = gates * h * (first + h) + (d["num_layers"] - 1) * gates * h * 2 * h + h * vocab_size
+    if d["cell"] == "mogrifier":  # each round one product of I x H (or, at rank k, of k x (I + H)) per layer
+        rank = d["mogrify_rank"]
+        per_layer = [rank * (i + h) if rank else i * h for i in [first] + [h] * (d["num_layers"] - 1)]
+        macs += d["mogrify_rounds"] * sum(per_layer)
+    return macs
 
 
 def default_trial_time(search_budget: float | None) -> float:

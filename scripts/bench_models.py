@@ -1,4 +1,5 @@
-"""Forward + backward speed of RNNLM, torch kernels against charlm's scratch cells.
+"""Forward + backward speed of RNNLM, torch kernels against charlm's scratch cells (for the Mogrifier LSTM,
+which torch lacks: charlm's fast form, impl "torch", against its scratch form).
 
 Prints a markdown table: cell x impl x input (one-hot / embedding), tokens per second for one
 forward and backward pass over a (B, T) batch, and parameters. Both impls are timed in the same
@@ -6,6 +7,7 @@ process, interleaved, so the ratio is fair on a noisy machine.
 
     python scripts/bench_models.py                 # hidden 256, batch 32 x 35, vocabulary 28
     python scripts/bench_models.py --repeats 3 --threads 2
+    python scripts/bench_models.py --cells lstm mogrifier
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--embedding-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cells", nargs="+", default=["rnn", "gru", "lstm", "mogrifier"], help="the cells to time")
     args = ap.parse_args(argv)
     rows = []
     if args.threads:
@@ -55,7 +58,7 @@ def main(argv=None) -> list[dict]:
           f"{torch.get_num_threads()} threads\n")
     print("| cell | input | impl | tokens/s (fwd+bwd) | scratch / torch | parameters |")
     print("|---|---|---|---:|---:|---:|")
-    for cell in ("rnn", "gru", "lstm"):
+    for cell in args.cells:
         for emb in (0, args.embedding_dim):
             models = {}
             for impl in ("torch", "scratch"):
@@ -65,9 +68,10 @@ def main(argv=None) -> list[dict]:
             for _ in range(3):  # interleave the two impls so machine noise hits both alike
                 for impl, m in models.items():
                     best[impl] = min(best[impl], step_time(m, X, Y, args.repeats))
-            if cell == "lstm":
-                # On CPU torch runs the LSTM (not the RNN or GRU) through oneDNN's fused kernel;
-                # timing it with oneDNN off shows what the same ATen ops cost without that kernel.
+            if cell in ("lstm", "mogrifier"):
+                # On CPU torch runs the LSTM (not the RNN or GRU) through oneDNN's fused kernel, and the
+                # mogrifier's fast form its products through oneDNN's matrix product; timing them with oneDNN
+                # off shows what the same work costs without it.
                 with torch.backends.mkldnn.flags(enabled=False):
                     t = min(step_time(models["torch"], X, Y, args.repeats) for _ in range(3))
                 label = "one-hot" if emb == 0 else f"embedding {emb}"

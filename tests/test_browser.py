@@ -171,10 +171,12 @@ def test_phone_width_layout(browser, small):
     page.close()
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tmp_path, quantize):
+@pytest.mark.parametrize("cell, quantize", [("lstm", None), ("lstm", "int8"), ("mogrifier", None),
+                                            ("mogrifier", "int8")])
+def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tmp_path, cell, quantize):
     """charlm export --format web (fp32, or --quantize int8), served by Python's own static file server: the
-    page's greedy text is charlm generate's on the same exported file (and, for fp32, the checkpoint's)."""
+    page's greedy text is charlm generate's on the same exported file (and, for fp32, the checkpoint's); for the
+    LSTM and the Mogrifier LSTM, whose state is a pair (h, c)."""
     import functools
     import http.server
 
@@ -185,7 +187,7 @@ def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tm
 
     vocab = Vocab.from_text(TEXT)
     torch.manual_seed(0)
-    model = RNNLM(len(vocab), cell="lstm", hidden_size=48, num_layers=2, embedding_dim=8)
+    model = RNNLM(len(vocab), cell=cell, hidden_size=48, num_layers=2, embedding_dim=8)
     meta = {"corpus": {"path": "tiny.txt", "preprocess": "raw"}, "progress": {"step": 3, "best_val_loss": 2.5}}
     ckpt = load_checkpoint(save_checkpoint(tmp_path / "run" / "best", model, vocab, meta))
     site = tmp_path / "site"
@@ -207,7 +209,7 @@ def test_the_web_export_generates_the_greedy_text_of_charlm_generate(browser, tm
         requests = []
         page.on("request", lambda req: requests.append(req.url))
         page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/index.html")
-        expect(page.locator("#card")).to_contain_text("LSTM 48", timeout=30_000)
+        expect(page.locator("#card")).to_contain_text(f"{cell.upper()} 48", timeout=30_000)
         if quantize:
             expect(page.locator("#card")).to_contain_text("int8 weights")
         page.fill("#prompt", "the ")

@@ -99,3 +99,25 @@ def test_full_disk_while_training_is_one_line_and_leaves_nothing_half_written(tm
     assert "No space left on device" in errors[0]
     listing = p.stdout.split()
     assert not [name for name in listing if ".tmp-" in name]  # no half-written checkpoint directory
+
+
+@pytest.mark.parametrize("rounds, rank", [(5, 0), (4, 3), (1, 0)])
+def test_a_mogrifier_checkpoint_round_trip(tmp_path, rounds, rank):
+    """Saved and loaded: its rounds and rank in config.json, its weights (the rounds' matrices among them), the
+    same logits; and the same file through either implementation."""
+    vocab = Vocab.from_text(TEXT)
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), cell="mogrifier", hidden_size=8, num_layers=2, embedding_dim=4, mogrify_rounds=rounds,
+                  mogrify_rank=rank).eval()
+    path = ck.save_checkpoint(tmp_path / "run" / "best", model, vocab, {"progress": {"step": 1}})
+    saved = json.loads((path / "config.json").read_text())["model"]
+    assert (saved["cell"], saved["mogrify_rounds"], saved["mogrify_rank"]) == ("mogrifier", rounds, rank)
+    loaded = ck.load_checkpoint(path)
+    assert loaded.model.state_dict().keys() == model.state_dict().keys()
+    assert any("weight_q" in k for k in loaded.model.state_dict())
+    X = torch.as_tensor(vocab.encode("the machine").astype("int64")).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(X)[0], model(X)[0], atol=0, rtol=0)
+        scratch = RNNLM.from_config(type(loaded.config)(**{**loaded.config.to_dict(), "impl": "scratch"})).eval()
+        scratch.load_state_dict(loaded.model.state_dict())
+        torch.testing.assert_close(scratch(X)[0], model(X)[0], atol=1e-5, rtol=1e-5)

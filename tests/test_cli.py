@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from charlm.cli import main
-from charlm.config import D2L_PRESET, TrainConfig
+from charlm.config import D2L_PRESET, ModelConfig, TrainConfig
+from charlm.errors import ConfigError
 
 
 @pytest.fixture
@@ -136,3 +138,60 @@ def test_env_says_what_this_machine_can_do():
         verdict = "refused" if not probe.runs else "emulated" if probe.emulated else "native"
         assert f"{cell.upper()} {verdict} (" in rows["bf16 on cpu"]
     assert ("cuda" in rows) != any(k.startswith("cuda:") for k in rows)
+
+
+def test_a_mogrifier_trains_and_info_names_its_rounds(corpus, tmp_path):
+    out = tmp_path / "mog"
+    r = run("train", corpus, "--cell", "mogrifier", "--mogrify-rounds", 3, "--mogrify-rank", 4, "--hidden-size", 12,
+            "--embedding-dim", 6, "--out", out, "--max-steps", 3, "--batch-size", 4, "--num-steps", 10, "--quiet")
+    assert r.exit_code == 0, r.output
+    info = run("info", out)
+    assert "2 x MOGRIFIER 12, embedding 6" in info.output and "3 mogrifier rounds of rank 4" in info.output
+    assert "rounds" not in run("info", _lstm_run(corpus, tmp_path)).output
+
+
+def _lstm_run(corpus, tmp_path):
+    out = tmp_path / "lstm"
+    assert run("train", corpus, "--hidden-size", 8, "--out", out, "--max-steps", 2, "--batch-size", 4, "--num-steps",
+               10, "--quiet").exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cell", "lstm", "--mogrify-rounds", 3], "mogrify-rounds applies to the mogrifier cell only (cell 'lstm')"),
+    (["--mogrify-rank", 2], "mogrify-rank applies to the mogrifier cell only"),
+])
+def test_mogrifier_options_with_another_cell_are_one_line(corpus, tmp_path, args, message):
+    r = run("train", corpus, "--out", tmp_path / "run", *args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--mogrify-rounds", 1025], 2, "Invalid value for '--mogrify-rounds': 1025 is not in the range 1<=x<=1024"),
+    (["--mogrify-rounds", 0], 2, "Invalid value for '--mogrify-rounds': 0 is not in the range 1<=x<=1024"),
+    (["--mogrify-rank", -1], 2, "Invalid value for '--mogrify-rank': -1 is not in the range"),
+    (["--mogrify-rank", 9], 1, "mogrify-rank 9 saves no parameters: a pair of rank-9 factors holds as many numbers "
+                               "as the matrix it stands for, or more, in every layer (4 inputs x 8 units); pass a "
+                               "rank of at most 2, or 0 (full matrices)"),
+])
+def test_mogrifier_options_past_what_they_mean_are_one_line(corpus, tmp_path, args, code, message):
+    """A rank whose factors are no smaller than the matrix, and rounds past 1,024, were accepted (a huge number
+    of rounds ran for ever or stopped at the memory check, which named other options)."""
+    r = run("train", corpus, "--cell", "mogrifier", "--hidden-size", 8, "--embedding-dim", 4, "--num-layers", 1,
+            "--max-steps", 1, "--batch-size", 2, "--num-steps", 8, "--quiet", "--out", tmp_path / "run", *args)
+    assert r.exit_code == code and message in r.output, r.output
+    assert "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith("Error:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_check_names_the_mogrifiers_options(monkeypatch):
+    from charlm import device
+
+    cfg = ModelConfig(vocab_size=30, cell="mogrifier", hidden_size=64, num_layers=2, embedding_dim=0, mogrify_rounds=6,
+                      mogrify_rank=3)
+    monkeypatch.setattr(device, "available_memory", lambda dev: 1)
+    with pytest.raises(ConfigError, match=r"\(--hidden-size 64, --num-layers 2, --embedding-dim 0, --mogrify-rounds 6, "
+                                          r"--mogrify-rank 3\) .* use a smaller --hidden-size, --embedding-dim, "
+                                          r"--mogrify-rounds or --batch-size"):
+        device.check_memory(cfg, 4, 8, "adam", torch.device("cpu"))

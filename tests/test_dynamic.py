@@ -13,9 +13,9 @@ from charlm.cli import main
 from charlm.evaluation import evaluate, evaluate_dynamic
 
 
-def tiny_model(vocab=12, seed=0):
+def tiny_model(vocab=12, seed=0, cell="lstm"):
     torch.manual_seed(seed)
-    return RNNLM(vocab, cell="lstm", hidden_size=24, num_layers=1, embedding_dim=8)
+    return RNNLM(vocab, cell=cell, hidden_size=24, num_layers=1, embedding_dim=8)
 
 
 def repeated(vocab=12, period=50, times=20, seed=1):
@@ -39,9 +39,10 @@ def test_a_single_segment_is_scored_before_any_learning(rule):
         assert dynamic.loss == pytest.approx(static.loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "mogrifier"])
 @pytest.mark.parametrize("rule", sorted(LEARNS))
-def test_it_learns_from_what_it_has_read_and_leaves_the_model_alone(rule):
-    model = tiny_model()
+def test_it_learns_from_what_it_has_read_and_leaves_the_model_alone(rule, cell):
+    model = tiny_model(cell=cell)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = repeated(times=40)  # a 50-character random string, 40 times: learnable only from the text itself
     static = evaluate(model, ids, batch_size=1)

@@ -19,14 +19,15 @@ from charlm.export import OnnxModel  # noqa: E402
 
 TEXT = "the time traveller smiled and the machine was gone\n" * 4
 VARIANTS = [("rnn", "torch", 0, 2), ("rnn", "scratch", 6, 1), ("gru", "torch", 6, 2), ("gru", "scratch", 0, 3),
-            ("lstm", "torch", 6, 2), ("lstm", "scratch", 0, 2), ("lstm", "torch", 0, 1)]
+            ("lstm", "torch", 6, 2), ("lstm", "scratch", 0, 2), ("lstm", "torch", 0, 1), ("mogrifier", "torch", 6, 2),
+            ("mogrifier", "scratch", 0, 1)]
 
 
-def _checkpoint(tmp_path, cell, impl, embedding_dim, layers, hidden=32):
+def _checkpoint(tmp_path, cell, impl, embedding_dim, layers, hidden=32, **options):
     vocab = Vocab.from_text(TEXT)
     torch.manual_seed(1)
     model = RNNLM(len(vocab), cell=cell, hidden_size=hidden, num_layers=layers, embedding_dim=embedding_dim,
-                  impl=impl)
+                  impl=impl, **options)
     with torch.no_grad():  # weights of a trained model's size, so that the logits are far from ties
         for p in model.parameters():
             p.mul_(2.0)
@@ -60,7 +61,7 @@ def test_the_graph_equals_the_model_at_every_step_of_a_greedy_run(tmp_path, cell
     assert "".join(c for (c,) in engine.iter_generate("the ", 500)) == greedy
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mogrifier"])
 def test_seeded_sampling_gives_the_pytorch_text(tmp_path, cell):
     ckpt = _checkpoint(tmp_path, cell, "torch", 6, 2)
     engine = OnnxModel(export_onnx(ckpt, tmp_path / "model.onnx"))
@@ -192,3 +193,7 @@ def test_threads_follow_the_weights_a_step_reads():
     large = {"cell": "lstm", "num_layers": 2, "hidden_size": 320, "vocab_size": 40}
     assert step_threads(small) == 1
     assert step_threads(large) == min(torch.get_num_threads(), 9)  # 4.9 MB of weights: 9 blocks of 512 KiB
+    # a mogrifier's step also reads layer 0's W_ih and its rounds' matrices: 2 x 320, embedding 64, 5 rounds
+    # read 5.0 MB + 4 x (4 x 320 x 64 + 5 x 320 x (64 + 320)) bytes = 7.8 MB: 14 blocks
+    mogrifier = {**large, "cell": "mogrifier", "embedding_dim": 64, "mogrify_rounds": 5}
+    assert step_threads(mogrifier) == min(torch.get_num_threads(), 14)

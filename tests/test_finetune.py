@@ -69,16 +69,22 @@ def logprobs(model, ids):
         return torch.log_softmax(model(torch.as_tensor(ids, dtype=torch.long).unsqueeze(0))[0], dim=-1)[0]
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mogrifier", "mogrifier-rank"])
 @pytest.mark.parametrize("embedding_dim", [0, 4])
 def test_extend_keeps_every_old_characters_log_probability(cell, embedding_dim):
-    """extend_state alone, on random weights of every cell and input kind: within 1e-3 nats (float rounding)."""
+    """extend_state alone, on random weights of every cell and input kind: within 1e-3 nats (float rounding).
+    (A one-hot mogrifier's rounds read the input character by character too: their rows grow as well.)"""
     torch.manual_seed(0)
     vocab = Vocab("abcdefg ")
-    parent = RNNLM(len(vocab), cell, 16, 2, embedding_dim=embedding_dim)
+    options = dict(mogrify_rounds=4, mogrify_rank=3) if cell == "mogrifier-rank" else {}
+    cell = cell.split("-")[0]
+    parent = RNNLM(len(vocab), cell, 16, 2, embedding_dim=embedding_dim, **options)
     with torch.no_grad():
         parent.head.bias[0] += 3.0  # a <unk> the parent gives real probability to
-    child = RNNLM(len(vocab) + 3, cell, 16, 2, embedding_dim=embedding_dim)
+        for name, p in parent.rnn.named_parameters():  # rounds far from the identity: a wrong row would show
+            if "_q" in name or "_r" in name:
+                p.mul_(8.0)
+    child = RNNLM(len(vocab) + 3, cell, 16, 2, embedding_dim=embedding_dim, **options)
     child.load_state_dict(extend_state(parent.state_dict(), parent.config, 3))
     ids = vocab.encode("bad cafe fade a bee")
     old, new = logprobs(parent, ids), logprobs(child, ids)
@@ -92,7 +98,7 @@ def test_extend_keeps_every_old_characters_log_probability(cell, embedding_dim):
     assert (unk_then[:, 1:] - new_then[:, 1:len(vocab)]).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("cell, embedding_dim", [("rnn", 0), ("gru", 4), ("lstm", 0), ("lstm", 4)])
+@pytest.mark.parametrize("cell, embedding_dim", [("rnn", 0), ("gru", 4), ("lstm", 0), ("lstm", 4), ("mogrifier", 0)])
 @pytest.mark.parametrize("new_chars", ["extend", "unk", "error"])
 def test_every_new_chars_choice_for_every_cell_and_input_kind(tmp_path, new_text, cell, embedding_dim, new_chars):
     parent = make_parent(tmp_path, cell, embedding_dim)
@@ -150,7 +156,8 @@ def test_extend_gives_the_parents_figures_before_the_first_step(tmp_path):
 
 
 @pytest.mark.parametrize("option", [["--cell", "gru"], ["--impl", "scratch"], ["--hidden-size", "64"],
-                                    ["--num-layers", "1"], ["--embedding-dim", "0"], ["--preprocess", "lower"],
+                                    ["--num-layers", "1"], ["--embedding-dim", "0"], ["--mogrify-rounds", "3"],
+                                    ["--mogrify-rank", "8"], ["--preprocess", "lower"],
                                     ["--min-count", "2"], ["--d2l"], ["--resume"]])
 def test_architecture_and_preprocessing_options_with_init_from_are_one_line(tmp_path, new_text, option):
     parent = make_parent(tmp_path)

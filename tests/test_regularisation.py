@@ -22,7 +22,7 @@ def model(cell="lstm", impl="torch", embedding_dim=8, num_layers=2, seed=0, **kw
 
 
 @pytest.mark.parametrize("impl", ["torch", "scratch"])
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mogrifier"])
 def test_without_masks_the_layer_by_layer_pass_is_the_fused_one(cell, impl):
     for embedding_dim in (0, 8):
         m = model(cell, impl, embedding_dim, dropout=0.0)
@@ -30,7 +30,8 @@ def test_without_masks_the_layer_by_layer_pass_is_the_fused_one(cell, impl):
         fused, state = m(X)
         layered, layered_state = m.regularised_forward(X, m.init_state(4), {})
         torch.testing.assert_close(layered, fused, atol=1e-6, rtol=0)
-        for a, b in zip(state if cell == "lstm" else (state,), layered_state if cell == "lstm" else (layered_state,)):
+        paired = cell in ("lstm", "mogrifier")
+        for a, b in zip(state if paired else (state,), layered_state if paired else (layered_state,)):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
@@ -82,6 +83,28 @@ def test_weight_drop_changes_what_the_kernel_sees_in_training_only(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(m(X)[0], plain(X)[0], atol=0, rtol=0)  # evaluation: the undropped weights
     assert m.state_dict().keys() == plain.state_dict().keys()  # checkpoints keep their format
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_weight_drop_reaches_the_mogrifiers_hidden_to_hidden_matrix_alone(monkeypatch, impl):
+    """The mogrifier's W_hh is dropped as the LSTM's is; its rounds' matrices are not (they gate, and are not
+    the hidden-to-hidden product)."""
+    from charlm.models import mogrifier
+
+    m = model("mogrifier", impl, weight_drop=0.5)
+    seen = []
+    name = "fast_layer" if impl == "torch" else "scratch_layer"
+    real = getattr(mogrifier, name)
+    monkeypatch.setattr(mogrifier, name, lambda x, h, c, w_ih, w_hh, b, q, r, *rest: seen.append((w_hh, q))
+                        or real(x, h, c, w_ih, w_hh, b, q, r, *rest))
+    m.train()
+    m(torch.randint(0, 13, (4, 6)))
+    for k, (w_seen, q) in enumerate(seen):
+        own = getattr(m.rnn, f"weight_hh_l{k}").detach()
+        assert 0.3 < (w_seen == 0).float().mean().item() < 0.7
+        torch.testing.assert_close(w_seen[w_seen != 0].detach(), own[w_seen != 0] * 2)
+        q = torch.stack(q) if isinstance(q, list) else q
+        assert torch.equal(q.detach(), getattr(m.rnn, f"weight_q_l{k}").detach())
 
 
 def _reference_lstm_logits(m, X, masks):

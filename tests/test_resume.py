@@ -19,7 +19,7 @@ from charlm import training
 from charlm.config import TrainConfig
 from charlm import device as device_mod
 from charlm.device import probe_precision
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, TrainError
 from charlm.evaluation import EvalResult
 from charlm.training import train
 
@@ -87,6 +87,39 @@ def test_resume_equals_a_straight_run(big_corpus, tmp_path, sampling, dropout, t
     assert_bit_identical(tmp_path / "parts", tmp_path / "straight", "last")
     assert_bit_identical(tmp_path / "parts", tmp_path / "straight", "best")
     assert resumed.best.loss == straight.best.loss
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_a_mogrifier_run_resumes_exactly(corpus, tmp_path, impl):
+    """The mogrifier's state (h, c) is carried across batches and saved; its rounds' matrices (here at a low
+    rank) are weights like the others; the default regularisers (weight drop, locked dropouts) draw the same
+    masks after a resume."""
+    kw = dict(cell="mogrifier", impl=impl, mogrify_rounds=3, mogrify_rank=4, sampling="sequential", dropout=0.2,
+              eval_chars=10**6, eval_every=10, weight_drop=0.25, dropout_input=0.05, dropout_hidden=0.15,
+              dropout_output=0.25)
+    straight = train(config(corpus, tmp_path / "straight", max_steps=40, num_layers=2, **kw))
+    train(config(corpus, tmp_path / "parts", max_steps=20, num_layers=2, **kw))
+    resumed = train(config(corpus, tmp_path / "parts", max_steps=40, num_layers=2, **kw), resume=True)
+    assert straight.steps == resumed.steps == 40
+    assert rows(tmp_path / "parts") == rows(tmp_path / "straight")
+    assert_bit_identical(tmp_path / "parts", tmp_path / "straight", "last")
+    saved = ck.load_checkpoint(tmp_path / "parts" / "last", with_trainer_state=True)
+    assert saved.config.cell == "mogrifier" and (saved.config.mogrify_rounds, saved.config.mogrify_rank) == (3, 4)
+    assert len(saved.trainer_state["state"]) == 2  # (h, c)
+
+
+@pytest.mark.parametrize("change, message", [(dict(mogrify_rounds=4), "mogrify-rounds: 3 -> 4"),
+                                             (dict(mogrify_rank=2), "mogrify-rank: 0 -> 2")])
+def test_a_mogrifier_resumed_with_other_rounds_or_rank_is_one_line(corpus, tmp_path, change, message):
+    """Other rounds or another rank are another model: refused as another --hidden-size is (was a traceback of
+    load_state_dict's size mismatch), the run left as it was."""
+    kw = dict(cell="mogrifier", mogrify_rounds=3, num_layers=1, max_steps=4, eval_every=2)
+    train(config(corpus, tmp_path / "run", **kw))
+    before = (tmp_path / "run" / "metrics.csv").read_bytes()
+    with pytest.raises(TrainError, match=r"^--resume with different model, data, optimizer or schedule options: "
+                                         + message):
+        train(config(corpus, tmp_path / "run", **{**kw, "max_steps": 8, **change}), resume=True)
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == before
 
 
 def test_a_stop_between_evaluations_does_not_change_the_schedule(corpus, tmp_path, monkeypatch):

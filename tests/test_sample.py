@@ -34,14 +34,16 @@ def ckpt_dir(tmp_path, model_vocab):
     return save_checkpoint(tmp_path / "run" / "best", model, vocab, meta)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mogrifier", "mogrifier-rank"])
 @pytest.mark.parametrize("impl", ["torch", "scratch"])
 @pytest.mark.parametrize("emb", [0, 5])
 @pytest.mark.parametrize("layers", [1, 2])
 def test_fast_path_equals_plain_forward(model_vocab, cell, impl, emb, layers):
     _, vocab = model_vocab
     torch.manual_seed(1)
-    m = RNNLM(len(vocab), cell=cell, hidden_size=16, num_layers=layers, embedding_dim=emb, impl=impl)
+    # the mogrifier also at a low rank and with an odd number of rounds (its last round gates x, and h is ungated)
+    options = dict(cell="mogrifier", mogrify_rounds=3, mogrify_rank=2) if cell == "mogrifier-rank" else dict(cell=cell)
+    m = RNNLM(len(vocab), hidden_size=16, num_layers=layers, embedding_dim=emb, impl=impl, **options)
     for prefix in ("the ", ""):
         # one greedy sequence (ids as Python ints), a greedy batch and sampling (ids as tensors)
         assert generate(m, vocab, prefix, 60) == generate(m, vocab, prefix, 60, fast=False)
@@ -52,7 +54,7 @@ def test_fast_path_equals_plain_forward(model_vocab, cell, impl, emb, layers):
             assert a == generate(m, vocab, prefix, 60, temperature=0.9, seed=4, num_samples=n, fast=False)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm", "mogrifier"])
 def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
     """One sequence's wide products run as column blocks, one per thread (padded to equal blocks)."""
     _, vocab = model_vocab
@@ -60,7 +62,7 @@ def test_products_split_over_threads_give_the_same_text(model_vocab, cell):
     m = RNNLM(len(vocab), cell=cell, hidden_size=400, num_layers=2, embedding_dim=8).eval()
     with torch.inference_mode():
         single, split = Stepper(m, 1, threads=1), Stepper(m, 1, threads=3)
-        assert single.blocks == [1, 1]
+        assert set(single.blocks) == {1}
         assert max(split.blocks) > 1
         for s in (single, split):
             s.start(m.init_state(1))

@@ -111,10 +111,19 @@ def test_bench_generate_onnx_compares_both_engines(capsys, load_script):
 def test_bench_models_small_runs_every_row(capsys, load_script):
     rows = load_script("scripts/bench_models.py").main(["--hidden-size", "8", "--batch-size", "2", "--num-steps", "3",
                                                         "--embedding-dim", "4", "--repeats", "1"])
-    # 3 cells x 2 inputs x 2 impls, plus the LSTM with oneDNN off for each input
-    assert len(rows) == 14
+    # 4 cells x 2 inputs x 2 impls, plus the LSTM and the mogrifier with oneDNN off for each input
+    assert len(rows) == 20
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    assert capsys.readouterr().out.count("\n| ") == 1 + 14
+    assert capsys.readouterr().out.count("\n| ") == 1 + 20
+
+
+def test_bench_cells_quick_times_every_cell(capsys, load_script):
+    rows = load_script("scripts/bench_cells.py").main(["--quick", "--cells", "lstm", "mogrifier", "mogrifier:3:4"])
+    assert [r["cell"] for r in rows] == ["lstm", "mogrifier", "mogrifier:3:4"]
+    assert rows[0]["step_ratio"] == rows[0]["greedy_ratio"] == 1.0
+    assert all(r["step_s"] > 0 and r["greedy"] > 0 and r["batch"] > 0 for r in rows)
+    assert rows[2]["parameters"] < rows[1]["parameters"]  # 3 rounds of rank 4: fewer than 5 full ones
+    assert capsys.readouterr().out.count("\n| ") == 1 + 3
 
 
 def test_bench_encode_takes_its_options(mirror, capsys, load_script):

@@ -14,9 +14,10 @@ from charlm import generate
 from charlm.serve.engine import Engine, Request
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("serve-batch"), cell="lstm")
+@pytest.fixture(scope="module", params=["lstm", "mogrifier"])
+def ckpt(tmp_path_factory, request):
+    """The cells whose state is a pair (h, c): the engine regroups both parts as requests join and leave."""
+    return make_checkpoint(tmp_path_factory.mktemp("serve-batch"), cell=request.param)
 
 
 def _metrics(server) -> dict:

@@ -8,6 +8,7 @@ Trials here are a few steps of a tiny model on a few KB of text (a second or two
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ from conftest import stop_process
 optuna = pytest.importorskip("optuna", reason="charlm tune needs the tune extra (pip install 'charlm-rnn[tune]')")
 
 from charlm.cli import main  # noqa: E402
-from charlm.config import TrainConfig  # noqa: E402
+from charlm.config import MOGRIFIER_FIELDS, TrainConfig  # noqa: E402
 from charlm.data import min_tokens  # noqa: E402
 from charlm.errors import ConfigError, StopTraining  # noqa: E402
 from charlm.training import train  # noqa: E402
@@ -127,7 +128,12 @@ def test_train_command_names_every_option_and_reads_back_exactly():
     assert ctx.params["time_limit"] == 0 and ctx.params["patience"] == 0  # charlm train's "none"
     named = {w[2:].replace("-", "_") for w in words if w.startswith("--")}
     # every field is named (but those a search never sets: --d2l's, and the fine-tuning ones)
-    assert named == {f for f in cfg.to_dict() if f not in ("corpus", "d2l", "max_chars", "init_from", "new_chars")}
+    # (and the mogrifier's, for a GRU: a mogrifier's below)
+    assert named == {f for f in cfg.to_dict()
+                     if f not in ("corpus", "d2l", "max_chars", "init_from", "new_chars", *MOGRIFIER_FIELDS)}
+    mog = dataclasses.replace(cfg, cell="mogrifier", mogrify_rounds=3, mogrify_rank=2)
+    ctx = main.commands["train"].make_context("train", shlex.split(train_command(mog))[2:])
+    assert (ctx.params["cell"], ctx.params["mogrify_rounds"], ctx.params["mogrify_rank"]) == ("mogrifier", 3, 2)
     with pytest.raises(ConfigError):  # (--d2l's max_chars has no option of its own: refused, not dropped)
         train_command(TrainConfig(corpus="c.txt", max_chars=10))
 

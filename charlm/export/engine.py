@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from charlm.checkpoint import RunCorpus
-from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, SampleConfig
+from charlm.config import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, PAIR_STATE_CELLS, SampleConfig
 from charlm.export.graph import ExportError, read_metadata, tokenizer_path
 from charlm.sample import DrawParams, _Uniforms, draw
 from charlm.vocab import Vocab
@@ -54,7 +54,7 @@ class OnnxModel(RunCorpus):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.lstm = meta["cell"] == "lstm"
+        self.lstm = meta["cell"] in PAIR_STATE_CELLS  # a state (h, c)
         self.shape = (meta["num_layers"], meta["hidden_size"])
         self.zero_logits = np.asarray(meta["zero_state_logits"], dtype=np.float32)
 
@@ -148,7 +148,8 @@ def step_threads(meta: dict) -> int:
     against 54,000."""
     from charlm.models.stepper import MIN_BLOCK_BYTES, step_bytes
 
-    weights = step_bytes(meta["cell"], meta["num_layers"], meta["hidden_size"], meta["vocab_size"])
+    weights = step_bytes(meta["cell"], meta["num_layers"], meta["hidden_size"], meta["vocab_size"],
+                         meta.get("embedding_dim", 0), meta.get("mogrify_rounds", 0))
     return max(1, min(torch.get_num_threads(), weights // MIN_BLOCK_BYTES))
 
 

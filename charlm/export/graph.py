@@ -1,12 +1,13 @@
 """``charlm export --format onnx``: a trained model as a one-step ONNX graph.
 
 The graph is what a generation loop needs: ``ids`` (N,) int64 and the carried state ``h`` (L, N, H)
-(and ``c`` for the LSTM) in; ``logits`` (N, V) and the new state ``h_out`` (and ``c_out``) out; N is
-dynamic. It is :class:`OneStep`: the cells' equations (those of ``nn.RNN``/``GRU``/``LSTM``, which
+(and ``c`` for the LSTM and the mogrifier) in; ``logits`` (N, V) and the new state ``h_out`` (and ``c_out``)
+out; N is dynamic. It is :class:`OneStep`: the cells' equations (those of ``nn.RNN``/``GRU``/``LSTM``, which
 charlm's scratch cells share) on the model's own weights, with layer 0's input gates looked up in a
 table (one row per character: a one-hot input picks a column of ``W_ih``, an embedding row is a
-constant), so every cell, input kind and implementation exports the same way. The logits are the
-model's own (``<unk>`` included: a generation loop leaves it out, as charlm's does).
+constant), so every cell, input kind and implementation exports the same way; a Mogrifier LSTM's is
+:class:`MogrifierStep`, laid out as charlm's :class:`~charlm.models.stepper.MogrifierStepper`. The logits are
+the model's own (``<unk>`` included: a generation loop leaves it out, as charlm's does).
 
 The vocabulary travels beside the model, named after it (``NAME.tokenizer.json`` beside
 ``NAME.onnx``: several models share a folder); the model's metadata holds its sha256, the cell and
@@ -27,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from charlm.config import MOGRIFIER_FIELDS, PAIR_STATE_CELLS
 from charlm.errors import CharlmError
-from charlm.models.stepper import lstm_gate_order
+from charlm.models.stepper import MogrifierStepper, lstm_gate_order
 from charlm.outputs import (check_file, check_not_inside_owned, check_parent, move_into_empty, new_folders,
                             resolve_path, temp_prefix)
 
@@ -55,6 +57,8 @@ class OneStep(nn.Module):
     def __init__(self, model):
         super().__init__()
         cfg = model.config
+        if cfg.cell == "mogrifier":
+            raise ValueError("a Mogrifier LSTM's one-step graph is MogrifierStep")
         self.cell, self.L, self.H = cfg.cell, cfg.num_layers, cfg.hidden_size
         H, rnn = self.H, model.rnn
         order = lstm_gate_order(H) if self.cell == "lstm" else None
@@ -113,8 +117,54 @@ class OneStep(nn.Module):
         return logits, torch.cat(new_h)
 
 
+class MogrifierStep(nn.Module):
+    """One character for N sequences on a Mogrifier LSTM's weights (copied), as
+    :class:`~charlm.models.stepper.MogrifierStepper` computes it: layer 0's inputs from a table (embedding
+    rows, or the identity's for one-hot inputs); per layer, the rounds (a product by each round's ``Q`` or
+    ``R``, full matrices), then one product of ``[x | h]`` by ``[W_ih | W_hh]`` with the gate rows in (i, f,
+    o, g) order; then the head. The state is (1, N, H) per layer, as :class:`OneStep`'s."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.L, self.H = cfg.num_layers, cfg.hidden_size
+        table, layers, (w_head, b_head) = MogrifierStepper._prepare(model, None)
+        self.register_buffer("table", table.detach().float().clone())  # (V, I): layer 0's input per character
+        self.rounds = []  # per layer, the names of its rounds' matrices, in order
+        for k, (qt, rt, w, b) in enumerate(layers):
+            names = []
+            for i in range(len(qt) + len(rt)):
+                name, m = (f"q{k}_{i}", qt[i // 2]) if i % 2 == 0 else (f"r{k}_{i}", rt[i // 2])
+                self.register_buffer(name, m.float().clone())  # (H, I) gates x, or (I, H) gates h
+                names.append(name)
+            self.rounds.append(names)
+            self.register_buffer(f"w{k}", w.float().clone())  # (I + H, 4H)
+            self.register_buffer(f"b{k}", b.float().clone())
+        self.register_buffer("w_head", w_head.float().clone())  # (H, V)
+        self.register_buffer("b_head", b_head.float().clone())
+
+    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        H, x = self.H, self.table[ids].unsqueeze(0)  # x: layer 0's input (1, N, I)
+        hs, cs = h.split(1), c.split(1)
+        new_h, new_c = [], []
+        for k in range(self.L):
+            hk = hs[k]
+            for i, name in enumerate(self.rounds[k]):
+                if i % 2 == 0:  # x <- x * 2 sigmoid(Q h)
+                    x = x * (2 * torch.sigmoid(hk @ getattr(self, name)))
+                else:  # h <- h * 2 sigmoid(R x)
+                    hk = hk * (2 * torch.sigmoid(x @ getattr(self, name)))
+            g = torch.cat([x, hk], 2) @ getattr(self, f"w{k}") + getattr(self, f"b{k}")
+            i, f, o = torch.sigmoid(g[..., :3 * H]).split(H, 2)
+            new_c.append(f * cs[k] + i * torch.tanh(g[..., 3 * H:]))
+            x = o * torch.tanh(new_c[-1])
+            new_h.append(x)
+        logits = (x @ self.w_head + self.b_head).squeeze(0)
+        return logits, torch.cat(new_h), torch.cat(new_c)
+
+
 def _io_names(cell: str) -> tuple[list[str], list[str]]:
-    if cell == "lstm":
+    if cell in PAIR_STATE_CELLS:
         return ["ids", "h", "c"], ["logits", "h_out", "c_out"]
     return ["ids", "h"], ["logits", "h_out"]
 
@@ -172,11 +222,12 @@ def export_onnx(ckpt, out: str | os.PathLike, dynamo: bool = True, quantize: str
     check_not_inside_owned(out, "onnx")
     _check_targets(out, vocab_path)
     _check_writable(out.parent)
-    step = OneStep(ckpt.model).eval()
     cfg = ckpt.model.config
+    step = (MogrifierStep if cfg.cell == "mogrifier" else OneStep)(ckpt.model).eval()
     inputs, outputs = _io_names(cfg.cell)
     L, H = cfg.num_layers, cfg.hidden_size
-    args = (torch.tensor([1, 2]), torch.zeros(L, 2, H)) + ((torch.zeros(L, 2, H),) if cfg.cell == "lstm" else ())
+    args = (torch.tensor([1, 2]), torch.zeros(L, 2, H)) + ((torch.zeros(L, 2, H),) if cfg.cell in PAIR_STATE_CELLS
+                                                           else ())
     with new_folders(out.parent), tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out.name)) as tmp:
         tmp_model, tmp_vocab = Path(tmp) / "model.onnx", Path(tmp) / "vocab.json"
         ckpt.vocab.save(tmp_vocab)
@@ -252,7 +303,8 @@ def metadata(ckpt, vocab_sha256: str, quantization: str | None = None) -> dict:
             "quantization": quantization, "parameters": ckpt.model.num_parameters(),
             "corpus": ckpt.corpus_info or None,  # so that charlm eval MODEL.onnx finds the run's held-out text
             "held_out_bits_per_char": None if best is None else best / math.log(2), "held_out_chars": chars,
-            "step": ckpt.progress.get("step"), "lineage": ckpt.meta.get("lineage")}
+            "step": ckpt.progress.get("step"), "lineage": ckpt.meta.get("lineage"),
+            **({name: getattr(cfg, name) for name in MOGRIFIER_FIELDS} if cfg.cell == "mogrifier" else {})}
 
 
 

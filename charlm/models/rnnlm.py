@@ -4,7 +4,9 @@ One model contract, as in pytorch/examples' word language model: ``forward(X, st
 (logits, state)`` plus ``init_state(batch_size)``. The recurrent core is either torch's kernels
 (``impl="torch"``: ``nn.RNN``/``nn.GRU``/``nn.LSTM``, cuDNN on GPUs) or charlm's own cells
 (``impl="scratch"``); both have the same ``state_dict`` keys and shapes, so weights move freely
-between them and give the same logits.
+between them and give the same logits. The Mogrifier LSTM (``cell="mogrifier"``, which torch lacks) is
+charlm's own in both: its fast form for ``"torch"``, its teaching form for ``"scratch"``
+(:mod:`charlm.models.mogrifier`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.config import CELLS, IMPLS, REGULARISERS, ModelConfig, check_choice
+from charlm.config import CELLS, IMPLS, PAIR_STATE_CELLS, REGULARISERS, ModelConfig, check_choice
 from charlm.errors import ConfigError
+from charlm.models.mogrifier import MogrifierLSTM
 from charlm.models.scratch import ScratchRecurrent
 
 _TORCH_CORES = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -55,15 +58,18 @@ def detach_state(state):
 
 
 def recurrent_layer(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
-                    dropout: float = 0.0, impl: str = "torch") -> nn.Module:
+                    dropout: float = 0.0, impl: str = "torch", mogrify_rounds: int = ModelConfig.mogrify_rounds,
+                    mogrify_rank: int = ModelConfig.mogrify_rank) -> nn.Module:
     """A batch-first recurrent core: torch's ``nn.RNN``/``GRU``/``LSTM`` or charlm's own cells.
 
-    Both take ``(B, T, input_size)`` and a state ``(L, B, H)`` (``(h, c)`` for the LSTM) and return
-    ``(output (B, T, H), state)``; their ``state_dict``s are interchangeable. ``dropout`` acts between
-    layers only, as in torch. This is what ``RNNLM`` uses, and what a model of real-valued sequences
+    Both take ``(B, T, input_size)`` and a state ``(L, B, H)`` (``(h, c)`` for the LSTM and the mogrifier)
+    and return ``(output (B, T, H), state)``; their ``state_dict``s are interchangeable. ``dropout`` acts
+    between layers only, as in torch. This is what ``RNNLM`` uses, and what a model of real-valued sequences
     (see ``examples/``) builds on.
     """
     check_choice("cell", cell, CELLS)
+    if cell == "mogrifier":
+        return MogrifierLSTM(input_size, hidden_size, num_layers, dropout, mogrify_rounds, mogrify_rank, impl)
     if impl == "torch":
         return _TORCH_CORES[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
     if impl == "scratch":
@@ -85,17 +91,20 @@ class RNNLM(nn.Module):
                  dropout: float = ModelConfig.dropout, impl: str = ModelConfig.impl,
                  weight_drop: float = ModelConfig.weight_drop, dropout_input: float = ModelConfig.dropout_input,
                  dropout_hidden: float = ModelConfig.dropout_hidden,
-                 dropout_output: float = ModelConfig.dropout_output):
+                 dropout_output: float = ModelConfig.dropout_output,
+                 mogrify_rounds: int = ModelConfig.mogrify_rounds, mogrify_rank: int = ModelConfig.mogrify_rank):
         super().__init__()
         self.config = cfg = ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden_size,
                                         num_layers=num_layers, embedding_dim=embedding_dim,
                                         dropout=dropout, impl=impl, weight_drop=weight_drop,
                                         dropout_input=dropout_input, dropout_hidden=dropout_hidden,
-                                        dropout_output=dropout_output)
+                                        dropout_output=dropout_output, mogrify_rounds=mogrify_rounds,
+                                        mogrify_rank=mogrify_rank)
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         # torch applies `dropout` only between layers (and warns when there is one layer).
         inter_layer_dropout = dropout if num_layers > 1 else 0.0
-        self.rnn = recurrent_layer(cell, cfg.input_size, hidden_size, num_layers, inter_layer_dropout, impl)
+        self.rnn = recurrent_layer(cell, cfg.input_size, hidden_size, num_layers, inter_layer_dropout, impl,
+                                   mogrify_rounds, mogrify_rank)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, vocab_size)
 
@@ -104,18 +113,18 @@ class RNNLM(nn.Module):
         return cls(**config.to_dict())
 
     def init_state(self, batch_size: int, device=None):
-        """The zero state: ``(L, B, H)``, or ``(h, c)`` for the LSTM."""
+        """The zero state: ``(L, B, H)``, or ``(h, c)`` for the LSTM and the mogrifier."""
         cfg = self.config
         p = self.head.weight
         h = torch.zeros(cfg.num_layers, batch_size, cfg.hidden_size, device=device or p.device, dtype=p.dtype)
-        return (h, torch.zeros_like(h)) if cfg.cell == "lstm" else h
+        return (h, torch.zeros_like(h)) if cfg.cell in PAIR_STATE_CELLS else h
 
     def encode_inputs(self, X: torch.Tensor) -> torch.Tensor:
         """What the recurrent core reads for the ids ``X`` (B, T)."""
         if self.embedding is not None:
             return self.embedding(X)  # (B, T, E)
         if self.config.impl == "scratch":
-            return X  # (B, T) indices: the scratch core looks up columns of W_ih instead of one-hots
+            return X  # (B, T) indices: the scratch core looks up columns of W_ih instead of one-hots (or makes them)
         return F.one_hot(X, self.config.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
 
     def forward(self, X: torch.Tensor, state=None):
@@ -158,13 +167,13 @@ class RNNLM(nn.Module):
             if not x.is_floating_point():  # the scratch core's one-hot indices: make the vectors to drop from
                 x = F.one_hot(x, cfg.vocab_size).to(self.head.weight.dtype)
             x = x * masks["input"]
-        h0, c0 = state if cfg.cell == "lstm" else (state, None)
+        h0, c0 = state if cfg.cell in PAIR_STATE_CELLS else (state, None)
         hs, cs = [], []
         for k in range(cfg.num_layers):
             w_hh = getattr(self.rnn, f"weight_hh_l{k}")
             w_hh = _masked(w_hh, masks.get(f"weight_hh_l{k}"))
             c = None if c0 is None else c0[k]
-            if cfg.impl == "scratch":
+            if cfg.impl == "scratch" or cfg.cell == "mogrifier":
                 x, h, c = self.rnn.run_layer(k, x, h0[k], c, w_hh=w_hh)
             else:
                 w_ih, b_ih, b_hh = (getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "bias_ih", "bias_hh"))
@@ -173,7 +182,7 @@ class RNNLM(nn.Module):
             cs.append(c)
             if k < cfg.num_layers - 1:
                 x = F.dropout(_masked(x, masks.get(f"hidden_l{k}")), self.rnn.dropout, training=True)
-        new_state = torch.stack(hs) if cfg.cell != "lstm" else (torch.stack(hs), torch.stack(cs))
+        new_state = (torch.stack(hs), torch.stack(cs)) if cfg.cell in PAIR_STATE_CELLS else torch.stack(hs)
         return self.head(self.dropout(_masked(x, masks.get("output")))), new_state
 
     def num_parameters(self) -> int:

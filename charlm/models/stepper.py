@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm.config import GATES
+from charlm.models.mogrifier import round_counts
 from charlm.models.rnnlm import RNNLM
 
 MIN_BLOCK_BYTES = 512 * 1024  # weights per thread, at least, when one sequence's products are split (Stepper._matmul)
@@ -27,12 +28,18 @@ def lstm_gate_order(hidden_size: int, device=None) -> torch.Tensor:
     return torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)]).to(device)
 
 
-def step_bytes(cell: str, num_layers: int, hidden_size: int, vocab_size: int) -> int:
+def step_bytes(cell: str, num_layers: int, hidden_size: int, vocab_size: int, embedding_dim: int = 0,
+               mogrify_rounds: int = 0) -> int:
     """Bytes of fp32 weights one character's step reads: each layer's ``W_hh``, ``W_ih`` above layer 0 and
-    the head (layer 0's input projection is a row of a table). What sets the speed of a step on few
-    sequences, and so how many threads it repays."""
+    the head (layer 0's input projection is a row of a table); a mogrifier's also layer 0's ``W_ih`` (its
+    input is gated first) and every layer's round matrices (``mogrify_rounds`` of ``I x H``). What sets the
+    speed of a step on few sequences, and so how many threads it repays."""
     G, H = GATES[cell], hidden_size
-    return 4 * (G * H * H * (2 * num_layers - 1) + H * vocab_size)
+    weights = G * H * H * (2 * num_layers - 1) + H * vocab_size
+    if cell == "mogrifier":
+        first = embedding_dim or vocab_size  # layer 0's input size
+        weights += G * H * first + mogrify_rounds * H * (first + H * (num_layers - 1))
+    return 4 * weights
 
 
 class Stepper:
@@ -50,8 +57,13 @@ class Stepper:
 
     ``never`` is an id whose logit is held at -inf (default: ``<unk>``, id 0, which generation never
     emits); ``None`` keeps every logit. ``threads`` > 1 lets one sequence's wide products be split
-    over the CPU threads (see :meth:`_matmul`).
+    over the CPU threads (see :meth:`_matmul`). A mogrifier model gets a :class:`MogrifierStepper`.
     """
+
+    def __new__(cls, model: RNNLM, *args, **kwargs):
+        if cls is Stepper and model.config.cell == "mogrifier":
+            cls = MogrifierStepper
+        return super().__new__(cls)
 
     def __init__(self, model: RNNLM, num_samples: int, threads: int = 1, never: int | None = 0,
                  like: "Stepper | None" = None):
@@ -195,3 +207,112 @@ class Stepper:
         for views, (op, inputs, out) in self.upper:
             cell_step(views)
             op(*inputs, out=out)
+
+
+class MogrifierStepper(Stepper):
+    """:class:`Stepper` for the Mogrifier LSTM (:mod:`charlm.models.mogrifier`): the same attributes and
+    calls (``h``, ``c``, ``logits``, ``start``, ``step``), another layout.
+
+    A layer's input is gated before its product, so no product reaches across layers: per layer, the rounds
+    (a product by each ``Q``/``R``, on the full matrices a low rank multiplies out to) write the gated ``x``
+    and ``h`` side by side into one buffer, and one product by ``[W_ih | W_hh]`` (gate rows reordered to
+    (i, f, o, g), as the LSTM's are here) gives the four gates; then the head. Layer 0's inputs are rows of
+    a table (the embedding, or the identity for one-hot inputs).
+    """
+
+    def __init__(self, model: RNNLM, num_samples: int, threads: int = 1, never: int | None = 0,
+                 like: "Stepper | None" = None):
+        cfg = model.config
+        self.cell, L, V, H = cfg.cell, cfg.num_layers, cfg.vocab_size, cfg.hidden_size
+        N = num_samples
+        head = model.head.weight
+        new = lambda *shape: torch.zeros(*shape, device=head.device, dtype=head.dtype)  # noqa: E731
+        self.weights = like.weights if like is not None else self._prepare(model, never)
+        self.table, layers, (w_head, b_head) = self.weights
+        self.h = [new(N, H) for _ in range(L)]
+        self.c = [new(N, H) for _ in range(L)]
+        self.x0 = new(N, self.table.shape[1])  # layer 0's inputs for a batch, gathered from the table
+        self.blocks, self.plan = [], []
+        for k, (qt, rt, w, b) in enumerate(layers):  # qt (nQ, H, I), rt (nR, I, H), w (I + H, 4H), b (4H,)
+            I = w.shape[0] - H  # noqa: E741
+            xh = new(N, I + H)  # the gated x and h, side by side
+            xs = [new(N, I) for _ in range(len(qt) - 1)] + [xh[:, :I]]  # x^1, x^3, ..., the last in xh
+            hs = [new(N, H) for _ in range(len(rt) - 1)] + [xh[:, I:]]  # h^2, h^4, ..., the last in xh
+            rounds = [(qt[i // 2], new(N, I), xs[i // 2]) if i % 2 == 0 else (rt[i // 2], new(N, H), hs[i // 2])
+                      for i in range(len(qt) + len(rt))]  # per round: its matrix, its gate, its result
+            blocks = self._blocks(N, threads, w)
+            acts = new(N, 4 * H + -4 * H % blocks)
+            self.blocks.append(blocks)
+            self.plan.append((rounds, xh, self._matmul(w, b, xh, acts, blocks), acts[:, :4 * H]))
+        blocks = self._blocks(N, threads, w_head)
+        self.out = new(N, V + -V % blocks)
+        self.blocks.append(blocks)
+        self.head_mm = self._matmul(w_head, b_head, self.h[-1], self.out, blocks)
+        self.logits = self.out[:, :V]
+
+    @staticmethod
+    def _blocks(N: int, threads: int, w: torch.Tensor) -> int:
+        return max(1, min(threads, w.numel() * w.element_size() // MIN_BLOCK_BYTES)) if N == 1 else 1
+
+    @staticmethod
+    def _prepare(model: RNNLM, never: int | None) -> tuple:
+        """(table, [(Q^T, R^T, [W_ih | W_hh]^T, b) per layer], (W_head^T, b_head)): layer 0's inputs per
+        character, each layer's round matrices transposed (R^T None-free: (0, I, H) without R rounds), its
+        gate product (I + H, 4H) with the rows in (i, f, o, g) order and both biases, and the head."""
+        cfg, rnn = model.config, model.rnn
+        H, head = cfg.hidden_size, model.head.weight
+        order = lstm_gate_order(H, head.device)
+        table = (model.embedding.weight.detach() if model.embedding is not None
+                 else torch.eye(cfg.vocab_size, device=head.device, dtype=head.dtype))
+        layers = []
+        for k in range(cfg.num_layers):
+            q, r = (m.detach() if m is not None else None for m in rnn.mogrifier_matrices(k))
+            p = lambda name: getattr(rnn, f"{name}_l{k}").detach()  # noqa: E731
+            w = torch.cat([p("weight_ih"), p("weight_hh")], 1)[order].t().contiguous()  # (I + H, 4H)
+            rt = (r.transpose(1, 2).contiguous() if r is not None
+                  else q.new_empty(0, q.shape[1], H))  # (nR, I, H)
+            layers.append((q.transpose(1, 2).contiguous(), rt, w, (p("bias_ih") + p("bias_hh"))[order]))
+        b_head = model.head.bias.detach().clone()
+        if never is not None:
+            b_head[never] = float("-inf")
+        return table, layers, (head.detach().t().contiguous(), b_head)
+
+    @functools.cached_property
+    def rows(self) -> list[torch.Tensor]:
+        """Per character, layer 0's input as a (1, I) view of the table (one sequence: no gather)."""
+        return [self.table[v: v + 1] for v in range(len(self.table))]
+
+    def start(self, state) -> None:
+        """Take the state the prefix left, ``(h, c)``, each (L, N, H)."""
+        h, c = state
+        for k in range(len(self.h)):
+            self.h[k].copy_(h[k])
+            self.c[k].copy_(c[k])
+        op, inputs, out = self.head_mm
+        op(*inputs, out=out)
+
+    def step(self, ids) -> None:
+        """Advance every sequence by one character: ``ids`` is a (N,) tensor, or an int when N is 1."""
+        if isinstance(ids, int):
+            x = self.rows[ids]
+        else:
+            x = torch.index_select(self.table, 0, ids, out=self.x0)
+        H = self.h[0].shape[1]
+        for (rounds, xh, (op, inputs, out), a), h, c in zip(self.plan, self.h, self.c):
+            xcur, hcur = x, h
+            for i, (m, gate, result) in enumerate(rounds):
+                if i % 2 == 0:  # x <- x * 2 sigmoid(Q h)
+                    xcur = torch.mul(xcur, torch.mm(hcur, m, out=gate).sigmoid_().mul_(2), out=result)
+                else:  # h <- h * 2 sigmoid(R x)
+                    hcur = torch.mul(hcur, torch.mm(xcur, m, out=gate).sigmoid_().mul_(2), out=result)
+            if len(rounds) == 1:
+                xh[:, xh.shape[1] - H:] = h  # no R round: the LSTM reads the state as it was
+            op(*inputs, out=out)  # the four gates, (i, f, o, g)
+            a[:, :3 * H].sigmoid_()
+            a[:, 3 * H:].tanh_()
+            i, f, o, g = a.chunk(4, 1)
+            c.mul_(f).addcmul_(i, g)  # c' = f * c + i * g
+            torch.mul(o, torch.tanh(c), out=h)  # h' = o * tanh(c')
+            x = h
+        op, inputs, out = self.head_mm
+        op(*inputs, out=out)

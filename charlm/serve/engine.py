@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from charlm.config import SampleConfig
+from charlm.config import PAIR_STATE_CELLS, SampleConfig
 from charlm.errors import ConfigError
 from charlm.models.stepper import Stepper
 from charlm.sample import DrawParams, _Uniforms, draw
@@ -339,8 +339,8 @@ class Engine:
         if not rows:
             self.stepper, self.params = None, None
             return
-        layers = []  # per state tensor (h, and c for the LSTM): (L, N, H), the rows in order
-        for part in range(2 if self.model.config.cell == "lstm" else 1):
+        layers = []  # per state tensor (h, and c for the LSTM and the mogrifier): (L, N, H), the rows in order
+        for part in range(2 if self.model.config.cell in PAIR_STATE_CELLS else 1):
             def vec(r, k, part=part):
                 if id(r) in index:
                     return (old.h if part == 0 else old.c)[k][index[id(r)]: index[id(r)] + 1]

@@ -30,13 +30,17 @@ function showError(message) { const e = $("error"); e.textContent = message; e.s
 
 function zeros(n) { return new Float32Array(n); }
 
+function paired() {  // whether the state is (h, c), as the LSTM's and the mogrifier's: the graph takes a "c"
+  return meta.inputs ? meta.inputs.includes("c") : meta.cell === "lstm";
+}
+
 async function step(id, state) {  // one character in, the next prediction and the new state out
   const L = meta.num_layers, H = meta.hidden_size;
   const feeds = {ids: new ort.Tensor("int64", BigInt64Array.from([BigInt(id)]), [1]),
                  h: new ort.Tensor("float32", state.h, [L, 1, H])};
-  if (meta.cell === "lstm") feeds.c = new ort.Tensor("float32", state.c, [L, 1, H]);
+  if (paired()) feeds.c = new ort.Tensor("float32", state.c, [L, 1, H]);
   const out = await session.run(feeds);
-  return {logits: out.logits.data, state: {h: out.h_out.data, c: meta.cell === "lstm" ? out.c_out.data : null}};
+  return {logits: out.logits.data, state: {h: out.h_out.data, c: paired() ? out.c_out.data : null}};
 }
 
 function mulberry32(seed) {  // the page's seeded uniform generator
@@ -94,7 +98,7 @@ async function generate() {
   running = true; stopping = false;
   $("generate").disabled = true; $("stop").disabled = false;
   const L = meta.num_layers, H = meta.hidden_size;
-  let state = {h: zeros(L * H), c: meta.cell === "lstm" ? zeros(L * H) : null};
+  let state = {h: zeros(L * H), c: paired() ? zeros(L * H) : null};
   let logits = Float32Array.from(meta.zero_state_logits);
   const t0 = performance.now();
   let text = "", reason = "length";
