@@ -24,10 +24,12 @@ import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
                            DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
-                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MAX_SAMPLES, MAX_SECONDS,
-                           MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS, PREPROCESS_MODES,
-                           REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS, SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
-from charlm.errors import CharlmError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError, os_error_line
+                           LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MOGRIFIER_FIELDS, MAX_SAMPLES,
+                           MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS,
+                           PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
+                           SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
+from charlm.errors import (CharlmError, ConfigError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError,
+                           os_error_line)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
 _SAMPLE = SampleConfig()
@@ -276,8 +278,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--init-from", type=click.Path(), default=None,
               help="Start from this trained model (a run, meaning its best/, or a checkpoint): its architecture, "
                    "vocabulary, preprocessing and weights; the optimizer, schedule and --out are new. "
-                   "--cell, --impl, --hidden-size, --num-layers, --embedding-dim, --preprocess and --min-count "
-                   "come from it and cannot be given; the fine-tuning defaults apply where no option is given.")
+                   "--cell, --impl, --hidden-size, --num-layers, --embedding-dim, --mogrify-rounds, "
+                   "--mogrify-rank, --preprocess and --min-count come from it and cannot be given; the "
+                   "fine-tuning defaults apply where no option is given.")
 @click.option("--new-chars", type=click.Choice(NEW_CHARS), default=_d("new_chars"),
               help="With --init-from, the text's characters the model does not know: extend adds them to its "
                    "vocabulary (learned from this text; the model's other predictions start unchanged), unk reads "
@@ -323,6 +326,12 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
         values.update(D2L_PRESET)
     values.update(explicit)
     values.update(corpus=corpus, out=out)
+    if values.get("cell") != "mogrifier":  # (a resumed mogrifier's rounds with another --cell: the resume says so)
+        for name in MOGRIFIER_FIELDS:  # (given even at its default value: it means nothing to another cell)
+            if name in explicit:
+                raise ConfigError(f"{name.replace('_', '-')} applies to the mogrifier cell only "
+                                  f"(cell {values.get('cell')!r})")
+        values.update({name: _DEFAULTS[name] for name in MOGRIFIER_FIELDS if name in _DEFAULTS})
     if values.get("time_limit") == 0:
         values["time_limit"] = None
     if values.get("patience") == 0:

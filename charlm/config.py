@@ -66,7 +66,10 @@ EVAL_MIN_CHARS = 20_000  # periodic evaluations read at least this much of the h
 MAX_LR = 1e30  # learning rates (training's, dynamic evaluation's): float32 holds it times Adam's bias correction (10)
 MAX_UNITS = 2**31 - 1  # hidden units and embedding size: a dimension torch's and cuDNN's kernels index in 32 bits
 MAX_LAYERS = 1024  # stacked recurrent layers
-MAX_MOGRIFY_ROUNDS = 1024  # a mogrifier's rounds (each one step's product per layer, run in turn)
+MAX_MOGRIFY_ROUNDS = 64  # a mogrifier's rounds (the paper's best is 5 or 6; past a few hundred fp32 loses the logits)
+# The vocabulary TrainConfig checks its model options with before the text is read: large, so that it limits
+# nothing that the text's own vocabulary may allow (a one-hot mogrifier's rank is checked again on the text's)
+PLACEHOLDER_VOCAB = 65_536
 MAX_SAMPLES = 65_536  # continuations generated together (SampleConfig.num_samples, a server's slots)
 MAX_STREAM_INTERVAL = 10.0  # seconds between a server's stream pieces, at most (ServeConfig.stream_interval)
 MAX_SECONDS = 1e9  # a search's durations (charlm tune's budgets), at most: about 31 years, and their products fit
@@ -305,7 +308,7 @@ class TrainConfig:
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init from must be a path, got {self.init_from!r}"),
         ])
-        self.model_config(2)  # validates the model options (sizes, dropout, cell, impl)
+        self.model_config(PLACEHOLDER_VOCAB)  # validates the model options (sizes, dropout, cell, impl)
 
     def resolved_patience(self) -> int | None:
         if self.patience == PATIENCE_AUTO:

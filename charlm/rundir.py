@@ -162,7 +162,10 @@ class RunDir:
     @staticmethod
     def check_resume(saved: ckpt_mod.Checkpoint, requested) -> None:
         """Refuse a resume whose model, data, optimizer or schedule options differ from the run's."""
-        diffs = config_differences(saved.train_options, requested, RESUME_FIELDS)
+        fields = RESUME_FIELDS
+        if saved.train_options.get("cell") != getattr(requested, "cell", None):  # (the cell says it: a mogrifier's
+            fields = tuple(f for f in fields if f not in MOGRIFIER_FIELDS)        # rounds mean nothing to the other)
+        diffs = config_differences(saved.train_options, requested, fields)
         if diffs:
             raise TrainError("--resume with different model, data, optimizer or schedule options: " + "; ".join(diffs)
                              + "; a run resumes with the options it started with")

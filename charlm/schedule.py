@@ -44,6 +44,13 @@ def scheduled_lr(schedule: str, base: float, step: int, planned: int | None,
     return lr0 * 0.5 * (1.0 + math.cos(math.pi * frac)) if schedule == "cosine" else lr0 * (1.0 - frac)
 
 
+def held_through(planned: int) -> int:
+    """The last step (counted from 1) that a ``planned``-step hold-decay plan runs at its full lr: the steps
+    of index up to ``HOLD_FRACTION * planned`` (:func:`scheduled_lr`; its fall starts there at the full lr),
+    short of the last, which runs at 0."""
+    return max(1, min(math.floor(HOLD_FRACTION * planned) + 1, planned - 1))
+
+
 class Schedule:
     """The rules of a run's lr schedule (``--lr-schedule``). What they move lives in the
     :class:`~charlm.training.RunState` each method is given, so that checkpoints hold it: a planned
@@ -105,11 +112,11 @@ class Schedule:
         if bound <= st.step:  # no step will be taken (--max-steps reached): the saved plan stays as it was
             return None
         if self.shorten(st, bound):
-            if st.plan_anchor is None:  # still within the shorter plan's hold: its own shape
-                fall = math.ceil(HOLD_FRACTION * st.planned_steps)
-                how = f"its lr held until step {fall:,}, then falling"
+            # (steps counted from 1, as metrics.csv counts them: step n runs at the lr of index n - 1)
+            if st.plan_anchor is None and cfg.lr_schedule == "hold-decay":  # still in the shorter plan's hold
+                how = f"its lr held through step {held_through(st.planned_steps):,}, then falling to 0"
             else:
-                how = f"falling from step {st.step:,}"
+                how = "its lr falling from where it is now to 0"
             return (f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} (--max-steps or "
                     f"--epochs), {how}")
         if cfg.max_steps and cfg.max_steps > st.planned_steps:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from charlm import finetune
 from charlm.checkpoint import corpus_paths, held_out_entry, load_checkpoint, save_checkpoint, update_progress
-from charlm.config import PAIR_STATE_CELLS, TrainConfig
+from charlm.config import PAIR_STATE_CELLS, PLACEHOLDER_VOCAB, TrainConfig
 from charlm.data import RunData, load_split, load_split_onto, make_batches, min_tokens
 from charlm.device import autocast, check_memory, check_precision, grad_scaler, resolve_device, resolve_precision
 from charlm.distributed import Dist, collective_failed, failure_line, from_env
@@ -713,10 +713,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callb
     if cfg.init_from and not resume:  # a new run from a trained model: its architecture, vocabulary, weights
         parent = finetune.load_parent(cfg.init_from, device)
         cfg = finetune.inherit(cfg, parent)
-    slow_precision = check_precision(cfg.precision, device, cfg.model_config(2))  # tried before anything is written
+    slow_precision = check_precision(cfg.precision, device, cfg.model_config(PLACEHOLDER_VOCAB))  # tried before anything is written
     if slow_precision:
         emit("warning", {"message": slow_precision})
-    precision = resolve_precision(cfg.precision, device, cfg.model_config(2))
+    precision = resolve_precision(cfg.precision, device, cfg.model_config(PLACEHOLDER_VOCAB))
     dist = init_distributed(cfg.dist_backend, cfg.dist_timeout, device)
     if cfg.precision == "auto" and dist.any([precision == "fp32"], device)[0]:
         precision = "fp32"  # every process the same: fp32 if any one of them lacks native bf16

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from charlm.config import (CELLS, DEVICE_CHOICES, GATES, IMPLS, LR_SCHEDULES, MAX_SECONDS, OPTIMIZERS,
-                           PREPROCESS_MODES, PRECISIONS, SAMPLINGS, SMALL_CORPUS_CHARS, TrainConfig, _check, _is_int,
-                           _is_real, seed_error)
+                           PLACEHOLDER_VOCAB, PREPROCESS_MODES, PRECISIONS, SAMPLINGS, SMALL_CORPUS_CHARS, TrainConfig,
+                           _check, _is_int, _is_real, seed_error)
 from charlm.data import min_tokens
 from charlm.errors import (ConfigError, StopTraining, TrainError, TrainingInterrupted, TuneError, TuneInterrupted,
                            os_error_line)
@@ -817,11 +817,16 @@ class _Study:
             except KeyError:
                 return None
             settings = study.user_attrs.get(SETTINGS_KEY)
-            if settings is not None or study.get_trials(deepcopy=False) or time.monotonic() > deadline:
+            if settings is not None or study.get_trials(deepcopy=False):
+                break
+            if not self.shared:  # this folder's own journal, which only this process writes: a start stopped
+                return None      # between making the study and marking it (:meth:`open` marks it)
+            if time.monotonic() > deadline:
                 break
             time.sleep(0.2)  # (made by another worker a moment ago, and not marked yet)
         if not isinstance(settings, dict) or settings.get("format") != 1:
-            raise TuneError(f"the study {self.name!r} in {self.cfg.storage_from} was not made by charlm tune; "
+            where = self.cfg.storage_from if self.shared else self.shown()
+            raise TuneError(f"the study {self.name!r} in {where} was not made by charlm tune; "
                             f"choose another --study")
         return settings
 
@@ -1213,7 +1218,7 @@ class _Search:
         cells = space["cell"].values() if "cell" in space else (defaults.cell,)
         impls = space["impl"].values() if "impl" in space else (defaults.impl,)
         found = [check_precision(self.cfg.precision, self.device,
-                                 TrainConfig(corpus="-", cell=cell, impl=impl).model_config(2))
+                                 TrainConfig(corpus="-", cell=cell, impl=impl).model_config(PLACEHOLDER_VOCAB))
                  for cell in dict.fromkeys(cells) for impl in dict.fromkeys(impls)]
         return list(dict.fromkeys(w for w in found if w))
 

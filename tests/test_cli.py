@@ -168,15 +168,15 @@ def test_mogrifier_options_with_another_cell_are_one_line(corpus, tmp_path, args
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--mogrify-rounds", 1025], 2, "Invalid value for '--mogrify-rounds': 1025 is not in the range 1<=x<=1024"),
-    (["--mogrify-rounds", 0], 2, "Invalid value for '--mogrify-rounds': 0 is not in the range 1<=x<=1024"),
+    (["--mogrify-rounds", 65], 2, "Invalid value for '--mogrify-rounds': 65 is not in the range 1<=x<=64"),
+    (["--mogrify-rounds", 0], 2, "Invalid value for '--mogrify-rounds': 0 is not in the range 1<=x<=64"),
     (["--mogrify-rank", -1], 2, "Invalid value for '--mogrify-rank': -1 is not in the range"),
     (["--mogrify-rank", 9], 1, "mogrify-rank 9 saves no parameters: a pair of rank-9 factors holds as many numbers "
                                "as the matrix it stands for, or more, in every layer (4 inputs x 8 units); pass a "
                                "rank of at most 2, or 0 (full matrices)"),
 ])
 def test_mogrifier_options_past_what_they_mean_are_one_line(corpus, tmp_path, args, code, message):
-    """A rank whose factors are no smaller than the matrix, and rounds past 1,024, were accepted (a huge number
+    """A rank whose factors are no smaller than the matrix, and rounds past any useful count, were accepted (a huge number
     of rounds ran for ever or stopped at the memory check, which named other options)."""
     r = run("train", corpus, "--cell", "mogrifier", "--hidden-size", 8, "--embedding-dim", 4, "--num-layers", 1,
             "--max-steps", 1, "--batch-size", 2, "--num-steps", 8, "--quiet", "--out", tmp_path / "run", *args)
@@ -195,3 +195,30 @@ def test_the_memory_check_names_the_mogrifiers_options(monkeypatch):
                                           r"--mogrify-rank 3\) .* use a smaller --hidden-size, --embedding-dim, "
                                           r"--mogrify-rounds or --batch-size"):
         device.check_memory(cfg, 4, 8, "adam", torch.device("cpu"))
+
+
+def test_a_one_hot_mogrifiers_rank_is_checked_on_the_texts_vocabulary(corpus, tmp_path):
+    """One-hot inputs are as many as the text's symbols: a rank that saves parameters there is taken (it was checked
+    against a vocabulary of 2 before the text was read, and refused); one past the text's limit is still one line."""
+    common = ["--cell", "mogrifier", "--hidden-size", 16, "--embedding-dim", 0, "--num-layers", 1, "--max-steps", 1,
+              "--batch-size", 2, "--num-steps", 8, "--quiet"]
+    r = run("train", corpus, "--out", tmp_path / "ok", *common, "--mogrify-rank", 4)
+    assert r.exit_code == 0, r.output
+    r = run("train", corpus, "--out", tmp_path / "no", *common, "--mogrify-rank", 16)
+    assert r.exit_code == 1 and "mogrify-rank 16 saves no parameters" in r.output, r.output
+    assert not (tmp_path / "no").exists()
+
+
+def test_mogrifier_options_with_another_cell_and_a_resume_with_another_cell(corpus, tmp_path):
+    common = ["--hidden-size", 8, "--embedding-dim", 4, "--num-layers", 1, "--batch-size", 2, "--num-steps", 8,
+              "--quiet"]
+    for value in (3, 5):  # (5 is the default: given, it is refused all the same)
+        r = run("train", corpus, "--out", tmp_path / "lstm", "--cell", "lstm", "--mogrify-rounds", value, *common)
+        assert r.exit_code == 1 and "mogrify-rounds applies to the mogrifier cell only (cell 'lstm')" in r.output
+        assert r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "lstm").exists()
+    r = run("train", corpus, "--out", tmp_path / "mog", "--cell", "mogrifier", "--mogrify-rounds", 3, "--max-steps", 1,
+            *common)
+    assert r.exit_code == 0, r.output
+    r = run("train", corpus, "--out", tmp_path / "mog", "--resume", "--cell", "gru", "--max-steps", 2, *common)
+    assert r.exit_code == 1 and "cell: 'mogrifier' -> 'gru'" in r.output and "mogrify" not in r.output, r.output

@@ -236,19 +236,34 @@ def test_a_time_limit_without_two_evaluations_fits_the_plan_from_the_steps_time(
     assert max(a - b for a, b in zip(seen, seen[1:])) < 0.5 / 10  # no cliff
 
 
-@pytest.mark.parametrize("step, falls_at", [(10, 30), (40, 40)])
-def test_a_shortened_plan_says_where_its_lr_starts_to_fall(corpus, tmp_path, step, falls_at):
-    """A 100-step hold-decay plan resumed with --max-steps 50: from step 10 the shorter plan still holds the lr to
-    its own 60% (step 30); from step 40 it falls at once. The warning names the step the lr first falls at."""
+@pytest.mark.parametrize("planned", [2, 3, 7, 11, 50, 101, 300])
+def test_held_through_is_the_last_step_at_the_full_lr(planned):
+    """Step n (counted from 1, as metrics.csv counts) runs at the lr of index n - 1."""
+    from charlm.schedule import held_through
+    lr = [scheduled_lr("hold-decay", 1.0, i, planned) for i in range(planned)]
+    n = held_through(planned)
+    assert lr[n - 1] == 1.0 and (n == planned or lr[n] < 1.0) and all(x == 1.0 for x in lr[:n])
+
+
+@pytest.mark.parametrize("step, held", [(10, True), (40, False)])
+def test_a_shortened_plan_says_how_its_lr_falls(corpus, tmp_path, step, held):
+    """A 100-step hold-decay plan resumed with --max-steps 50: from step 10 the shorter plan still holds the lr
+    through its own 60% (the step named); from step 40 it falls at once, from the lr it has."""
     from types import SimpleNamespace
 
-    from charlm.schedule import Schedule
+    from charlm.schedule import Schedule, held_through
     schedule = Schedule(config(corpus, tmp_path / "r", max_steps=50), train_tokens=10**7)
     st = SimpleNamespace(step=step, planned_steps=100, plan_anchor=None)
+    lr_before = schedule.lr(st)
     warning = schedule.check(st)
     assert st.planned_steps == 50 and "ends at step 50" in warning
-    assert f"held until step {falls_at}," in warning or warning.endswith(f"falling from step {falls_at}")
 
-    def lr_at(n):
-        return schedule.lr(SimpleNamespace(step=n, planned_steps=st.planned_steps, plan_anchor=st.plan_anchor))
-    assert lr_at(step) == lr_at(falls_at) == schedule.base_lr > lr_at(falls_at + 1)
+    def lr_at(n):  # the lr of step n, counted from 1
+        return schedule.lr(SimpleNamespace(step=n - 1, planned_steps=st.planned_steps, plan_anchor=st.plan_anchor))
+    if held:
+        n = held_through(50)
+        assert f"held through step {n}," in warning
+        assert lr_at(step + 1) == lr_at(n) == schedule.base_lr > lr_at(n + 1)
+    else:
+        assert "falling from where it is now" in warning
+        assert lr_at(step + 1) == lr_before > lr_at(step + 2)

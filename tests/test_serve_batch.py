@@ -299,3 +299,17 @@ def test_an_engine_error_is_reported_and_the_engine_goes_on(ckpt, monkeypatch):
         assert s.httpd.service.engine.health()["running"] == 0  # its slots are free again
         answers = _concurrently(s, [{"prompt": "the", "length": 20}] * 4)
         assert [a[0] for a in answers] == [200] * 4 and s.httpd.service.engine.health()["running"] == 0
+
+
+def test_info_names_the_cell_and_a_mogrifiers_rounds_and_rank(ckpt):
+    server = Server(ckpt)
+    try:
+        status, info, _ = server.json("GET", "/info")
+    finally:
+        server.close()
+    assert status == 200 and info["model"]["cell"] == ckpt.config.cell
+    if ckpt.config.cell == "mogrifier":
+        assert (info["model"]["mogrify_rounds"], info["model"]["mogrify_rank"]) == (
+            ckpt.config.mogrify_rounds, ckpt.config.mogrify_rank)
+    else:
+        assert "mogrify_rounds" not in info["model"]

@@ -328,12 +328,14 @@ def test_the_resume_command_repeats_a_storage_url_but_never_its_password(corpus,
     assert "password" in result.output
 
 
-def _bare_study(storage, name="shared"):
-    """A _Study reading ``name`` in ``storage`` (no folder, no worker: stored_settings reads the storage only)."""
+def _bare_study(storage, name="shared", shared=True):
+    """A _Study reading ``name`` in ``storage`` (a database, or this folder's journal), without a worker."""
     from types import SimpleNamespace
 
     store = tune_mod._Study.__new__(tune_mod._Study)
-    store.cfg, store.name, store.storage = SimpleNamespace(storage="db", storage_from="--storage"), name, storage
+    store.cfg = SimpleNamespace(storage="db" if shared else None, storage_from="--storage")
+    store.folder = SimpleNamespace(journal=Path("tu/study.journal"))
+    store.name, store.storage = name, storage
     return store
 
 
@@ -363,3 +365,19 @@ def test_a_study_charlm_did_not_make_is_refused(monkeypatch, with_a_trial):
         study.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)
     with pytest.raises(tune_mod.TuneError, match="was not made by charlm tune"):
         _bare_study(storage).stored_settings()
+
+
+def test_an_unmarked_study_in_the_folders_own_journal_is_taken_as_new_and_a_foreign_one_named_by_its_file():
+    """Only this process writes its folder's journal: an unmarked study without trials there is a start stopped
+    between making the study and marking it (no waiting for a mark that cannot come); one with trials is
+    refused, naming the journal (no --storage was given)."""
+    import time
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="shared")
+    t0 = time.monotonic()
+    assert _bare_study(storage, shared=False).stored_settings() is None
+    assert time.monotonic() - t0 < tune_mod.MARK_WAIT_S / 2
+    study.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)
+    with pytest.raises(tune_mod.TuneError, match=r"in tu/study.journal was not made by charlm tune"):
+        _bare_study(storage, shared=False).stored_settings()

@@ -58,7 +58,7 @@ class OneStep(nn.Module):
         super().__init__()
         cfg = model.config
         if cfg.cell == "mogrifier":
-            raise ValueError("a Mogrifier LSTM's one-step graph is MogrifierStep")
+            raise ExportError("a Mogrifier LSTM's one-step graph is MogrifierStep")
         self.cell, self.L, self.H = cfg.cell, cfg.num_layers, cfg.hidden_size
         H, rnn = self.H, model.rnn
         order = lstm_gate_order(H) if self.cell == "lstm" else None

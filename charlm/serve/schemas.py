@@ -268,12 +268,13 @@ class HealthAnswer(_Answer):
 
 
 class InfoAnswer(_Answer):
-    model: dict[str, Any] = Field(description="id, cell, hidden_size, num_layers, embedding_dim, impl, parameters, "
-                                              "checkpoint.")
+    model: dict[str, Any] = Field(description="id, cell, hidden_size, num_layers, embedding_dim, (a mogrifier's) "
+                                              "mogrify_rounds and mogrify_rank, impl, parameters, checkpoint.")
     vocabulary: dict[str, Any] = Field(description="size (with <unk>) and chars (the characters a prompt may use).")
     preprocess: str
     corpus: str | None
-    held_out: dict[str, Any] | None = Field(description="bits_per_char, perplexity and step of the best checkpoint.")
+    held_out: dict[str, Any] | None = Field(description="bits_per_char, perplexity, chars (the held-out characters "
+                                                        "scored) and step of the best checkpoint.")
     limits: dict[str, Any]
     defaults: dict[str, Any]
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from charlm.config import MAX_SAMPLES, MAX_STREAM_INTERVAL, SampleConfig, _is_int, _is_real
+from charlm.config import MAX_SAMPLES, MOGRIFIER_FIELDS, MAX_STREAM_INTERVAL, SampleConfig, _is_int, _is_real
 from charlm.corpus import normalize
 from charlm.errors import CharlmError, ConfigError, UnknownCharactersError
 from charlm.serve import schemas
@@ -108,17 +108,18 @@ class Service:
 
     def info(self) -> dict:
         c, cfg, progress = self.ckpt, self.ckpt.config, self.ckpt.progress
-        best = progress.get("best_val_loss")
+        best, chars = c.held_out_figure()  # (the whole held-out text's, as charlm info and charlm eval give it)
         limits = self.config
+        mogrifier = {name: getattr(cfg, name) for name in MOGRIFIER_FIELDS} if cfg.cell == "mogrifier" else {}
         return {
             "model": {"id": self.model_id, "cell": cfg.cell, "hidden_size": cfg.hidden_size,
-                      "num_layers": cfg.num_layers, "embedding_dim": cfg.embedding_dim, "impl": cfg.impl,
+                      "num_layers": cfg.num_layers, "embedding_dim": cfg.embedding_dim, **mogrifier, "impl": cfg.impl,
                       "parameters": c.model.num_parameters(), "checkpoint": self.command_checkpoint},
             "vocabulary": {"size": len(c.vocab), "chars": c.vocab.itos[1:]},
             "preprocess": c.preprocess,
             "corpus": c.corpus_path.name if c.corpus_path else None,
             "held_out": None if best is None else {"bits_per_char": best / math.log(2), "perplexity": math.exp(best),
-                                                   "step": progress.get("step")},
+                                                   "chars": chars, "step": progress.get("step")},
             "limits": {"max_length": limits.max_length, "max_prompt": limits.max_prompt,
                        "max_samples": limits.max_samples, "max_seconds": limits.max_seconds, "slots": limits.slots,
                        "queue_size": limits.queue_size, "max_body": limits.max_body},
