@@ -410,6 +410,22 @@ def check_file(path: Path, owned: bool, what: str, option: str = "--out") -> Non
 
 
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's answers when another process holds the lock
+PROBE_GRACE_S = 1.0  # a writer's lock is retried this long: another process's check_free holds it for a moment
+
+
+def _flock_through_probes(fd: int) -> None:
+    """The exclusive lock on ``fd``, retried for PROBE_GRACE_S while it is held (a probe lets go at once; a writer
+    holds on, and the last OSError says so)."""
+    import fcntl
+
+    deadline = time.monotonic() + PROBE_GRACE_S
+    while True:
+        try:
+            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in _HELD or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class FolderLock:
@@ -445,7 +461,7 @@ class FolderLock:
         except OSError:
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (shared: probes at the same moment never see each other)
         except OSError as exc:
             if exc.errno not in _HELD:
                 return
@@ -465,7 +481,7 @@ class FolderLock:
         except OSError as exc:
             raise NotOwnedError(f"{self.option} {self.directory}: cannot lock it ({os_error_line(exc)})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_through_probes(fd)
         except OSError as exc:
             if exc.errno not in _HELD:  # a file system without locks: written unlocked, as before locks existed
                 os.close(fd)

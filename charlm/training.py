@@ -737,19 +737,31 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, emit, prepare_progre
     device's memory, the run folder and its checkpoints, the resume's compatibility, the model built); then
     all ranks agree to go on or stop; only then does rank 0 lock, create or replace the run folder."""
     run = RunDir(cfg.out or default_out(cfg.corpus))
-    trainer = saved = error = None
-    try:
+    trainer = saved = None
+
+    def agree(step) -> None:  # every rank goes on, or all stop (the failing rank says why)
+        error = None
+        try:
+            step()
+        except CharlmError as exc:
+            error = exc
+        if dist.any([error is not None], device)[0]:
+            raise error or TrainError("another process of this run could not start (rank 0 says why)")
+
+    def prepare() -> None:
+        nonlocal trainer, saved
         trainer, saved = _prepare_run(cfg, run, resume, overwrite, prepare_progress, device, dist, parent)
-        if dist.is_main:  # one writer per run folder: locked, (re)checked under the lock, then written
+
+    def create() -> None:  # one writer per run folder: locked, (re)checked under the lock, then written
+        if dist.is_main:   # (after every rank's checks: the others never see the lock, or the folder, it makes)
             run.create(overwrite, step=trainer.state.step if saved is not None else None)
             if run.unlocked:
                 trainer.warnings.append(f"{run.path} is on a file system without file locks: nothing stops a second "
                                         f"process from writing the run at the same time")
-    except CharlmError as exc:
-        error = exc
+
     try:
-        if dist.any([error is not None], device)[0]:
-            raise error or TrainError("another process of this run could not start (rank 0 says why)")
+        agree(prepare)
+        agree(create)
         return _run(trainer, run, saved is not None, emit, device, dist)
     finally:
         run.release()

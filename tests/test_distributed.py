@@ -187,6 +187,22 @@ def launched(corpus, out, tmp_path, **options):
     finally:
         kill_marked("CHARLM_LAUNCH", mark)
         p.wait(timeout=30)
+        _wait_unlocked(out)
+
+
+def _wait_unlocked(out, timeout=30.0):
+    """Until the run folder's lock is free: a killed worker drops it only when the kernel has closed its files,
+    which may be a moment after the process is no longer seen (a resume started at once found it held)."""
+    from charlm.outputs import FolderLock, LockedError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return FolderLock(out).check_free()
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def assert_resumes(corpus, out, steps=5):

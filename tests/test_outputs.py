@@ -318,3 +318,29 @@ def test_save_checkpoint_never_replaces_the_current_directory(tmp_path, ckpt, mo
     with pytest.raises(NotOwnedError, match="current directory"):
         save_checkpoint(".", ckpt.model, ckpt.vocab)
     assert Path.cwd() == here and not any(here.iterdir())
+
+
+def test_lock_probes_at_the_same_moment_never_see_each_other_and_a_writer_waits_out_a_probe(tmp_path):
+    """Each rank of a torchrun run probes the run's lock as it checks the folder: two exclusive probes at the same
+    moment saw each other as a writer, and a resume failed in one line naming a process long gone."""
+    import fcntl
+    import threading
+
+    from charlm.outputs import FolderLock, LockedError
+
+    with FolderLock(tmp_path):  # (made, named, let go)
+        pass
+    probe = os.open(tmp_path / ".charlm.lock", os.O_RDONLY)
+    letting_go = threading.Timer(0.2, fcntl.flock, (probe, fcntl.LOCK_UN))  # the probe lets go a moment later
+    try:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another process's probe, at this moment
+        FolderLock(tmp_path).check_free()  # this one's probe: not refused
+        letting_go.start()
+        with FolderLock(tmp_path):  # the writer waits it out
+            with pytest.raises(LockedError):  # and a writer is still a writer to a probe
+                FolderLock(tmp_path).check_free()
+    finally:
+        letting_go.cancel()
+        if letting_go.is_alive():
+            letting_go.join()
+        os.close(probe)
