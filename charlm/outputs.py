@@ -239,7 +239,19 @@ def _temporary_is_ours(entry: Path, what: str) -> bool:
                 return _is_file(entry) and f.read(len(METRICS_HEADER)) == METRICS_HEADER
         except OSError:
             return False
+    if what == TMP and _is_dir(entry) and _holds_nothing(entry):
+        return True  # (a writer killed between making its temporary and marking it: nothing in it to lose)
     return _is_dir(entry) and mark_of(entry, OLD_MARK if what == OLD else TMP_MARK) is not None
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """Whether a folder is empty, or holds only an empty TMP_MARK (a mark cut short as it was written)."""
+    try:
+        names = [e.name for e in folder.iterdir()]
+        return not names or (names == [TMP_MARK] and _is_file(folder / TMP_MARK)
+                             and (folder / TMP_MARK).stat().st_size == 0)
+    except OSError:
+        return False
 
 
 def _foreign_inside(directory: Path, kind: str, prefix: str = "") -> list[str]:

@@ -344,3 +344,18 @@ def test_lock_probes_at_the_same_moment_never_see_each_other_and_a_writer_waits_
         if letting_go.is_alive():
             letting_go.join()
         os.close(probe)
+
+
+@pytest.mark.parametrize("inside", ["nothing", "an empty mark", "a user's file"])
+def test_a_temporary_killed_before_it_was_marked_is_charlms_only_when_it_holds_nothing(tmp_path, inside):
+    """A writer killed between making .last.tmp-XXXX and marking it left it unmarked: a resume then refused the
+    run (charlm tune, SIGKILL). Empty, or holding only an empty mark, it holds nothing of anyone's."""
+    from charlm.outputs import TMP, TMP_MARK, _temporary_is_ours
+
+    tmp = tmp_path / ".last.tmp-abcd1234"
+    tmp.mkdir()
+    if inside == "an empty mark":
+        (tmp / TMP_MARK).write_bytes(b"")
+    elif inside == "a user's file":
+        (tmp / "notes.txt").write_text("mine")
+    assert _temporary_is_ours(tmp, TMP) is (inside != "a user's file")
