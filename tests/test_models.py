@@ -136,7 +136,12 @@ def test_scratch_dropout_applies_between_layers_only(cell):
 @pytest.mark.parametrize("onehot", [False, True])
 def test_gradcheck_scratch_cells(cell, onehot):
     torch.manual_seed(0)
-    core = ScratchRecurrent(cell, 3, 4, num_layers=2).double()
+    assert _gradcheck_core(ScratchRecurrent(cell, 3, 4, num_layers=2).double(), onehot, pair=cell == "lstm")
+
+
+def _gradcheck_core(core, onehot: bool, pair: bool) -> bool:
+    """gradcheck of a 2-layer recurrent core of 4 units over 3 inputs (one-hot ids or a dense input), through its
+    input, every parameter and its initial state (a pair (h, c) for ``pair`` cells)."""
     x = torch.randint(0, 3, (2, 3)) if onehot else torch.randn(2, 3, 3, dtype=torch.double, requires_grad=True)
     h = torch.randn(2, 2, 4, dtype=torch.double, requires_grad=True)
     c = torch.randn(2, 2, 4, dtype=torch.double, requires_grad=True)
@@ -145,13 +150,12 @@ def test_gradcheck_scratch_cells(cell, onehot):
 
     def f(*args):
         *ps, h_, c_ = args[-(len(params) + 2):]
-        sd = dict(zip(names, ps))
-        xin = x if onehot else args[0]
-        out, st = torch.func.functional_call(core, sd, (xin, (h_, c_) if cell == "lstm" else h_))
+        out, st = torch.func.functional_call(core, dict(zip(names, ps)), (x if onehot else args[0],
+                                                                          (h_, c_) if pair else h_))
         return out, *(st if isinstance(st, tuple) else (st,))
 
     inputs = ([] if onehot else [x]) + params + [h, c]
-    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5)
+    return torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
@@ -269,20 +273,7 @@ def test_the_mogrifier_rounds_follow_the_papers_equations():
 def test_gradcheck_mogrifier(impl, rounds, rank, onehot):
     """The fast form's hand-written backward pass (and the scratch form's autograd) against finite differences,
     for the input, the state and every parameter."""
-    core = _mogrifier(impl, rounds, rank)
-    x = torch.randint(0, 3, (2, 3)) if onehot else torch.randn(2, 3, 3, dtype=torch.double, requires_grad=True)
-    h = torch.randn(2, 2, 4, dtype=torch.double, requires_grad=True)
-    c = torch.randn(2, 2, 4, dtype=torch.double, requires_grad=True)
-    params = list(core.parameters())
-    names = [n for n, _ in core.named_parameters()]
-
-    def f(*args):
-        *ps, h_, c_ = args[-(len(params) + 2):]
-        out, (h_n, c_n) = torch.func.functional_call(core, dict(zip(names, ps)), (x if onehot else args[0], (h_, c_)))
-        return out, h_n, c_n
-
-    inputs = ([] if onehot else [x]) + params + [h, c]
-    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5)
+    assert _gradcheck_core(_mogrifier(impl, rounds, rank), onehot, pair=True)
 
 
 @pytest.mark.parametrize("onednn", [True, False])
