@@ -122,6 +122,12 @@ class Checkpoint(RunCorpus):
         return dict(self.meta.get("corpus", {}))
 
     @property
+    def sizing(self) -> str | None:
+        """What the size rule chose for the run and why (``TrainConfig.sized``), or None (all given, or older)."""
+        sizing = self.meta.get("sizing")
+        return sizing if isinstance(sizing, str) else None
+
+    @property
     def run_folder(self) -> Path | None:
         if self.path is None:
             return None

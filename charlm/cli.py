@@ -34,6 +34,7 @@ from charlm.errors import (CharlmError, ConfigError, ProcessGroupError, Training
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "corpus"}
 _SAMPLE = SampleConfig()
 MAX_CLI_SAMPLES = 1024  # charlm generate --num-samples: more would be one batch too large to print, or to hold
+_SIZED = "by the text and budget, see above"
 _PREPROCESS_HELP = "raw: the text as is; lower: lower-cased; letters: d2l's rule (letters and spaces, lower case)."
 
 
@@ -198,9 +199,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--impl", type=click.Choice(IMPLS), default=_d("impl"),
               help="torch: PyTorch's kernels (cuDNN on GPUs; the mogrifier's fast form); scratch: charlm's own "
                    "cells (same weights).")
-@click.option("--hidden-size", type=click.IntRange(1, MAX_UNITS), default=_d("hidden_size"),
+@click.option("--hidden-size", type=click.IntRange(1, MAX_UNITS), default=_d("hidden_size"), show_default=_SIZED,
               help="Units per recurrent layer (at most 2**31 - 1, the dimensions torch's kernels take).")
-@click.option("--num-layers", type=click.IntRange(1, MAX_LAYERS), default=_d("num_layers"),
+@click.option("--num-layers", type=click.IntRange(1, MAX_LAYERS), default=_d("num_layers"), show_default=_SIZED,
               help="Stacked recurrent layers.")
 @click.option("--embedding-dim", type=click.IntRange(0, MAX_UNITS), default=_d("embedding_dim"),
               help="Size of the learned character embedding; 0 = one-hot inputs, as in d2l.")
@@ -213,13 +214,13 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--dropout", type=_FloatRange(0, 1, max_open=True), default=_d("dropout"),
               help="Dropout between layers and before the output layer (the locked dropouts below replace it "
                    "by default).")
-@click.option("--weight-drop", type=_FloatRange(0, 1, max_open=True), default=_d("weight_drop"),
+@click.option("--weight-drop", type=_FloatRange(0, 1, max_open=True), default=_d("weight_drop"), show_default=_SIZED,
               help="DropConnect on each hidden-to-hidden matrix (AWD-LSTM): one mask per batch, training only.")
-@click.option("--dropout-input", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_input"),
+@click.option("--dropout-input", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_input"), show_default=_SIZED,
               help="Locked dropout on the recurrent core's input: one mask per sequence, the same at every step.")
-@click.option("--dropout-hidden", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_hidden"),
+@click.option("--dropout-hidden", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_hidden"), show_default=_SIZED,
               help="Locked dropout between recurrent layers.")
-@click.option("--dropout-output", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_output"),
+@click.option("--dropout-output", type=_FloatRange(0, 1, max_open=True), default=_d("dropout_output"), show_default=_SIZED,
               help="Locked dropout on the last recurrent layer's output, before the output layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_d("batch_size"), help="Sequences per batch (B).")
 @click.option("--num-steps", type=click.IntRange(min=1), default=_d("num_steps"),
@@ -304,6 +305,16 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
     each followed by a newline. It is streamed once into the token cache (see charlm prepare).
     A missing CORPUS whose file stem names a known corpus (corpora/timemachine.txt) is downloaded
     first. The run directory gets last/ and best/ checkpoints, metrics.csv and curve.png.
+
+    \b
+    The options not given of --hidden-size, --num-layers and the four AWD regularisers are sized
+    by the training text's length and the times the budget reads it (the least of --epochs,
+    --max-steps batches, and --time-limit at 10,000 characters a second); the run's first line
+    and charlm info say what was chosen and why:
+      read under 2 times: 2 x 192, no regularisers;
+      a text under 75,000 characters read over 30 times: 1 x 128, regularised as below;
+      otherwise: 2 x 320, --weight-drop 0.25 --dropout-input 0.05
+        --dropout-hidden 0.15 --dropout-output 0.25.
     """
     from charlm.rundir import default_out, saved_train_options
     from charlm.training import train as run_training
@@ -468,6 +479,9 @@ class _TrainProgress:
                 where += f" x {info['world_size']} processes"
             if info.get("weight_decay"):
                 where += f", weight decay {info['weight_decay']:g}"
+            if info.get("sizing") and not info["resumed"]:
+                tqdm.write(f"sized for the text and the budget: {info['sizing']}; options given win "
+                           f"(charlm train --help)", file=sys.stderr)
             tqdm.write(f"{'resuming' if info['resumed'] else 'training'} {info['model'].num_parameters():,}-parameter "
                        f"{info['model_config'].cell.upper()} on {info['train_chars']:,} characters "
                        f"({info['val_chars']:,} held out, {len(info['vocab'])} symbols), {where}, "
@@ -987,6 +1001,7 @@ def info(checkpoint):
         f"model:        {cfg.num_layers} x {cfg.cell.upper()} {cfg.hidden_size}, {inputs}, dropout {cfg.dropout:g}, "
         f"impl {cfg.impl}" + _mogrifier_info(cfg.to_dict())
         + "".join(f", {name.replace('_', '-')} {getattr(cfg, name):g}" for name in REGULARISERS if getattr(cfg, name)),
+        *([f"sized:        {ckpt.sizing}"] if ckpt.sizing else []),
         f"parameters:   {ckpt.model.num_parameters():,}",
         f"vocabulary:   {len(ckpt.vocab)} symbols (with <unk>), most frequent: {sample!r}",
         f"corpus:       {corpus.get('path', '?')} (preprocess {corpus.get('preprocess', '?')}, "

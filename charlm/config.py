@@ -42,6 +42,22 @@ PATIENCE_AUTO = -1  # TrainConfig.patience's default: 5 under the plateau schedu
 REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options
 
 SMALL_CORPUS_CHARS = 500_000  # training texts shorter than this get the small-corpus defaults (resolved_* below)
+# The model's size where the user sets none of it (TrainConfig.sized): three cases by the training text's length
+# and the times the budget reads it, read off measured runs on four texts of 30,000 to 18,000,000 training
+# characters at two or three budgets each (explanation/defaults, "Sizes from the text and the budget"). A field
+# the user sets keeps the user's value; the rule fills the others.
+SIZED_FIELDS = ("hidden_size", "num_layers", *REGULARISERS)
+AWD_LIGHT = {"weight_drop": 0.25, "dropout_input": 0.05, "dropout_hidden": 0.15, "dropout_output": 0.25}
+SIZE_FEW_READS = {"hidden_size": 192, "num_layers": 2, **dict.fromkeys(REGULARISERS, 0.0)}  # under FEW_READS
+SIZE_SMALL_TEXT = {"hidden_size": 128, "num_layers": 1, **AWD_LIGHT}  # under SMALL_TEXT_CHARS, over MANY_READS
+SIZE_MID_READS = {"hidden_size": 320, "num_layers": 2, **AWD_LIGHT}  # the others
+FEW_READS = 2.0  # a budget reading the text fewer times is short of steps, not of text
+SMALL_TEXT_CHARS = 75_000  # a text this short, read more than MANY_READS times, is short of text: a small model
+MANY_READS = 30.0  # over-fits it less (at 30,000 characters; 161,000 already take the middle model)
+# What a second of --time-limit is taken to train on, for the rule: about the default model's speed on one core of
+# a 2-core AMD EPYC (10,000 to 15,000 characters a second in the size runs; two cores: 23,000, the README's
+# quickstart), and on two cores of an AVX2-only CPU, where the LSTM step is 2.6 times slower
+SIZING_CHARS_PER_S = 10_000
 SMALL_CORPUS_WEIGHT_DECAY = 0.3  # measured: README, "Regularisation, planned schedules, dynamic evaluation"
 EVAL_BATCH_SIZE = 64  # rows evaluated in parallel (charlm.evaluation.evaluate, charlm eval)
 EVAL_NUM_STEPS = 256  # columns per chunk; the state is carried from chunk to chunk
@@ -209,8 +225,9 @@ def mogrify_rank_limit(config: ModelConfig) -> int:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``charlm train`` does. ``None`` means "chosen from the corpus or the optimizer":
-    see :meth:`resolved_dropout`, :meth:`resolved_weight_decay` and :meth:`resolved_lr`."""
+    """Everything ``charlm train`` does. ``None`` means "chosen from the corpus, the budget or the optimizer":
+    see :meth:`sized` (the model's size and regularisers), :meth:`resolved_dropout`,
+    :meth:`resolved_weight_decay` and :meth:`resolved_lr`."""
 
     corpus: str  # path of the UTF-8 text file
     out: str | None = None  # run directory; None: checkpoints/<corpus stem>
@@ -220,19 +237,20 @@ class TrainConfig:
     # model
     cell: str = "lstm"  # on CPU torch's LSTM runs fused (oneDNN): more text per second than the GRU (README)
     impl: str = "torch"
-    hidden_size: int = 320  # 2 x 320 generalises better than 1 x 512 or 2 x 256 on small corpora (README)
-    num_layers: int = 2
+    # None (these two and the four AWD regularisers below): sized from the training text and the budget (sized())
+    hidden_size: int | None = None
+    num_layers: int | None = None
     embedding_dim: int = 64  # a learned embedding instead of d2l's one-hot input
     mogrify_rounds: int = 5  # these two: cell "mogrifier" only (see ModelConfig)
     mogrify_rank: int = 0
-    # Regularisation (README, "Why the defaults are what they are"): AWD-LSTM's, lightly, chosen by
-    # measurement on four corpora; plain dropout off. dropout None: the rule before these defaults
+    # Regularisation (explanation/defaults): AWD-LSTM's, lightly (AWD_LIGHT), or none where the budget reads the
+    # text only a few times (sized()); plain dropout off. dropout None: the rule before these defaults
     # (0.5 for corpora under 500k characters, else 0.2), which runs saved then still resume with.
     dropout: float | None = 0.0
-    weight_drop: float = 0.25  # these four: see ModelConfig
-    dropout_input: float = 0.05
-    dropout_hidden: float = 0.15
-    dropout_output: float = 0.25
+    weight_drop: float | None = None  # these four: see ModelConfig; None: sized()
+    dropout_input: float | None = None
+    dropout_hidden: float | None = None
+    dropout_output: float | None = None
     # data
     batch_size: int = 32
     num_steps: int = 64  # truncated BPTT length
@@ -343,11 +361,71 @@ class TrainConfig:
             return self.lr
         return (FINETUNE_LR if self.init_from else DEFAULT_LR)[self.optimizer]
 
+    def reads(self, train_chars: int) -> float:
+        """Times the budget reads a training text of ``train_chars`` characters: the least of ``epochs``, of
+        ``max_steps`` batches and of ``time_limit`` seconds at SIZING_CHARS_PER_S."""
+        chars = [self.epochs * train_chars]
+        if self.max_steps is not None:
+            chars.append(self.max_steps * self.batch_size * self.num_steps)
+        if self.time_limit is not None:
+            chars.append(self.time_limit * SIZING_CHARS_PER_S)
+        return min(chars) / max(1, train_chars)
+
+    def sized(self, train_chars: int) -> tuple["TrainConfig", str | None]:
+        """This config with every SIZED_FIELDS field left at None chosen for a training text of ``train_chars``
+        characters and the budget, and why (None when the user set them all). By the times the budget reads
+        the text (:meth:`reads`):
+
+        - under FEW_READS: SIZE_FEW_READS (short of steps, not of text: a smaller model takes more of them, and
+          regularisation only slows it);
+        - over MANY_READS, a text under SMALL_TEXT_CHARS: SIZE_SMALL_TEXT (short of text: a small model
+          over-fits it less);
+        - otherwise SIZE_MID_READS, *The Time Machine*'s model."""
+        chosen, why = self._sizes(train_chars)
+        if not chosen:
+            return self, None
+        what = []
+        if "num_layers" in chosen or "hidden_size" in chosen:
+            what.append(f"{chosen.get('num_layers', self.num_layers)} x {chosen.get('hidden_size', self.hidden_size)}")
+        regs = [n for n in REGULARISERS if n in chosen]
+        if regs:
+            what.append("no regularisers" if not any(chosen[n] for n in regs) else
+                        ", ".join(f"{n.replace('_', '-')} {chosen[n]:g}" for n in regs))
+        return dataclasses.replace(self, **chosen), f"{', '.join(what)} ({why})"
+
+    def _sizes(self, train_chars: int) -> tuple[dict, str]:
+        """The values :meth:`sized` gives the fields left at None, and why."""
+        unset = [name for name in SIZED_FIELDS if getattr(self, name) is None]
+        if not unset:
+            return {}, ""
+        reads = self.reads(train_chars)
+        times = f"{reads:,.0f}" if reads >= 10 else f"{reads:.2g}"
+        why = f"the budget reads the {train_chars:,} training characters about {times} times"
+        if reads < FEW_READS:
+            table, why = SIZE_FEW_READS, f"{why}, under {FEW_READS:g}"
+        elif reads > MANY_READS and train_chars < SMALL_TEXT_CHARS:
+            table, why = SIZE_SMALL_TEXT, f"{why}, over {MANY_READS:g}, and they are under {SMALL_TEXT_CHARS:,}"
+        elif reads > MANY_READS:
+            table, why = SIZE_MID_READS, f"{why}, over {MANY_READS:g}, but they are {SMALL_TEXT_CHARS:,} or more"
+        else:
+            table, why = SIZE_MID_READS, f"{why}, from {FEW_READS:g} to {MANY_READS:g}"
+        return {name: table[name] for name in unset}, why
+
+    def filled_from(self, saved: dict) -> "TrainConfig":
+        """This config with every SIZED_FIELDS field left at None taken from a saved run's options (a resume)."""
+        saved = with_legacy(saved)
+        return dataclasses.replace(self, **{name: saved[name] for name in SIZED_FIELDS
+                                            if getattr(self, name) is None and name in saved})
+
     def model_config(self, vocab_size: int, num_chars: int = 0) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size,
-                           num_layers=self.num_layers, embedding_dim=self.embedding_dim,
-                           dropout=self.resolved_dropout(num_chars), impl=self.impl,
-                           **{name: getattr(self, name) for name in REGULARISERS + MOGRIFIER_FIELDS})
+        """The model of this config for a vocabulary of ``vocab_size`` and a training text of ``num_chars``
+        characters (sized by :meth:`sized` where fields are None; with ``num_chars`` 0, SIZE_MID_READS)."""
+        chosen = (self._sizes(num_chars)[0] if num_chars else
+                  {k: v for k, v in SIZE_MID_READS.items() if getattr(self, k) is None})
+        size = {name: chosen.get(name, getattr(self, name)) for name in SIZED_FIELDS}
+        return ModelConfig(vocab_size=vocab_size, cell=self.cell, embedding_dim=self.embedding_dim,
+                           dropout=self.resolved_dropout(num_chars), impl=self.impl, **size,
+                           **{name: getattr(self, name) for name in MOGRIFIER_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -783,6 +783,7 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
         if cfg.init_from:  # a fine-tuning run: the architecture it took from its parent is in its checkpoints
             finetune.check_same_parent(saved, cfg.init_from)
             cfg = finetune.inherit(cfg, saved)
+        cfg = cfg.filled_from(saved.train_options)  # the sizes the run was started with, where none are given
         run.check_resume(saved, cfg)
     onto = saved.vocab if saved is not None and cfg.init_from else parent.vocab if parent is not None else None
     data = load_data(cfg, prepare_progress, onto)
@@ -793,6 +794,9 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
                              f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
         if saved.vocab != data.vocab:
             raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+    sizing = None
+    if saved is None:  # the sizes the user left open, chosen for the text and the budget (TrainConfig.sized)
+        cfg, sizing = cfg.sized(len(data.train_ids))
     decay, lr = cfg.resolved_weight_decay(len(data.train_ids)), cfg.resolved_lr()
     if lr * decay >= 1:
         raise TrainError(f"--lr {lr:g} with --weight-decay {decay:g} would shrink every weight by lr x decay = "
@@ -800,6 +804,10 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
     check_memory(cfg.model_config(len(data.vocab), len(data.train_ids)), cfg.batch_size // dist.world_size,
                  cfg.num_steps, cfg.optimizer, device)
     trainer = Trainer(cfg, data, run, device, None, dist)
+    if sizing is not None:
+        trainer.meta_base["sizing"] = sizing
+    elif saved is not None and saved.meta.get("sizing"):
+        trainer.meta_base["sizing"] = saved.meta["sizing"]
     if parent is not None:
         added = len(data.vocab) - len(parent.vocab)
         trainer.model.load_state_dict(finetune.extend_state(parent.model.state_dict(), parent.config, added))
@@ -827,7 +835,8 @@ def _run(trainer: Trainer, run: RunDir, resumed: bool, emit, device, dist: Dist)
                    "step": st.step, "total_steps": st.planned_steps or trainer.total_steps(),
                    "resumed": resumed,
                    "precision": cfg.precision, "world_size": dist.world_size, "weight_decay": trainer.weight_decay,
-                   "lineage": trainer.meta_base.get("lineage"), "new_chars": data.new_chars})
+                   "lineage": trainer.meta_base.get("lineage"), "new_chars": data.new_chars,
+                   "sizing": trainer.meta_base.get("sizing")})
     with _stop_on_signals() as stop:
         try:
             stopped = False

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from charlm.config import (CELLS, DEVICE_CHOICES, GATES, IMPLS, LR_SCHEDULES, MAX_SECONDS, OPTIMIZERS,
-                           PLACEHOLDER_VOCAB, PREPROCESS_MODES, PRECISIONS, SAMPLINGS, SMALL_CORPUS_CHARS, TrainConfig,
-                           _check, _is_int, _is_real, seed_error)
+                           PLACEHOLDER_VOCAB, PREPROCESS_MODES, PRECISIONS, SAMPLINGS, SIZE_MID_READS,
+                           SMALL_CORPUS_CHARS, TrainConfig, _check, _is_int, _is_real, seed_error)
 from charlm.data import min_tokens
 from charlm.errors import (ConfigError, StopTraining, TrainError, TrainingInterrupted, TuneError, TuneInterrupted,
                            os_error_line)
@@ -268,6 +268,7 @@ def macs_per_char(values: dict, vocab_size: int) -> float:
     mogrifier's rounds too)."""
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     d.update(values)
+    d.update({name: value for name, value in SIZE_MID_READS.items() if d[name] is None})  # (the rule's middle)
     h, gates = d["hidden_size"], GATES[d["cell"]]
     first = d["embedding_dim"] or vocab_size
     macs = gates * h * (first + h) + (d["num_layers"] - 1) * gates * h * 2 * h + h * vocab_size

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm import RNNLM, Vocab, generate
-from charlm.config import TrainConfig
+from charlm.config import SIZE_MID_READS, TrainConfig
 
 QUICK = dict(hidden_size=16, batch_size=4, num_steps=8, steps=2, length=20, repeats=1)
 
@@ -75,8 +75,8 @@ def main(argv=None) -> list[dict]:
     """Print the table; return its rows (cell, step_s, step_ratio, greedy, greedy_ratio, batch, batch_ratio)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", nargs="+", default=["lstm", "mogrifier"])
-    ap.add_argument("--hidden-size", type=int, default=TrainConfig.hidden_size)
-    ap.add_argument("--num-layers", type=int, default=TrainConfig.num_layers)
+    ap.add_argument("--hidden-size", type=int, default=SIZE_MID_READS["hidden_size"])
+    ap.add_argument("--num-layers", type=int, default=SIZE_MID_READS["num_layers"])
     ap.add_argument("--embedding-dim", type=int, default=TrainConfig.embedding_dim)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--num-steps", type=int, default=TrainConfig.num_steps)

@@ -48,6 +48,7 @@ def worker(args) -> None:
 
     import charlm
     from charlm.distributed import from_env
+    from charlm.config import SIZE_MID_READS
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ticks = {}
@@ -57,7 +58,8 @@ def worker(args) -> None:
             ticks[info["step"]] = time.perf_counter()
 
     cfg = charlm.TrainConfig(corpus=args.corpus, out=args.out, max_steps=args.steps, eval_every=args.steps,
-                             time_limit=None, patience=None, dist_timeout=120, **json.loads(args.options))
+                             time_limit=None, patience=None, dist_timeout=120,
+                             **{**SIZE_MID_READS, **json.loads(args.options)})  # (the 2 x 320 the table names)
     dist = from_env()
     allreduce_ms = _allreduce_ms(cfg) if dist.enabled else None  # charlm.train then uses this process group
     result = charlm.train(cfg, overwrite=True, callback=callback)

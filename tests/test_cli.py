@@ -143,7 +143,7 @@ def test_env_says_what_this_machine_can_do():
 def test_a_mogrifier_trains_and_info_names_its_rounds(corpus, tmp_path):
     out = tmp_path / "mog"
     r = run("train", corpus, "--cell", "mogrifier", "--mogrify-rounds", 3, "--mogrify-rank", 4, "--hidden-size", 12,
-            "--embedding-dim", 6, "--out", out, "--max-steps", 3, "--batch-size", 4, "--num-steps", 10, "--quiet")
+            "--num-layers", 2, "--embedding-dim", 6, "--out", out, "--max-steps", 3, "--batch-size", 4, "--num-steps", 10, "--quiet")
     assert r.exit_code == 0, r.output
     info = run("info", out)
     assert "2 x MOGRIFIER 12, embedding 6" in info.output and "3 mogrifier rounds of rank 4" in info.output

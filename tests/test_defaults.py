@@ -7,13 +7,13 @@ import json
 from click.testing import CliRunner
 
 from charlm.cli import main
-from charlm.config import D2L_PRESET, PATIENCE_AUTO, TrainConfig
+from charlm.config import D2L_PRESET, PATIENCE_AUTO, SIZED_FIELDS, TrainConfig
 
 
 def test_the_defaults_are_the_measured_ones():
     cfg = TrainConfig(corpus="x.txt")
-    assert (cfg.dropout, cfg.weight_drop, cfg.dropout_input, cfg.dropout_hidden, cfg.dropout_output) == \
-        (0.0, 0.25, 0.05, 0.15, 0.25)
+    assert cfg.dropout == 0.0  # the sizes and the AWD regularisers: by the text and the budget (sized, below)
+    assert all(getattr(cfg, name) is None for name in SIZED_FIELDS)
     assert cfg.lr_schedule == "hold-decay" and cfg.patience == PATIENCE_AUTO and cfg.epochs == 20
     assert cfg.weight_decay is None  # by corpus size:
     assert cfg.resolved_weight_decay(153_522) == 0.3 and cfg.resolved_weight_decay(1_003_855) == 0.0

@@ -12,14 +12,16 @@ from charlm import checkpoint as ck
 from charlm.cli import main
 from charlm.config import TrainConfig
 from charlm.errors import TrainError, TrainingInterrupted
+from charlm.config import SIZE_MID_READS
 from charlm.rundir import METRICS_COLUMNS
 from charlm.training import train
 
 
 def tiny(corpus, out, **kw):
-    base = dict(corpus=str(corpus), out=str(out), cell="gru", hidden_size=16, embedding_dim=8, dropout=0.2,
-                batch_size=4, num_steps=10, eval_every=6, time_limit=None, patience=None, epochs=100,
-                val_fraction=0.1, lr_schedule="plateau")  # these tests split runs with --max-steps: no plan
+    base = {**SIZE_MID_READS,  # sizes given: these tests split runs with --max-steps, which the size rule reads
+            **dict(corpus=str(corpus), out=str(out), cell="gru", hidden_size=16, embedding_dim=8, dropout=0.2,
+                   batch_size=4, num_steps=10, eval_every=6, time_limit=None, patience=None, epochs=100,
+                   val_fraction=0.1, lr_schedule="plateau")}  # (and no plan)
     base.update(kw)
     return TrainConfig(**base)
 
