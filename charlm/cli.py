@@ -28,6 +28,7 @@ from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIS
                            MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS,
                            PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
+from charlm.config import AVERAGES
 from charlm.errors import (CharlmError, ConfigError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError,
                            os_error_line)
 
@@ -247,6 +248,13 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "the planned steps, then linear to 0; cosine: half a cosine to 0. A planned schedule takes its "
                    "length from --max-steps or --epochs, or under --time-limit from the step time measured at the "
                    "first evaluation; the plan is saved, so a resume follows it, and the run stops at its end.")
+@click.option("--average", type=click.Choice(AVERAGES), default=_d("average"),
+              help="ema: keep an exponential moving average of the weights, updated after every step taken; held-out "
+                   "evaluations read it and best/ saves it as the model (last/ keeps the training weights, with "
+                   "the average, to resume from); none: the training weights themselves.")
+@click.option("--average-decay", type=_FloatRange(0, 1, min_open=True, max_open=True), default=_d("average_decay"),
+              help="--average ema: the share of the average kept at each step (the rest is the new weights'); "
+                   "about 1 / (1 - decay) steps weigh in.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--time-limit", type=_FloatRange(min=0), default=_d("time_limit"),
@@ -343,6 +351,10 @@ def train(ctx, corpus, resume, overwrite, d2l, quiet, tensorboard, **options):
                 raise ConfigError(f"{name.replace('_', '-')} applies to the mogrifier cell only "
                                   f"(cell {values.get('cell')!r})")
         values.update({name: _DEFAULTS[name] for name in MOGRIFIER_FIELDS if name in _DEFAULTS})
+    if values.get("average") == "none":  # (a resumed average's decay with --average none: the resume says so)
+        if "average_decay" in explicit:  # (given even at its default value: it means nothing without averaging)
+            raise ConfigError(f"average-decay applies to --average ema only (average {values.get('average')!r})")
+        values["average_decay"] = _DEFAULTS["average_decay"]
     if values.get("time_limit") == 0:
         values["time_limit"] = None
     if values.get("patience") == 0:
@@ -1007,11 +1019,22 @@ def info(checkpoint):
         f"corpus:       {corpus.get('path', '?')} (preprocess {corpus.get('preprocess', '?')}, "
         f"{corpus.get('val_fraction', 0):.0%} held out)",
         f"trained:      {progress.get('step', '?')} steps",
+        *_average_lines(ckpt.train_options, progress),
         *_held_out_lines(progress, corpus),
         *_lineage_lines(ckpt.lineage),
         f"saved with:   torch {ckpt.meta.get('torch_version', '?')}",
     ]
     click.echo("\n".join(lines))
+
+
+def _average_lines(train: dict, progress: dict) -> list[str]:
+    """``charlm info``'s line for a run trained with weight averaging (none without): which weights this is."""
+    if train.get("average", "none") == "none":
+        return []
+    which = {"averaged": "this checkpoint holds the averaged weights",
+             "training": "this checkpoint holds the training weights (the average is in its trainer state)"}
+    return [f"averaging:    {train['average'].upper()} of the weights, decay {train.get('average_decay', '?')}"
+            + (f"; {which[progress['weights']]}" if progress.get("weights") in which else "")]
 
 
 def _lineage_lines(lineage: dict | None) -> list[str]:

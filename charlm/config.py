@@ -40,6 +40,10 @@ NEW_CHARS = ("extend", "unk", "error")  # fine-tuning: the new text's characters
 INHERITED = ("cell", "impl", "hidden_size", "num_layers", "embedding_dim", *MOGRIFIER_FIELDS, "preprocess", "min_count")
 PATIENCE_AUTO = -1  # TrainConfig.patience's default: 5 under the plateau schedule, never under a planned one
 REGULARISERS = ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output")  # ModelConfig's AWD-style options
+# Weight averaging (TrainConfig.average): "none", or "ema", an exponential moving average of the weights after each
+# step (torch.optim.swa_utils.AveragedModel), which held-out evaluations read and best/ saves as the model
+AVERAGES = ("none", "ema")
+AVERAGE_FIELDS = ("average", "average_decay")
 
 SMALL_CORPUS_CHARS = 500_000  # training texts shorter than this get the small-corpus defaults (resolved_* below)
 # The model's size where the user sets none of it (TrainConfig.sized): three cases by the training text's length
@@ -284,6 +288,11 @@ class TrainConfig:
     # and preprocessing with its weights; new_chars: what becomes of the text's characters it lacks (NEW_CHARS)
     init_from: str | None = None
     new_chars: str = "extend"
+    # weight averaging (AVERAGES): "ema" keeps an exponential moving average of the weights, updated after every
+    # optimizer step taken: avg = decay * avg + (1 - decay) * weights (the first step's weights start it); held-out
+    # evaluations read it and best/ holds it as the model, while last/ keeps the training weights to resume from
+    average: str = "none"
+    average_decay: float = 0.999  # average "ema" only: the share of the average kept at each step, in (0, 1)
 
     def __post_init__(self):
         check_choice("preprocessing", self.preprocess, PREPROCESS_MODES)
@@ -325,6 +334,11 @@ class TrainConfig:
              f"new chars {self.new_chars!r} means something only when fine-tuning a trained model (init from)"),
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init from must be a path, got {self.init_from!r}"),
+            (self.average in AVERAGES, f"average must be one of {', '.join(AVERAGES)}, got {self.average!r}"),
+            (_is_real(self.average_decay, 0, 1, low_open=True) and self.average_decay < 1,
+             f"average decay must lie in (0, 1), got {self.average_decay!r}"),
+            (self.average != "none" or self.average_decay == _AVERAGE_DECAY,
+             f"average decay means something only with average 'ema' (average {self.average!r})"),
         ])
         self.model_config(PLACEHOLDER_VOCAB)  # validates the model options (sizes, dropout, cell, impl)
 
@@ -436,10 +450,12 @@ class TrainConfig:
         return _from_dict(cls, with_legacy(data))
 
 
+_AVERAGE_DECAY = next(f.default for f in fields(TrainConfig) if f.name == "average_decay")
+
 # What a TrainConfig saved before a field existed meant by leaving it out (the defaults of that time),
 # so that such a run resumes as it started and reads back as what it was.
 LEGACY_TRAIN = {"weight_drop": 0.0, "dropout_input": 0.0, "dropout_hidden": 0.0, "dropout_output": 0.0,
-                "lr_schedule": "plateau", "weight_decay": 0.0}
+                "lr_schedule": "plateau", "weight_decay": 0.0, "average": "none"}
 
 
 def with_legacy(saved: dict) -> dict:

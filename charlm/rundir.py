@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from charlm import checkpoint as ckpt_mod
-from charlm.config import MOGRIFIER_FIELDS, REGULARISERS, with_legacy
+from charlm.config import AVERAGE_FIELDS, MOGRIFIER_FIELDS, REGULARISERS, with_legacy
 from charlm.errors import CharlmError, CheckpointError, RunExistsError, TrainError, os_error_line
 from charlm.outputs import (LOCK, MARKER, FolderLock, LockedError, check_folder, check_not_inside_owned, check_parent,
                             new_folders, remove_entries, remove_temporaries, resolve_path, write_marker)
@@ -39,7 +39,7 @@ FINETUNE_FIELDS = ("new_chars",)  # how a fine-tuning run reads its text's chara
 # the same corpus)
 DATA_FIELDS = ("preprocess", "max_chars", "min_count", "val_fraction", "batch_size", "num_steps", "sampling",
                "seed", "eval_chars")
-RESUME_FIELDS = MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS + SCHEDULE_FIELDS + FINETUNE_FIELDS
+RESUME_FIELDS = MODEL_FIELDS + DATA_FIELDS + OPTIMIZER_FIELDS + SCHEDULE_FIELDS + FINETUNE_FIELDS + AVERAGE_FIELDS
 
 
 def default_out(corpus: str | os.PathLike) -> Path:
@@ -161,10 +161,12 @@ class RunDir:
 
     @staticmethod
     def check_resume(saved: ckpt_mod.Checkpoint, requested) -> None:
-        """Refuse a resume whose model, data, optimizer or schedule options differ from the run's."""
+        """Refuse a resume whose model, data, optimizer, schedule or averaging options differ from the run's."""
         fields = RESUME_FIELDS
         if saved.train_options.get("cell") != getattr(requested, "cell", None):  # (the cell says it: a mogrifier's
             fields = tuple(f for f in fields if f not in MOGRIFIER_FIELDS)        # rounds mean nothing to the other)
+        if with_legacy(saved.train_options).get("average") != getattr(requested, "average", None):  # (the same:
+            fields = tuple(f for f in fields if f != "average_decay")                # a decay means nothing then)
         diffs = config_differences(saved.train_options, requested, fields)
         if diffs:
             raise TrainError("--resume with different model, data, optimizer or schedule options: " + "; ".join(diffs)

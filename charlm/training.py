@@ -41,6 +41,10 @@ the lr follows the same plan:
 In every case the last step taken is the schedule's last step: its lr is the schedule's end (0), but
 for a plan of one step (its only step trains at the base lr), and for a time limit too short to measure
 (under WARM_STEPS steps in all), whose plan ends at the step where the time ran out.
+
+Under ``--average ema`` (PyTorch's ``torch.optim.swa_utils.AveragedModel``) an exponential moving average of the
+weights is updated after every optimizer step taken; held-out evaluations read it and ``best/`` holds it as its
+model, while ``last/`` holds the training weights (what a resume continues) with the average in its trainer state.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from charlm import finetune
 from charlm.checkpoint import corpus_paths, held_out_entry, load_checkpoint, save_checkpoint, update_progress
@@ -355,6 +360,8 @@ class Evaluator:
                     "val_loss": val.loss if val else None}
         if name == "best" and val is not None and not self.partial:
             progress["held_out"] = held_out_entry(val)  # periodic evaluations read the whole tail
+        if self.cfg.average != "none":  # which weights the model is: best/ the averaged ones, last/ the training ones
+            progress["weights"] = "averaged" if name == "best" else "training"
         meta = {**self.meta_base, "progress": progress}
         save_checkpoint(self.run_dir.checkpoint(name), model, self.data.vocab, meta, state)
         self.last_save_s = time.perf_counter() - t0
@@ -416,6 +423,10 @@ class Trainer:
         self.restored = False
         self.weight_decay = cfg.resolved_weight_decay(len(data.train_ids))
         self.optimizer = _make_optimizer(cfg, self.model, self.weight_decay)
+        self.average, self.stepped = None, False  # --average ema: the averaged weights; the optimizer stepped
+        if cfg.average == "ema":  # (a copy of the model: it draws nothing from the RNG)
+            self.average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.average_decay))
+            self.optimizer.register_step_post_hook(self._stepped)
         self.autocast = lambda: autocast(cfg.precision, device)
         self.scaler = grad_scaler(cfg.precision, device)  # fp16 only; otherwise it passes everything through
         self.pin = device.type == "cuda"  # batches copied from page-locked memory, without waiting
@@ -430,6 +441,12 @@ class Trainer:
         self.steps_per_epoch = 0
         self.last_eval_step = None
         self.t_start = time.perf_counter()  # reset when the loop starts
+
+    @property
+    def eval_model(self) -> RNNLM:
+        """The weights held-out evaluations read and ``best/`` saves: the averaged ones under --average (once a step
+        was taken: the average starts from the first step's weights), else the training weights."""
+        return self.model if self.average is None or not self.average.n_averaged else self.average.module
 
     @property
     def first_step(self) -> int:
@@ -454,6 +471,8 @@ class Trainer:
         metrics rows after its step are dropped by :meth:`charlm.rundir.RunDir.create`)."""
         self.restored = True
         self.model.load_state_dict(saved.model.state_dict())
+        if self.average is not None:
+            self.average.load_state_dict(saved.trainer_state["average"])
         self.state = RunState.restore(saved.trainer_state, self.optimizer, self.device, self.model_config.cell,
                                       self.dist, self.scaler)
         self.interval.restore(saved.trainer_state.get("interval"))
@@ -466,14 +485,19 @@ class Trainer:
         self.evals.restore()
 
     def checkpoint_state(self) -> dict:
-        """The trainer state of a checkpoint (``trainer.pt``): the run state and the training figures since the
-        last scheduled evaluation (a collective: every rank calls it)."""
-        return {**self.state.to_dict(self.optimizer, self.device, self.dist, self.scaler),
-                "interval": self.interval.to_dict(self.dist)}
+        """The trainer state of a checkpoint (``trainer.pt``): the run state, the training figures since the
+        last scheduled evaluation and, under --average, the averaged weights (a collective: every rank calls it)."""
+        state = {**self.state.to_dict(self.optimizer, self.device, self.dist, self.scaler),
+                 "interval": self.interval.to_dict(self.dist)}
+        if self.average is not None:  # (the same on every rank: the average of the same weights)
+            state["average"] = {k: v.detach().cpu() for k, v in self.average.state_dict().items()}
+        return state
 
     def save(self, name: str, val: EvalResult | None) -> None:
-        """Every rank takes part (the state is gathered); only rank 0 writes."""
-        self.evals.save(name, self.model, self.state, val, self.checkpoint_state)
+        """Every rank takes part (the state is gathered); only rank 0 writes. ``best/``'s model is the weights
+        evaluated (the averaged ones under --average); ``last/``'s the training weights, which a resume continues."""
+        model = self.eval_model if name == "best" else self.model
+        self.evals.save(name, model, self.state, val, self.checkpoint_state)
 
     # -- the plan and the time -----------------------------------------------------------------
     def plan(self) -> None:
@@ -562,6 +586,7 @@ class Trainer:
         if self.finite(loss, grad_norm):
             st.nonfinite = 0
             scaler.step(self.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+            self.update_average()
             st.hidden = _carried(new_hidden)  # the next batch continues from it, without this graph
             self.interval.add(loss, grad_norm, scaled=scaler.is_enabled())
         else:  # skip the update; give up after MAX_NONFINITE in a row
@@ -572,6 +597,17 @@ class Trainer:
         st.step += 1
         st.batch_in_epoch += 1
         self.interval.count(self.tokens_per_step)
+
+    def _stepped(self, optimizer, args, kwargs) -> None:
+        """The optimizer's post-step hook (under --average): the weights moved."""
+        self.stepped = True
+
+    def update_average(self) -> None:
+        """Under --average: the averaged weights take in the step just taken (a step fp16's scaler skipped is none:
+        the hook did not run)."""
+        if self.average is not None and self.stepped:
+            self.average.update_parameters(self.model)
+            self.stepped = False
 
     def batches(self):
         """The rest of the current epoch's batches."""
@@ -642,7 +678,7 @@ class Trainer:
         reports and saves, so that a resumed run takes the same decisions as one never stopped."""
         st, iv, evals = self.state, self.interval, self.evals
         now = time.perf_counter()
-        val = evals.measure(self.model, st, since=now)
+        val = evals.measure(self.eval_model, st, since=now)
         row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
                "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
                "train_loss": iv.mean(self.dist.sum(iv.loss_sum) / self.dist.world_size), "val_loss": val.loss,
@@ -659,7 +695,7 @@ class Trainer:
         improved = val.loss < st.best_loss
         if improved:
             st.best_loss = val.loss
-            evals.keep_best(self.model, val)
+            evals.keep_best(self.eval_model, val)
             self.save("best", val)
         self.save("last", val)
         self.last_eval_step = st.step  # (before the event: a callback that stops the run there leaves it evaluated)
@@ -669,7 +705,7 @@ class Trainer:
     def evaluate_best_on_tail(self) -> None:
         """The best weights on the whole tail, when periodic evaluations read a part of it
         (:meth:`Evaluator.evaluate_best_on_tail`)."""
-        self.evals.evaluate_best_on_tail(self.model, self.elapsed(), stepped=self.state.step > self.first_step)
+        self.evals.evaluate_best_on_tail(self.eval_model, self.elapsed(), stepped=self.state.step > self.first_step)
 
     def result(self, stop_reason: str) -> TrainResult:
         st, evals = self.state, self.evals

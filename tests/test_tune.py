@@ -120,11 +120,12 @@ def test_train_command_names_every_option_and_reads_back_exactly():
                       sampling="random", val_fraction=0.2, eval_chars=500, optimizer="sgd", lr=0.1234567890123,
                       clip=0.5, weight_decay=1e-5, lr_decay=0.9, lr_schedule="cosine", epochs=3, max_steps=77,
                       time_limit=None, eval_every=7, patience=None, seed=5, device="cpu", dist_backend="gloo",
-                      dist_timeout=30.0, precision="bf16")
+                      dist_timeout=30.0, precision="bf16", average="ema", average_decay=0.99)
     words = shlex.split(train_command(cfg))
     assert {w for w in words if w.startswith("--")} <= train_params
     ctx = main.commands["train"].make_context("train", words[2:])
     assert ctx.params["lr"] == cfg.lr and ctx.params["weight_decay"] == cfg.weight_decay  # floats read back exactly
+    assert (ctx.params["average"], ctx.params["average_decay"]) == ("ema", 0.99)
     assert ctx.params["time_limit"] == 0 and ctx.params["patience"] == 0  # charlm train's "none"
     named = {w[2:].replace("-", "_") for w in words if w.startswith("--")}
     # every field is named (but those a search never sets: --d2l's, and the fine-tuning ones)
