@@ -253,8 +253,9 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "evaluations read it and best/ saves it as the model (last/ keeps the training weights, with "
                    "the average, to resume from); none: the training weights themselves.")
 @click.option("--average-decay", type=_FloatRange(0, 1, min_open=True, max_open=True), default=_d("average_decay"),
-              help="--average ema: the share of the average kept at each step (the rest is the new weights'); "
-                   "about 1 / (1 - decay) steps weigh in.")
+              help="--average ema: the share of the average kept at each step (the rest is the new weights'), "
+                   "after a warm-up: (1 + n) / (10 + n) at the n-th step while that is lower; about "
+                   "1 / (1 - decay) steps weigh in.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--time-limit", type=_FloatRange(min=0), default=_d("time_limit"),
@@ -1029,12 +1030,13 @@ def info(checkpoint):
 
 def _average_lines(train: dict, progress: dict) -> list[str]:
     """``charlm info``'s line for a run trained with weight averaging (none without): which weights this is."""
-    if train.get("average", "none") == "none":
+    if train.get("average", "none") == "none" or not isinstance(train.get("average"), str):
         return []
     which = {"averaged": "this checkpoint holds the averaged weights",
              "training": "this checkpoint holds the training weights (the average is in its trainer state)"}
     return [f"averaging:    {train['average'].upper()} of the weights, decay {train.get('average_decay', '?')}"
-            + (f"; {which[progress['weights']]}" if progress.get("weights") in which else "")]
+            + (f"; {which[progress['weights']]}" if isinstance(progress.get("weights"), str)
+               and progress["weights"] in which else "")]
 
 
 def _lineage_lines(lineage: dict | None) -> list[str]:

@@ -383,7 +383,10 @@ class TrainConfig:
             chars.append(self.max_steps * self.batch_size * self.num_steps)
         if self.time_limit is not None:
             chars.append(self.time_limit * SIZING_CHARS_PER_S)
-        return min(chars) / max(1, train_chars)
+        try:
+            return min(chars) / max(1, train_chars)
+        except OverflowError:  # (an --epochs past what a float holds)
+            return math.inf
 
     def sized(self, train_chars: int) -> tuple["TrainConfig", str | None]:
         """This config with every SIZED_FIELDS field left at None chosen for a training text of ``train_chars``
@@ -398,13 +401,17 @@ class TrainConfig:
         chosen, why = self._sizes(train_chars)
         if not chosen:
             return self, None
-        what = []
-        if "num_layers" in chosen or "hidden_size" in chosen:
-            what.append(f"{chosen.get('num_layers', self.num_layers)} x {chosen.get('hidden_size', self.hidden_size)}")
+        what = []  # what the rule chose, and only that
+        if "num_layers" in chosen and "hidden_size" in chosen:
+            what.append(f"{chosen['num_layers']} x {chosen['hidden_size']}")
+        else:
+            what += [f"{name.replace('_', '-')} {chosen[name]}" for name in ("num_layers", "hidden_size")
+                     if name in chosen]
         regs = [n for n in REGULARISERS if n in chosen]
-        if regs:
-            what.append("no regularisers" if not any(chosen[n] for n in regs) else
-                        ", ".join(f"{n.replace('_', '-')} {chosen[n]:g}" for n in regs))
+        if len(regs) == len(REGULARISERS) and not any(chosen[n] for n in regs):
+            what.append("no regularisers")
+        else:
+            what += [f"{n.replace('_', '-')} {chosen[n]:g}" for n in regs]
         return dataclasses.replace(self, **chosen), f"{', '.join(what)} ({why})"
 
     def _sizes(self, train_chars: int) -> tuple[dict, str]:
@@ -413,8 +420,9 @@ class TrainConfig:
         if not unset:
             return {}, ""
         reads = self.reads(train_chars)
-        times = f"{reads:,.0f}" if reads >= 10 else f"{reads:.2g}"
-        why = f"the budget reads the {train_chars:,} training characters about {times} times"
+        times = ("an unbounded number of times" if math.isinf(reads) else "about once" if f"{reads:.2g}" == "1" else
+                 f"about {reads:,.0f} times" if reads >= 10 else f"about {reads:.2g} times")
+        why = f"the budget reads the {train_chars:,} training characters {times}"
         if reads < FEW_READS:
             table, why = SIZE_FEW_READS, f"{why}, under {FEW_READS:g}"
         elif reads > MANY_READS and train_chars < SMALL_TEXT_CHARS:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from charlm.config import SIZE_MID_READS
 from charlm.corpus import ensure_corpus
 
 MIXED_LINE = "café — 时间 🙂\n"
@@ -214,7 +215,9 @@ print(json.dumps({{k: sorted(v)[1] for k, v in times.items()}}))
 def eval_share(shakespeare: Path, work: Path, env: dict, quick: bool) -> dict:
     limit = 20 if quick else 180
     args = ["train", str(shakespeare), "--out", str(work / "run-ts"), "--overwrite", "--quiet",
-            "--time-limit", str(limit)] + (["--hidden-size", "32", "--embedding-dim", "8"] if quick else [])
+            "--time-limit", str(limit)] + (["--hidden-size", "32", "--embedding-dim", "8"] if quick else
+                                           [f"--{k.replace('_', '-')}={v}" for k, v in SIZE_MID_READS.items()])
+    # (the model measured: 2 x 320, regularised)
     seconds, _, out = _cli(args, env)
     line = out.strip().splitlines()[-1]
     elapsed = float(line.split(" in ")[1].split("s (")[0])

@@ -86,8 +86,9 @@ def test_the_average_is_the_ema_of_the_weights_after_each_step_taken(corpus, tmp
     assert_equal(seen[2], seen[1])  # the skipped step moved nothing
     taken = [w for i, w in enumerate(seen) if i != 2]
     expected = dict(taken[0])
-    for w in taken[1:]:
-        expected = {k: decay * expected[k] + (1 - decay) * w[k] for k in w}
+    for n, w in enumerate(taken[1:], start=1):  # (n: updates the average had taken in before this one)
+        d = min(decay, (1 + n) / (10 + n))  # the warm-up: early weights soon forgotten
+        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
     best, last = weights(tmp_path / "r", "best"), weights(tmp_path / "r", "last")
     for k in expected:
         torch.testing.assert_close(best[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
@@ -292,3 +293,15 @@ def test_a_fine_tuning_run_evaluates_its_parent_until_a_step_is_taken(corpus, tm
     train(config(corpus, tmp_path / "child", max_steps=2, eval_every=2), init_from=str(tmp_path / "parent"))
     assert_equal(weights(tmp_path / "child", "best"), weights(tmp_path / "parent", "best"), "best/")
     assert int(trainer_state(tmp_path / "child")["average"]["n_averaged"]) == 0
+
+
+def test_the_decay_warms_up_to_the_one_asked():
+    """Early updates keep less of the average than ``--average-decay`` asks, (1 + n) / (10 + n) after n updates,
+    so that after 1,600 steps at 0.999 the first step's weights weigh in for almost nothing (0.999**1600 = 0.20
+    without it)."""
+    assert training.ema_decay(0.999, 1) == 2 / 11 and training.ema_decay(0.999, 90) == 91 / 100
+    assert training.ema_decay(0.999, 10**6) == 0.999 and training.ema_decay(0.5, 100) == 0.5 and training.ema_decay(0.5, 3) == 4 / 13
+    kept = 1.0
+    for n in range(1, 1600):
+        kept *= training.ema_decay(0.999, n)
+    assert kept < 1e-3

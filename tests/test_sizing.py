@@ -3,6 +3,7 @@ picks for texts of several sizes and budgets, that every option the user gives w
 was chosen (its first lines, charlm info), saves it, and resumes with it."""
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -62,7 +63,8 @@ def test_every_option_given_wins(chars):
     assert cfg.hidden_size == 48 and cfg.weight_drop == 0.4
     assert cfg.num_layers == rule.num_layers  # the others: the rule's
     assert all(getattr(cfg, n) == getattr(rule, n) for n in ("dropout_input", "dropout_hidden", "dropout_output"))
-    assert "weight-drop" not in why  # what the user set is not said to be chosen
+    assert "weight-drop" not in why and "48" not in why  # what the user set is not said to be chosen
+    assert why.startswith(f"num-layers {rule.num_layers}, dropout-input")
     everything = {name: SIZE_MID_READS[name] + (1 if name in ("hidden_size", "num_layers") else 0.01)
                   for name in SIZED_FIELDS}
     cfg, why = TrainConfig(corpus="x", **everything).sized(chars)
@@ -82,7 +84,7 @@ def test_a_run_says_and_saves_what_was_chosen_and_resumes_with_it(write_corpus, 
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--epochs", "40", "--time-limit", "0",
                                   "--eval-every", "100", "--batch-size", "4", "--num-steps", "16", "--embedding-dim",
-                                  "8"])
+                                  "8", "--lr-schedule", "plateau", "--patience", "0"])  # (no plan: a resume goes on)
     assert r.exit_code == 0, r.output
     said = r.output.index("sized for the text and the budget: 1 x 128, weight-drop 0.25")
     assert said < r.output.index("training 74,218-parameter LSTM")  # the run's first line
@@ -93,9 +95,10 @@ def test_a_run_says_and_saves_what_was_chosen_and_resumes_with_it(write_corpus, 
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "sized:        1 x 128" in info.output, info.output
     # a resume takes the run's sizes, whatever the rule would pick for a budget now (here a few reads)
-    r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--max-steps", "6"])
+    r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--epochs", "42"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "last" / "config.json").read_text())["model"]["hidden_size"] == 128
+    resumed = json.loads((out / "last" / "config.json").read_text())
+    assert resumed["progress"]["step"] == 294 and resumed["model"]["hidden_size"] == 128  # it trained on, sized so
     r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--hidden-size", "64"])
     assert r.exit_code == 1 and "hidden-size: 128 -> 64" in r.output
 
@@ -134,3 +137,36 @@ def test_the_help_states_the_rules_figures():
     regs = " ".join(f"--{n.replace('_', '-')} {mid[n]:g}" for n in REGULARISERS)
     assert f"otherwise: {mid['num_layers']} x {mid['hidden_size']}, {regs}" in text
     assert all(small[n] == mid[n] for n in REGULARISERS) and not any(few[n] for n in REGULARISERS)
+
+
+def test_the_reason_names_only_what_the_rule_chose():
+    _, why = TrainConfig(corpus="x", epochs=1, weight_drop=0.5).sized(10**6)  # few reads, a regulariser given
+    assert why.startswith("2 x 192, dropout-input 0, dropout-hidden 0, dropout-output 0 (") and "once" in why
+    _, why = TrainConfig(corpus="x", epochs=1).sized(10**6)
+    assert why.startswith("2 x 192, no regularisers (")
+
+
+def test_a_budget_past_what_a_float_holds_is_many_reads_not_a_traceback():
+    cfg = TrainConfig(corpus="x", epochs=10**400, time_limit=None)
+    assert cfg.reads(100) == float("inf")
+    sized, why = cfg.sized(100)
+    assert sizes(sized) == SIZE_SMALL_TEXT and "an unbounded number of times" in why
+
+
+def test_a_resume_whose_saved_options_lack_the_sizes_takes_its_models(write_corpus, tmp_path):
+    """A hand-edited last/config.json whose sizes are null: the resume reads the model's own sizes, and says in
+    one line that the options differ (no traceback from weights of another shape)."""
+    text, out = write_corpus(3), tmp_path / "run"
+    args = ["train", str(text), "--out", str(out), "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
+            "--num-steps", "16", "--embedding-dim", "8", "--hidden-size", "48", "--quiet"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    config_path = out / "last" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["hidden_size"] = None
+    config_path.write_text(json.dumps(config))
+    manifest = json.loads((out / "last" / "manifest.json").read_text())  # (as charlm would have written it)
+    manifest["config.json"] = hashlib.sha256(config_path.read_bytes()).hexdigest()
+    (out / "last" / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--max-steps", "6"])
+    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert "hidden-size: None -> 48" in r.output, r.output
