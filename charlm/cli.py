@@ -254,8 +254,8 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
                    "the average, to resume from); none: the training weights themselves.")
 @click.option("--average-decay", type=_FloatRange(0, 1, min_open=True, max_open=True), default=_d("average_decay"),
               help="--average ema: the share of the average kept at each step (the rest is the new weights'), "
-                   "after a warm-up: (1 + n) / (10 + n) at the n-th step while that is lower; about "
-                   "1 / (1 - decay) steps weigh in.")
+                   "after a warm-up: after n updates, (1 + n) / (10 + n) while that is lower (at 0.999, for "
+                   "the first 8,990), so that about the last tenth of the steps weigh in, then 1 / (1 - decay).")
 @click.option("--epochs", type=click.IntRange(min=1), default=_d("epochs"), help="Passes over the training text (at most).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--time-limit", type=_FloatRange(min=0), default=_d("time_limit"),

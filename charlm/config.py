@@ -96,6 +96,19 @@ MAX_SECONDS = 1e9  # a search's durations (charlm tune's budgets), at most: abou
 DIST_TIMEOUT_RANGE = (1.0, 7 * 24 * 3600.0)  # seconds, a week at most: datetime.timedelta and torch's timeouts hold it
 
 
+def _times(reads: float) -> str:
+    """How many times a budget reads a text, in words, to as many figures as the rule's thresholds need."""
+    if math.isinf(reads):
+        return "more times than a float counts"
+    if reads < 0.01:
+        return "less than a hundredth of once"
+    if f"{reads:.3g}" == "1":
+        return "about once"
+    number = (f"{reads:.3g}" if reads < 10 else f"{reads:,.1f}".removesuffix(".0") if reads < 100 else
+              f"{reads:,.0f}" if reads < 1e6 else f"{reads:.2g}")
+    return f"about {number} times"
+
+
 def _from_dict(cls, data: dict):
     """Build dataclass ``cls`` from ``data``, refusing keys it does not know."""
     names = {f.name for f in fields(cls)}
@@ -420,8 +433,11 @@ class TrainConfig:
         if not unset:
             return {}, ""
         reads = self.reads(train_chars)
-        times = ("an unbounded number of times" if math.isinf(reads) else "about once" if f"{reads:.2g}" == "1" else
-                 f"about {reads:,.0f} times" if reads >= 10 else f"about {reads:.2g} times")
+        times = _times(reads)
+        if reads < FEW_READS and times == f"about {FEW_READS:g} times":  # (rounded onto a threshold it is not)
+            times = f"just under {FEW_READS:g} times"
+        elif reads > MANY_READS and times == f"about {MANY_READS:g} times":
+            times = f"just over {MANY_READS:g} times"
         why = f"the budget reads the {train_chars:,} training characters {times}"
         if reads < FEW_READS:
             table, why = SIZE_FEW_READS, f"{why}, under {FEW_READS:g}"

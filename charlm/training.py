@@ -849,6 +849,12 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
                              f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
         if saved.vocab != data.vocab:
             raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
+        built = cfg.model_config(len(data.vocab), len(data.train_ids))
+        differ = [f"{name.replace('_', '-')} {getattr(saved.config, name)!r} (its options say {getattr(built, name)!r})"
+                  for name in SIZED_FIELDS if getattr(built, name) != getattr(saved.config, name)]
+        if differ:  # (an edited config.json: the options and the model it holds disagree)
+            raise TrainError(f"{run.checkpoint('last')} holds a model its saved options do not describe: "
+                             + "; ".join(differ) + "; it cannot resume (start over with --overwrite)")
     sizing = None
     if saved is None:  # the sizes the user left open, chosen for the text and the budget (TrainConfig.sized)
         cfg, sizing = cfg.sized(len(data.train_ids))

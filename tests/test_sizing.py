@@ -141,7 +141,13 @@ def test_the_help_states_the_rules_figures():
 
 def test_the_reason_names_only_what_the_rule_chose():
     _, why = TrainConfig(corpus="x", epochs=1, weight_drop=0.5).sized(10**6)  # few reads, a regulariser given
-    assert why.startswith("2 x 192, dropout-input 0, dropout-hidden 0, dropout-output 0 (") and "once" in why
+    assert why.startswith("2 x 192, dropout-input 0, dropout-hidden 0, dropout-output 0 (") and "about once" in why
+    for budget, words in (({"time_limit": 1.9996}, "just under 2 times, under 2"),
+                          ({"epochs": 40, "time_limit": 3.00001}, "just over 30 times, over 30"),
+                          ({"epochs": 30, "time_limit": None}, "about 30 times, from 2 to 30"),
+                          ({"time_limit": 0.001}, "less than a hundredth of once")):
+        chars = 10_000_000 if "0.001" in str(budget) else 10_000 if "1.9996" in str(budget) else 1_000
+        assert words in TrainConfig(corpus="x", **budget).sized(chars)[1], budget
     _, why = TrainConfig(corpus="x", epochs=1).sized(10**6)
     assert why.startswith("2 x 192, no regularisers (")
 
@@ -150,12 +156,12 @@ def test_a_budget_past_what_a_float_holds_is_many_reads_not_a_traceback():
     cfg = TrainConfig(corpus="x", epochs=10**400, time_limit=None)
     assert cfg.reads(100) == float("inf")
     sized, why = cfg.sized(100)
-    assert sizes(sized) == SIZE_SMALL_TEXT and "an unbounded number of times" in why
+    assert sizes(sized) == SIZE_SMALL_TEXT and "more times than a float counts" in why
 
 
 def test_a_resume_whose_saved_options_lack_the_sizes_takes_its_models(write_corpus, tmp_path):
-    """A hand-edited last/config.json whose sizes are null: the resume reads the model's own sizes, and says in
-    one line that the options differ (no traceback from weights of another shape)."""
+    """A hand-edited last/config.json whose sizes are null or another: the resume reads the model's own sizes,
+    and says in one line that the options differ (no traceback from weights of another shape)."""
     text, out = write_corpus(3), tmp_path / "run"
     args = ["train", str(text), "--out", str(out), "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
             "--num-steps", "16", "--embedding-dim", "8", "--hidden-size", "48", "--quiet"]
@@ -168,5 +174,12 @@ def test_a_resume_whose_saved_options_lack_the_sizes_takes_its_models(write_corp
     manifest["config.json"] = hashlib.sha256(config_path.read_bytes()).hexdigest()
     (out / "last" / "manifest.json").write_text(json.dumps(manifest))
     r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--max-steps", "6"])
-    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     assert "hidden-size: None -> 48" in r.output, r.output
+    config["train"]["hidden_size"] = 64  # another size than the model's: refused in one line too
+    config_path.write_text(json.dumps(config))
+    manifest["config.json"] = hashlib.sha256(config_path.read_bytes()).hexdigest()
+    (out / "last" / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--max-steps", "6"])
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert "hidden-size 48 (its options say 64)" in r.output, r.output
