@@ -22,13 +22,12 @@ import click
 
 import charlm
 from charlm import corpus as corpus_mod
-from charlm.config import (CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
+from charlm.config import (AVERAGES, CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
                            DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
                            LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MOGRIFIER_FIELDS, MAX_SAMPLES,
                            MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS,
                            PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
                            SMALL_CORPUS_WEIGHT_DECAY, SampleConfig, TrainConfig, with_legacy)
-from charlm.config import AVERAGES
 from charlm.errors import (CharlmError, ConfigError, ProcessGroupError, TrainingInterrupted, UnknownCharactersError,
                            os_error_line)
 

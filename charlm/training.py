@@ -849,26 +849,25 @@ def _prepare_run(cfg: TrainConfig, run: RunDir, resume: bool, overwrite: bool, p
                              f"{data.sha256[:12]}...); --resume needs the same text, or start over with --overwrite")
         if saved.vocab != data.vocab:
             raise TrainError(f"{cfg.corpus} no longer gives the vocabulary the run was trained with")
-        built = cfg.model_config(len(data.vocab), len(data.train_ids))
-        differ = [f"{name.replace('_', '-')} {getattr(saved.config, name)!r} (its options say {getattr(built, name)!r})"
-                  for name in SIZED_FIELDS if getattr(built, name) != getattr(saved.config, name)]
+        sizing = saved.sizing
+    else:  # the sizes the user left open, chosen for the text and the budget (TrainConfig.sized)
+        cfg, sizing = cfg.sized(len(data.train_ids))
+    model_config = cfg.model_config(len(data.vocab), len(data.train_ids))
+    if saved is not None:
+        differ = [f"{name.replace('_', '-')} {getattr(saved.config, name)!r} (its options say "
+                  f"{getattr(model_config, name)!r})"
+                  for name in SIZED_FIELDS if getattr(model_config, name) != getattr(saved.config, name)]
         if differ:  # (an edited config.json: the options and the model it holds disagree)
             raise TrainError(f"{run.checkpoint('last')} holds a model its saved options do not describe: "
                              + "; ".join(differ) + "; it cannot resume (start over with --overwrite)")
-    sizing = None
-    if saved is None:  # the sizes the user left open, chosen for the text and the budget (TrainConfig.sized)
-        cfg, sizing = cfg.sized(len(data.train_ids))
     decay, lr = cfg.resolved_weight_decay(len(data.train_ids)), cfg.resolved_lr()
     if lr * decay >= 1:
         raise TrainError(f"--lr {lr:g} with --weight-decay {decay:g} would shrink every weight by lr x decay = "
                          f"{lr * decay:g} of itself each step (at least all of it); their product must be under 1")
-    check_memory(cfg.model_config(len(data.vocab), len(data.train_ids)), cfg.batch_size // dist.world_size,
-                 cfg.num_steps, cfg.optimizer, device)
+    check_memory(model_config, cfg.batch_size // dist.world_size, cfg.num_steps, cfg.optimizer, device)
     trainer = Trainer(cfg, data, run, device, None, dist)
     if sizing is not None:
         trainer.meta_base["sizing"] = sizing
-    elif saved is not None and saved.meta.get("sizing"):
-        trainer.meta_base["sizing"] = saved.meta["sizing"]
     if parent is not None:
         added = len(data.vocab) - len(parent.vocab)
         trainer.model.load_state_dict(finetune.extend_state(parent.model.state_dict(), parent.config, added))

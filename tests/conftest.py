@@ -109,6 +109,19 @@ def write_corpus(tmp_path):
     return write
 
 
+def rewrite_config(checkpoint, config: dict) -> None:
+    """Write ``config`` as the checkpoint folder's config.json and its sha256 into manifest.json, as charlm
+    would have written them (a checkpoint of an older charlm, or one edited by hand)."""
+    import hashlib
+    import json
+
+    checkpoint = Path(checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["config.json"] = hashlib.sha256((checkpoint / "config.json").read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture
 def corpus(write_corpus):
     """About 2.4 KB: the sentence 12 times."""

@@ -4,7 +4,6 @@ weights with the average in its trainer state; a run stopped and resumed equals 
 are one line; and ``--average none`` leaves the training path as it was."""
 
 import csv
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,6 +19,7 @@ from charlm.config import LEGACY_TRAIN, TrainConfig, with_legacy
 from charlm.errors import ConfigError, TrainError
 from charlm.evaluation import evaluate
 from charlm.training import train
+from conftest import rewrite_config
 
 TIME_COLUMNS = {"elapsed_s", "tokens_per_s"}
 
@@ -176,10 +176,7 @@ def test_a_run_saved_before_averaging_existed_resumes_without_it(corpus, tmp_pat
     meta = json.loads((last / "config.json").read_text())
     for name in ("average", "average_decay"):
         del meta["train"][name]
-    (last / "config.json").write_text(json.dumps(meta))
-    manifest = json.loads((last / "manifest.json").read_text())
-    manifest["config.json"] = hashlib.sha256((last / "config.json").read_bytes()).hexdigest()
-    (last / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_config(last, meta)
     with pytest.raises(TrainError, match=r"average: 'none' -> 'ema'"):
         train(config(corpus, tmp_path / "r", max_steps=8, eval_every=2, lr_schedule="plateau"), resume=True)
     r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(tmp_path / "r"), "--resume", "--max-steps", "8",

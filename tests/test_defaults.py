@@ -1,13 +1,13 @@
 """The training defaults chosen by measurement (README, "Why the defaults are what they are"), the
 patience that follows the schedule, and runs saved before these defaults: they resume as they began."""
 
-import hashlib
 import json
 
 from click.testing import CliRunner
 
 from charlm.cli import main
 from charlm.config import D2L_PRESET, PATIENCE_AUTO, SIZED_FIELDS, TrainConfig
+from conftest import rewrite_config
 
 
 def test_the_defaults_are_the_measured_ones():
@@ -61,10 +61,7 @@ def test_a_run_saved_before_the_new_defaults_resumes_with_its_own_settings(corpu
     config = json.loads(config_path.read_text())
     for key in ("weight_drop", "dropout_input", "dropout_hidden", "dropout_output", "lr_schedule", "weight_decay"):
         del config["train"][key]
-    config_path.write_text(json.dumps(config))
-    manifest = json.loads((out / "last" / "manifest.json").read_text())
-    manifest["config.json"] = hashlib.sha256(config_path.read_bytes()).hexdigest()
-    (out / "last" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_config(out / "last", config)
     r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(out), "--resume", "--max-steps", "20",
                                   "--quiet"])
     assert r.exit_code == 0, r.output

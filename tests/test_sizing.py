@@ -3,7 +3,6 @@ picks for texts of several sizes and budgets, that every option the user gives w
 was chosen (its first lines, charlm info), saves it, and resumes with it."""
 
 import dataclasses
-import hashlib
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from charlm.cli import main
 from charlm.config import (FEW_READS, MANY_READS, REGULARISERS, SIZE_FEW_READS, SIZE_MID_READS, SIZE_SMALL_TEXT,
                            SIZED_FIELDS, SIZING_CHARS_PER_S, SMALL_TEXT_CHARS, TrainConfig)
+from conftest import rewrite_config
 
 
 def sizes(cfg: TrainConfig) -> dict:
@@ -169,17 +169,12 @@ def test_a_resume_whose_saved_options_lack_the_sizes_takes_its_models(write_corp
     config_path = out / "last" / "config.json"
     config = json.loads(config_path.read_text())
     config["train"]["hidden_size"] = None
-    config_path.write_text(json.dumps(config))
-    manifest = json.loads((out / "last" / "manifest.json").read_text())  # (as charlm would have written it)
-    manifest["config.json"] = hashlib.sha256(config_path.read_bytes()).hexdigest()
-    (out / "last" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_config(out / "last", config)
     r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--max-steps", "6"])
     assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     assert "hidden-size: None -> 48" in r.output, r.output
     config["train"]["hidden_size"] = 64  # another size than the model's: refused in one line too
-    config_path.write_text(json.dumps(config))
-    manifest["config.json"] = hashlib.sha256(config_path.read_bytes()).hexdigest()
-    (out / "last" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_config(out / "last", config)
     r = CliRunner().invoke(main, ["train", str(text), "--out", str(out), "--resume", "--max-steps", "6"])
     assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     assert "hidden-size 48 (its options say 64)" in r.output, r.output
