@@ -215,3 +215,56 @@ def test_the_model_learns_in_training_mode_with_every_dropout_off(monkeypatch):
     assert not model.training and model.config.dropout == 0.3  # the caller's model as it was
     monkeypatch.setattr(RNNLM, "forward", forward)
     assert first.loss == pytest.approx(evaluate(model, ids, batch_size=1).loss, rel=1e-6)  # lr ~0: the static figure
+
+
+def _one_step(rule, start, trained, grad, decay, prior=None):
+    from charlm.evaluation import _RMSState, _sgd_step
+
+    p = torch.nn.Parameter(start.clone())
+    p.grad = grad.clone()
+    with torch.no_grad():
+        if rule == "sgd":
+            _sgd_step([p], [trained], 0.1, decay)
+        else:
+            _RMSState([p], None if prior is None else [prior]).step([p], [trained], 0.1, decay)
+    return p.detach()
+
+
+@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("rule", ["sgd", "rms"])
+def test_each_rules_decay_draws_every_weight_back_towards_its_trained_value(rule, prior):
+    """The same step with and without decay: the decay moves each weight towards its trained value (never away,
+    never past it), so the step with decay ends nearer the trained weights."""
+    g = torch.Generator().manual_seed(3)
+    trained = torch.randn(200, generator=g)
+    start = trained + torch.randn(200, generator=g)  # where earlier steps took them
+    grad = torch.randn(200, generator=g)
+    prior = torch.rand(200, generator=g) + 0.01 if prior else None
+    free = _one_step(rule, start, trained, grad, 0.0, prior)
+    for decay in (0.05, 0.5, 1.0):
+        pulled = _one_step(rule, start, trained, grad, decay, prior)
+        towards, moved = trained - free, pulled - free
+        assert (moved * towards >= 0).all(), decay  # each weight's pull has the sign of the way back
+        assert (moved.abs() <= towards.abs() * (1 + 1e-6)).all(), decay  # and stops at the trained value at most
+        assert (moved != 0).sum() > 150, decay  # it is a pull, not a no-op (rms: every weight, by its share)
+        assert (pulled - trained).norm() < (free - trained).norm(), decay
+    if rule == "sgd":  # the plain rule's pull is exactly decay of the way back
+        assert torch.allclose(_one_step(rule, start, trained, grad, 0.3) - free, 0.3 * (trained - free), atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", sorted(LEARNS))
+def test_over_a_whole_text_the_decay_keeps_the_adapted_weights_nearer_the_trained_ones(rule, monkeypatch):
+    import charlm.evaluation as ev
+
+    copies = []
+    make = ev._adaptable_copy
+    monkeypatch.setattr(ev, "_adaptable_copy", lambda model, device: copies.append(make(model, device)) or copies[-1])
+    model = tiny_model()
+    trained = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ids = repeated(times=20)
+    distance = {}
+    for decay in (0.0, 0.1):
+        evaluate_dynamic(model, ids, lr=LEARNS[rule], num_steps=50, rule=rule, decay=decay)
+        adapted = torch.cat([p.detach().flatten() for p in copies[-1].parameters()])
+        distance[decay] = (adapted - trained).norm().item()
+    assert 0 < distance[0.1] < 0.8 * distance[0.0], distance
