@@ -3,10 +3,11 @@
 
 - :func:`scheduled_lr`: the lr of each step of a planned schedule (``hold-decay``, ``cosine``);
 - :class:`Schedule`: the rules of the run's schedule: a planned one's length, fixed before the first step
-  from ``--epochs`` and ``--max-steps``, checked on a resume, and shortened (never lengthened) when the time
-  left cannot hold it; the plateau schedule's decay after held-out evaluations that did not improve;
+  from ``--epochs`` and ``--max-steps``, checked on a resume, shortened when the time left cannot hold it and
+  grown back (never past the plan the invocation started with) when the steps run faster again; the plateau
+  schedule's decay after held-out evaluations that did not improve;
 - :class:`StepClock`: this invocation's step time, measured after the first steps and evaluations (they run
-  cold), and the steps the time left can still hold.
+  cold) over its latest evaluation intervals, and the steps the time left can still hold.
 
 What the schedule moves is kept in the run's :class:`~charlm.training.RunState` (saved in every
 checkpoint, so a resume follows the same plan); the step time is this invocation's own. Neither class reads
@@ -22,6 +23,9 @@ from charlm.config import HOLD_FRACTION, TrainConfig
 from charlm.data import run_batches
 
 WARM_STEPS = 10  # steps a time-limited invocation runs before its step time counts (the first ones run cold)
+RECENT_INTERVALS = 4  # the step time is the mean over the latest intervals between evaluations (or the last alone,
+# when slower): a machine slowed for a while by other work is not taken to stay slow to the end
+GROW_MARGIN = 0.02  # a plan the time shortened grows back only by more than this share of it (or to its ceiling)
 
 
 def scheduled_lr(schedule: str, base: float, step: int, planned: int | None,
@@ -62,6 +66,7 @@ class Schedule:
         self.cfg, self.train_tokens = cfg, train_tokens
         self.base_lr = cfg.resolved_lr()
         self.time_shortened = False  # the time limit shortened the plan (the stop reason says so)
+        self.ceiling = None  # the plan this invocation started with (after a resume's check): it grows back to it
 
     @property
     def planned(self) -> bool:
@@ -96,11 +101,36 @@ class Schedule:
             st.plan_anchor = (st.step, lr_now)
         return True
 
-    def fit(self, st, proposal: int) -> None:
-        """Shorten the plan to rank 0's proposal (:meth:`StepClock.time_plan`; -1: none) when the time left
-        cannot hold it."""
-        if proposal >= 0 and self.shorten(st, proposal):
+    def lengthen(self, st, steps: int) -> bool:
+        """Grow a plan the time limit shortened to ``steps`` steps in all (at most the plan this invocation
+        started with), when that is more than GROW_MARGIN longer (or the whole of it); the lr falls from the lr
+        of the step about to be taken, more slowly (it never jumps, never rises). True if it changed."""
+        if st.planned_steps is None or self.ceiling is None or st.step >= st.planned_steps - 1:
+            return False  # no plan, or at its last step (lr 0): nothing left to stretch
+        steps = min(steps, self.ceiling)
+        if steps <= st.planned_steps or (steps < self.ceiling and steps - st.planned_steps
+                                         <= GROW_MARGIN * st.planned_steps):
+            return False
+        lr_now = self.lr(st)
+        held = self.cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and st.step < HOLD_FRACTION * \
+            st.planned_steps  # still held: a longer plan holds it longer, on its own shape
+        st.planned_steps = steps
+        if not held and st.step > 0:
+            st.plan_anchor = (st.step, lr_now)
+        return True
+
+    def fit(self, st, proposal: int, grow: bool = False) -> None:
+        """Fit the plan to rank 0's proposal (:meth:`StepClock.time_plan`; -1: none): shorten it when the time
+        left cannot hold it; with ``grow`` (at a scheduled evaluation, where the step time is re-measured) grow a
+        shortened plan back when the time left holds more (:meth:`lengthen`)."""
+        if self.ceiling is None and st.planned_steps is not None:
+            self.ceiling = st.planned_steps  # (the first call: after fix() and a resume's check())
+        if proposal < 0:
+            return
+        if self.shorten(st, proposal):
             self.time_shortened = True
+        elif grow and self.lengthen(st, proposal):
+            self.time_shortened = st.planned_steps < self.ceiling
 
     def check(self, st) -> str | None:
         """On a resume: a plan longer than --epochs and --max-steps now allow is shortened from here; one
@@ -154,6 +184,7 @@ class StepClock:
         self.first_step = first_step  # the step this invocation started from
         self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
         self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
+        self.marks = []  # (step, elapsed) at its latest RECENT_INTERVALS + 1 scheduled evaluations
         self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
         self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
 
@@ -174,17 +205,20 @@ class StepClock:
         if self.plan_mark is None:
             self.plan_mark = (step, now)
         self.last_mark = (step, now)
+        self.marks = (self.marks + [(step, now)])[-(RECENT_INTERVALS + 1):]
 
     def time_plan(self, step: int, now: float, reserve: float) -> int | None:
         """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
-        ``reserve`` kept) at the slower of two step times: the mean since the first evaluation, and the last
-        interval between evaluations (so that a run that slows down is caught within an interval);
+        ``reserve`` kept) at the slower of two step times: the mean over the latest RECENT_INTERVALS intervals
+        between evaluations (since the first evaluation while there are fewer) and the last one (so that a run
+        that slows down is caught within an interval, and one that ran slow for a while is not held to it);
         ``step`` when the time is up; None while nothing is measured yet."""
         left = self.time_limit - now - reserve
         if left <= 0:
             return step
         if self.interval_s_per_step is not None:
-            per_step = max((now - self.plan_mark[1]) / (step - self.plan_mark[0]), self.interval_s_per_step)
+            since = self.marks[0]
+            per_step = max((now - since[1]) / max(1, step - since[0]), self.interval_s_per_step)
         elif self.step_mark is not None and step - self.step_mark[0] >= WARM_STEPS:
             # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
             # warm-up, so that the plan is fitted long before the time is up rather than cut at the end

@@ -691,7 +691,7 @@ class Trainer:
                 self._set_lr()
             self.clock.mark(st.step, self.elapsed())
             if self.schedule.planned and self.cfg.time_limit is not None:  # the checkpoints below keep the plan
-                self.schedule.fit(st, self.dist.broadcast_int(self._proposal(), self.device))
+                self.schedule.fit(st, self.dist.broadcast_int(self._proposal(), self.device), grow=True)
         improved = val.loss < st.best_loss
         if improved:
             st.best_loss = val.loss

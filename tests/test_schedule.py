@@ -267,3 +267,62 @@ def test_a_shortened_plan_says_how_its_lr_falls(corpus, tmp_path, step, held):
     else:
         assert "falling from where it is now" in warning
         assert lr_at(step + 1) == lr_before > lr_at(step + 2)
+
+
+def plans_and_lrs(monkeypatch) -> list:
+    """(planned steps, anchor, lr) of every step taken, in order."""
+    plans, apply = [], Trainer.apply_lr
+
+    def record(self):
+        apply(self)
+        plans.append((self.state.planned_steps, self.state.plan_anchor, self.optimizer.param_groups[0]["lr"]))
+
+    monkeypatch.setattr(Trainer, "apply_lr", record)
+    return plans
+
+
+def assert_no_jump_and_never_rises(plans, base=0.5):
+    for step in range(1, len(plans)):
+        (old_plan, old_anchor, old_lr), (_, _, lr) = plans[step - 1], plans[step]
+        assert lr == pytest.approx(scheduled_lr("hold-decay", base, step, old_plan, old_anchor)), step
+        assert lr <= old_lr + 1e-12, step
+
+
+@pytest.mark.parametrize("slow_from", [30, 110])  # in the plan's hold, and into its fall
+def test_a_plan_shortened_by_a_slow_spell_grows_back_when_the_steps_run_fast_again(corpus, tmp_path, monkeypatch,
+                                                                                 slow_from):
+    """Other work slows the steps fourfold for 30 steps, then leaves: the plan shrinks while they run slow and
+    grows back once they run at their speed again, so the run still takes about the steps its time holds (200;
+    a plan held to the slow spell's step time ends far sooner), its lr never jumping or rising, its last step
+    at lr 0, within the time limit."""
+    def clock(step):
+        return 0.1 + step / 64 + 3 / 64 * min(max(step - slow_from, 0), 30)
+
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    plans = plans_and_lrs(monkeypatch)
+    limit = clock(200)
+    result = train(config(corpus, tmp_path / "r", max_steps=400, time_limit=limit))
+    sizes = [p for p, _, _ in plans]
+    assert min(sizes[slow_from:slow_from + 40]) < 0.9 * 200  # shortened in the slow spell
+    assert 190 <= result.steps <= 200 and clock(result.steps) <= limit  # and grown back to what the time holds
+    assert result.steps == len(plans) and plans[-1][2] == 0.0
+    assert_no_jump_and_never_rises(plans)
+    assert result.stop_reason.endswith(f"planned steps done (fitted to --time-limit {limit:g}s)")
+
+
+def test_a_plan_never_grows_past_the_one_the_run_started_with(corpus, tmp_path, monkeypatch):
+    """A slow start shortens a 100-step plan; the steps then run fast enough for far more than 100: the plan
+    grows back to its 100 steps, no further, and the run ends there as planned (not fitted to the time)."""
+    def clock(step):
+        return 0.1 + step / 64 + 3 / 64 * min(max(step - 10, 0), 30)
+
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    plans = plans_and_lrs(monkeypatch)
+    result = train(config(corpus, tmp_path / "r", max_steps=100, time_limit=clock(118)))
+    sizes = [p for p, _, _ in plans]
+    assert min(sizes) < 90 and max(sizes) == 100 and sizes[-1] == 100
+    assert result.steps == 100 and result.stop_reason == "the hold-decay schedule's 100 planned steps done"
+    assert plans[-1][2] == 0.0
+    assert_no_jump_and_never_rises(plans)
