@@ -245,9 +245,10 @@ def stats(corpus: str, preprocess: str, min_count: int) -> None:
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=_d("lr_schedule"),
               help="plateau: --lr-decay after each evaluation without improvement; hold-decay: held for 60% of "
                    "the planned steps, then linear to 0; cosine: half a cosine to 0. A planned schedule takes its "
-                   "length from --max-steps or --epochs; under --time-limit it is fitted to the step time as the run goes "
-                   "(shorter while the steps run slow, grown back, never past that length, when they run fast "
-                   "again); the plan is saved, so a resume follows it, and the run stops at its end.")
+                   "length from --max-steps or --epochs; under --time-limit it is fitted to the step time as the run "
+                   "goes (shorter while the steps run slow, grown back, never past that length, when they run fast "
+                   "again); the plan and that length are saved, so a resume follows them, and the run stops at its "
+                   "end.")
 @click.option("--average", type=click.Choice(AVERAGES), default=_d("average"),
               help="ema: keep an exponential moving average of the weights, updated after every step taken; held-out "
                    "evaluations read it and best/ saves it as the model (last/ keeps the training weights, with "

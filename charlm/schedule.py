@@ -4,8 +4,8 @@
 - :func:`scheduled_lr`: the lr of each step of a planned schedule (``hold-decay``, ``cosine``);
 - :class:`Schedule`: the rules of the run's schedule: a planned one's length, fixed before the first step
   from ``--epochs`` and ``--max-steps``, checked on a resume, shortened when the time left cannot hold it and
-  grown back (never past the plan the invocation started with) when the steps run faster again; the plateau
-  schedule's decay after held-out evaluations that did not improve;
+  grown back (never past the plan ``--epochs`` and ``--max-steps`` fixed) when the steps run faster again; the
+  plateau schedule's decay after held-out evaluations that did not improve;
 - :class:`StepClock`: this invocation's step time, measured after the first steps and evaluations (they run
   cold) over its latest evaluation intervals, and the steps the time left can still hold.
 
@@ -65,8 +65,7 @@ class Schedule:
     def __init__(self, cfg: TrainConfig, train_tokens: int):
         self.cfg, self.train_tokens = cfg, train_tokens
         self.base_lr = cfg.resolved_lr()
-        self.time_shortened = False  # the time limit shortened the plan (the stop reason says so)
-        self.ceiling = None  # the plan this invocation started with (after a resume's check): it grows back to it
+        self.time_shortened = False  # the time limit changed the plan (the stop reason says so)
 
     @property
     def planned(self) -> bool:
@@ -80,9 +79,13 @@ class Schedule:
 
     def fix(self, st) -> None:
         """Fix a planned schedule's length before the first step: the run's steps as ``--epochs`` and
-        ``--max-steps`` bound it (:meth:`total_steps`). A resumed run keeps the plan it saved."""
+        ``--max-steps`` bound it (:meth:`total_steps`), which is also the most a plan the time limit shortened
+        grows back to (``plan_ceiling``). A resumed run keeps the plan it saved (and a run saved before the
+        ceiling was, its saved plan as its ceiling)."""
         if self.planned and st.planned_steps is None:
-            st.planned_steps = self.total_steps()
+            st.planned_steps = st.plan_ceiling = self.total_steps()
+        elif st.planned_steps is not None and st.plan_ceiling is None:
+            st.plan_ceiling = st.planned_steps
 
     def lr(self, st) -> float:
         """The planned lr of the step about to be taken."""
@@ -102,13 +105,15 @@ class Schedule:
         return True
 
     def lengthen(self, st, steps: int) -> bool:
-        """Grow a plan the time limit shortened to ``steps`` steps in all (at most the plan this invocation
-        started with), when that is more than GROW_MARGIN longer (or the whole of it); the lr falls from the lr
-        of the step about to be taken, more slowly (it never jumps, never rises). True if it changed."""
-        if st.planned_steps is None or self.ceiling is None or st.step >= st.planned_steps - 1:
+        """Grow a plan the time limit shortened to ``steps`` steps in all (at most ``plan_ceiling``, the plan
+        ``--epochs`` and ``--max-steps`` fixed), when that is more than GROW_MARGIN longer (or the whole of it);
+        the lr falls from the lr of the step about to be taken, more slowly (it never jumps, never rises). True
+        if it changed."""
+        ceiling = st.plan_ceiling
+        if st.planned_steps is None or ceiling is None or st.step >= st.planned_steps - 1:
             return False  # no plan, or at its last step (lr 0): nothing left to stretch
-        steps = min(steps, self.ceiling)
-        if steps <= st.planned_steps or (steps < self.ceiling and steps - st.planned_steps
+        steps = min(steps, ceiling)
+        if steps <= st.planned_steps or (steps < ceiling and steps - st.planned_steps
                                          <= GROW_MARGIN * st.planned_steps):
             return False
         lr_now = self.lr(st)
@@ -123,24 +128,23 @@ class Schedule:
         """Fit the plan to rank 0's proposal (:meth:`StepClock.time_plan`; -1: none): shorten it when the time
         left cannot hold it; with ``grow`` (at a scheduled evaluation, where the step time is re-measured) grow a
         shortened plan back when the time left holds more (:meth:`lengthen`)."""
-        if self.ceiling is None and st.planned_steps is not None:
-            self.ceiling = st.planned_steps  # (the first call: after fix() and a resume's check())
         if proposal < 0:
             return
-        if self.shorten(st, proposal):
+        if self.shorten(st, proposal) or (grow and self.lengthen(st, proposal)):
             self.time_shortened = True
-        elif grow and self.lengthen(st, proposal):
-            self.time_shortened = st.planned_steps < self.ceiling
 
     def check(self, st) -> str | None:
-        """On a resume: a plan longer than --epochs and --max-steps now allow is shortened from here; one
-        they would extend is kept. The warning the run gives either way, or None."""
+        """On a resume: a plan longer than --epochs and --max-steps now allow is shortened from here (and so is
+        the most it may grow back to); one they would extend is kept. The warning the run gives either way, or
+        None."""
         cfg = self.cfg
         if not self.planned or st.planned_steps is None:
             return None
         bound = self.total_steps()
         if bound <= st.step:  # no step will be taken (--max-steps reached): the saved plan stays as it was
             return None
+        ceiling = st.plan_ceiling if st.plan_ceiling is not None else st.planned_steps
+        st.plan_ceiling = min(ceiling, max(bound, st.step + 1))
         if self.shorten(st, bound):
             # (steps counted from 1, as metrics.csv counts them: step n runs at the lr of index n - 1)
             if st.plan_anchor is None and cfg.lr_schedule == "hold-decay":  # still in the shorter plan's hold
@@ -149,9 +153,12 @@ class Schedule:
                 how = "its lr falling from where it is now to 0"
             return (f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} (--max-steps or "
                     f"--epochs), {how}")
-        if cfg.max_steps and cfg.max_steps > st.planned_steps:
-            return (f"the {cfg.lr_schedule} schedule was planned for {st.planned_steps:,} steps when the run "
-                    f"started; the run ends there (--max-steps {cfg.max_steps:,} does not extend a plan)")
+        if cfg.max_steps and cfg.max_steps > st.plan_ceiling:
+            where = ("the run ends there" if st.planned_steps == st.plan_ceiling else
+                     f"the time limit has shortened it to {st.planned_steps:,}, and it may grow back to "
+                     f"{st.plan_ceiling:,}, no further")
+            return (f"the {cfg.lr_schedule} schedule was planned for {st.plan_ceiling:,} steps when the run "
+                    f"started; {where} (--max-steps {cfg.max_steps:,} does not extend a plan)")
         return None
 
     def plateau(self, st, loss: float) -> bool:
@@ -209,9 +216,10 @@ class StepClock:
 
     def time_plan(self, step: int, now: float, reserve: float) -> int | None:
         """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
-        ``reserve`` kept) at the slower of two step times: the mean over the latest RECENT_INTERVALS intervals
-        between evaluations (since the first evaluation while there are fewer) and the last one (so that a run
-        that slows down is caught within an interval, and one that ran slow for a while is not held to it);
+        ``reserve`` kept) at the slowest of three step times: the mean over the latest RECENT_INTERVALS intervals
+        between evaluations (since the first evaluation while there are fewer), the last one, and the one under
+        way once WARM_STEPS steps into it (so that a run that slows down is caught within an interval, and one
+        that ran slow for a while is not held to it);
         ``step`` when the time is up; None while nothing is measured yet."""
         left = self.time_limit - now - reserve
         if left <= 0:
@@ -219,6 +227,8 @@ class StepClock:
         if self.interval_s_per_step is not None:
             since = self.marks[0]
             per_step = max((now - since[1]) / max(1, step - since[0]), self.interval_s_per_step)
+            if step - self.last_mark[0] >= WARM_STEPS:  # the interval under way, once it has steps enough to count
+                per_step = max(per_step, (now - self.last_mark[1]) / (step - self.last_mark[0]))
         elif self.step_mark is not None and step - self.step_mark[0] >= WARM_STEPS:
             # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
             # warm-up, so that the plan is fitted long before the time is up rather than cut at the end

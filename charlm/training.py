@@ -132,6 +132,7 @@ class RunState:
     nonfinite: int = 0  # consecutive steps whose loss was not finite
     planned_steps: int | None = None  # a planned lr schedule's length, fixed at the start (saved: a resume follows it)
     plan_anchor: tuple[int, float] | None = None  # (step, lr) a shortened plan falls from (see scheduled_lr)
+    plan_ceiling: int | None = None  # the plan as --epochs and --max-steps fixed it: a time-shortened one grows back to it
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
     def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist(), scaler=None) -> dict:
@@ -144,7 +145,8 @@ class RunState:
                 "batch_in_epoch": self.batch_in_epoch, "best_loss": self.best_loss,
                 "plateau_loss": self.plateau_loss, "evals_since_best": self.evals_since_best,
                 "nonfinite": self.nonfinite, "planned_steps": self.planned_steps,
-                "plan_anchor": list(self.plan_anchor) if self.plan_anchor is not None else None, "torch_rng": rng,
+                "plan_anchor": list(self.plan_anchor) if self.plan_anchor is not None else None,
+                "plan_ceiling": self.plan_ceiling, "torch_rng": rng,
                 "rank_rng": [r.clone() for r in dist.gather_rows(rng.unsqueeze(0), dim=0)] if dist.enabled else None,
                 "world_size": dist.world_size,
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -175,7 +177,7 @@ class RunState:
                    evals_since_best=saved["evals_since_best"], nonfinite=saved.get("nonfinite", 0),
                    planned_steps=saved.get("planned_steps"),
                    plan_anchor=tuple(saved["plan_anchor"]) if saved.get("plan_anchor") is not None else None,
-                   hidden=hidden)
+                   plan_ceiling=saved.get("plan_ceiling"), hidden=hidden)
 
 
 def _carried(state):

@@ -233,8 +233,8 @@ def test_no_averaging_builds_nothing_of_it_and_saves_what_it_did(corpus, tmp_pat
     train(config(corpus, tmp_path / "r", max_steps=30, average="none", average_decay=0.999))
     state = trainer_state(tmp_path / "r")
     assert set(state) == {"optimizer", "step", "epoch", "batch_in_epoch", "best_loss", "plateau_loss",
-                          "evals_since_best", "nonfinite", "planned_steps", "plan_anchor", "torch_rng", "rank_rng",
-                          "world_size", "cuda_rng", "scaler", "state", "interval"}
+                          "evals_since_best", "nonfinite", "planned_steps", "plan_anchor", "plan_ceiling", "torch_rng",
+                          "rank_rng", "world_size", "cuda_rng", "scaler", "state", "interval"}
     best = ck.load_checkpoint(tmp_path / "r" / "best")
     assert "weights" not in best.progress
     assert_equal(best.model.state_dict(), seen[best.progress["step"]], "best/")

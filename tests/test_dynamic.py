@@ -248,6 +248,10 @@ def test_each_rules_decay_draws_every_weight_back_towards_its_trained_value(rule
         assert (moved.abs() <= towards.abs() * (1 + 1e-6)).all(), decay  # and stops at the trained value at most
         assert (moved != 0).sum() > 150, decay  # it is a pull, not a no-op (rms: every weight, by its share)
         assert (pulled - trained).norm() < (free - trained).norm(), decay
+        if rule == "rms":  # each weight by its own share: decay times its root mean square over their mean, at most 1
+            roots = prior.sqrt() if prior is not None else grad.abs()  # (one step from zero: bias-corrected g^2)
+            share = (decay * roots / roots.mean()).clamp(max=1.0)
+            assert torch.allclose(moved, share * towards, atol=1e-5), decay
     if rule == "sgd":  # the plain rule's pull is exactly decay of the way back
         assert torch.allclose(_one_step(rule, start, trained, grad, 0.3) - free, 0.3 * (trained - free), atol=1e-6)
 

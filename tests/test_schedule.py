@@ -92,8 +92,8 @@ def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tm
     """Under --time-limit the plan is shortened from the step time measured between the first two evaluations.
     The clock is faked: 0.25 s of start-up, then 1/64 s a step, nothing reserved; so at step 20 the
     0.4375 s left make 28 more steps: a plan of 48 (measured from the start, the start-up would have
-    made it 24). Stopped at step 20, the resumed invocation's clock would allow 48 more steps; the
-    saved plan ends the run at 48, as a straight run."""
+    made it 24). Stopped at step 20 and resumed without a time limit (nothing to fit the plan to), the saved
+    plan ends the run at 48, as a straight run."""
     monkeypatch.setattr(Trainer, "elapsed", lambda self: 0.25 + (self.state.step - self.first_step) / 64)
     monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
     warnings = []
@@ -109,13 +109,13 @@ def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tm
     with pytest.raises(TrainingInterrupted):
         train(config(corpus, tmp_path / "parts", time_limit=1.0), callback=stop_at_20)
     assert trainer_state(tmp_path / "parts")["step"] == 20 and trainer_state(tmp_path / "parts")["planned_steps"] == 48
-    resumed = train(config(corpus, tmp_path / "parts", time_limit=1.0, max_steps=500), resume=True,
-                    callback=stop_at_20)
+    ceiling = trainer_state(tmp_path / "parts")["plan_ceiling"]
+    assert ceiling > 100  # what 100 epochs hold: the most the plan may grow back to
+    resumed = train(config(corpus, tmp_path / "parts", time_limit=None), resume=True, callback=stop_at_20)
     assert resumed.steps == 48 and resumed.stop_reason == "the hold-decay schedule's 48 planned steps done"
     assert straight.stop_reason == "the hold-decay schedule's 48 planned steps done (fitted to --time-limit 1s)"
     assert lrs(tmp_path / "straight")[48] == 0.0  # the last step taken is the schedule's end
-    assert warnings == ["the hold-decay schedule was planned for 48 steps when the run started; the run ends "
-                        "there (--max-steps 500 does not extend a plan)"]
+    assert warnings == []
     assert lrs(tmp_path / "parts") == lrs(tmp_path / "straight")
     assert_same_weights(tmp_path / "parts", tmp_path / "straight")
 
@@ -253,10 +253,10 @@ def test_a_shortened_plan_says_how_its_lr_falls(corpus, tmp_path, step, held):
 
     from charlm.schedule import Schedule, held_through
     schedule = Schedule(config(corpus, tmp_path / "r", max_steps=50), train_tokens=10**7)
-    st = SimpleNamespace(step=step, planned_steps=100, plan_anchor=None)
+    st = SimpleNamespace(step=step, planned_steps=100, plan_anchor=None, plan_ceiling=100)
     lr_before = schedule.lr(st)
     warning = schedule.check(st)
-    assert st.planned_steps == 50 and "ends at step 50" in warning
+    assert st.planned_steps == st.plan_ceiling == 50 and "ends at step 50" in warning
 
     def lr_at(n):  # the lr of step n, counted from 1
         return schedule.lr(SimpleNamespace(step=n - 1, planned_steps=st.planned_steps, plan_anchor=st.plan_anchor))
@@ -281,9 +281,10 @@ def plans_and_lrs(monkeypatch) -> list:
     return plans
 
 
-def assert_no_jump_and_never_rises(plans, base=0.5):
-    for step in range(1, len(plans)):
-        (old_plan, old_anchor, old_lr), (_, _, lr) = plans[step - 1], plans[step]
+def assert_no_jump_and_never_rises(plans, base=0.5, first_step=0):
+    for i in range(1, len(plans)):
+        (old_plan, old_anchor, old_lr), (_, _, lr) = plans[i - 1], plans[i]
+        step = first_step + i
         assert lr == pytest.approx(scheduled_lr("hold-decay", base, step, old_plan, old_anchor)), step
         assert lr <= old_lr + 1e-12, step
 
@@ -323,6 +324,107 @@ def test_a_plan_never_grows_past_the_one_the_run_started_with(corpus, tmp_path, 
     result = train(config(corpus, tmp_path / "r", max_steps=100, time_limit=clock(118)))
     sizes = [p for p, _, _ in plans]
     assert min(sizes) < 90 and max(sizes) == 100 and sizes[-1] == 100
-    assert result.steps == 100 and result.stop_reason == "the hold-decay schedule's 100 planned steps done"
+    assert result.steps == 100  # the time changed the plan on the way: the lr's path is not the 100-step plan's
+    assert result.stop_reason == "the hold-decay schedule's 100 planned steps done (fitted to --time-limit 3.35s)"
     assert plans[-1][2] == 0.0
     assert_no_jump_and_never_rises(plans)
+
+
+def slow_then_fast(step):  # a slow spell (4x) from the 10th step to the 40th, then the steps' own speed
+    return 0.1 + step / 64 + 3 / 64 * min(max(step - 10, 0), 30)
+
+
+def test_a_run_stopped_after_its_plan_grew_resumes_the_grown_plan_and_may_grow_to_its_ceiling(corpus, tmp_path,
+                                                                                               monkeypatch):
+    """Stopped right after the plan grew: the checkpoint holds the grown plan, the step and lr it falls from, and
+    the 100-step ceiling --max-steps fixed. The resumed invocation starts on that plan (its first lr is the one the
+    plan gives, no jump), grows it to the ceiling as its own time allows, and ends there at lr 0. Resumed with a
+    larger --max-steps, it warns that the plan may grow back to 100, no further."""
+    clock = {"f": slow_then_fast}
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock["f"](self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    plans = plans_and_lrs(monkeypatch)
+    warnings = []
+
+    def stop_after_a_grow(event, info):
+        if event == "warning":
+            warnings.append(info["message"])
+        sizes = [p for p, _, _ in plans]
+        if event == "step" and len(sizes) > 1 and sizes[-1] > min(sizes) and not warnings and not clock.get("sent"):
+            clock["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = dict(max_steps=100, time_limit=slow_then_fast(118))
+    for name in ("a", "b"):
+        clock.pop("sent", None)
+        plans.clear()
+        with pytest.raises(TrainingInterrupted):
+            train(config(corpus, tmp_path / name, **cfg), callback=stop_after_a_grow)
+        saved = trainer_state(tmp_path / name)
+        assert saved["plan_ceiling"] == 100 and saved["plan_anchor"] is not None
+        assert min(p for p, _, _ in plans) < saved["planned_steps"] < 100  # grown, not yet to the ceiling
+    stopped_at, grown, anchor = saved["step"], saved["planned_steps"], tuple(saved["plan_anchor"])
+    plans.clear()
+    clock["f"] = lambda step: 0.1 + step / 64  # the resumed invocation runs at the steps' own speed throughout
+    result = train(config(corpus, tmp_path / "a", **cfg), resume=True)
+    assert plans[0][:2] == (grown, anchor)
+    assert plans[0][2] == pytest.approx(scheduled_lr("hold-decay", 0.5, stopped_at, grown, anchor))
+    assert result.steps == 100 and max(p for p, _, _ in plans) == 100 and plans[-1][2] == 0.0
+    assert_no_jump_and_never_rises(plans, first_step=stopped_at)
+    assert warnings == []
+    train(config(corpus, tmp_path / "b", **{**cfg, "max_steps": 400}), resume=True, callback=stop_after_a_grow)
+    assert warnings == [f"the hold-decay schedule was planned for 100 steps when the run started; the time limit "
+                        f"has shortened it to {grown}, and it may grow back to 100, no further (--max-steps 400 "
+                        f"does not extend a plan)"]
+    assert trainer_state(tmp_path / "b")["planned_steps"] <= 100
+
+
+def test_the_step_time_is_the_latest_intervals_and_the_one_under_way():
+    """Marks at evaluations every 10 steps: one slow interval (4x) then four at 1/64 s a step: the step time is
+    back to 1/64 (the mean since the first evaluation would still count the slow one). Then the interval under
+    way runs slow: it counts once WARM_STEPS steps into it, not before."""
+    from charlm.schedule import RECENT_INTERVALS, WARM_STEPS, StepClock
+
+    clock = StepClock(time_limit=100.0)
+    t, marks = 0.0, [(10, 0.0)]
+    for per_step in [4 / 64] + [1 / 64] * RECENT_INTERVALS:
+        t += 10 * per_step
+        marks.append((marks[-1][0] + 10, t))
+    for step, now in marks:
+        clock.mark(step, now)
+    step, now = marks[-1]
+    assert clock.time_plan(step, now, 0.0) == step + int((100.0 - now) * 64)
+    since_first = (now - marks[0][1]) / (step - marks[0][0])
+    assert since_first > 1.2 / 64  # what the old rule would have read
+    slow = now + WARM_STEPS * 4 / 64  # the next WARM_STEPS steps at 4x
+    assert clock.time_plan(step + WARM_STEPS, slow, 0.0) == step + WARM_STEPS + int((100.0 - slow) / (4 / 64))
+    early = now + (WARM_STEPS - 1) * 4 / 64  # one step short of counting: the mean over the latest intervals
+    oldest = marks[-RECENT_INTERVALS - 1]  # (to now: the slow steps under way weigh in it, diluted)
+    mean = (early - oldest[1]) / (step + WARM_STEPS - 1 - oldest[0])
+    assert 1 / 64 < mean < 2 / 64
+    assert clock.time_plan(step + WARM_STEPS - 1, early, 0.0) == step + WARM_STEPS - 1 + int((100.0 - early) / mean)
+
+
+@pytest.mark.parametrize("schedule", ["hold-decay", "cosine"])
+def test_a_plan_grows_by_more_than_its_margin_or_to_its_ceiling_and_falls_from_where_it_is(corpus, tmp_path,
+                                                                                           schedule):
+    from types import SimpleNamespace
+
+    from charlm.schedule import GROW_MARGIN, Schedule
+
+    sched = Schedule(config(corpus, tmp_path / "r", lr_schedule=schedule), train_tokens=10**7)
+    base = sched.base_lr
+    st = SimpleNamespace(step=70, planned_steps=100, plan_anchor=(65, 0.8 * base), plan_ceiling=200)
+    lr_now = sched.lr(st)
+    assert not sched.lengthen(st, 100 + int(GROW_MARGIN * 100))  # within the margin: noise, not a change
+    assert st.planned_steps == 100
+    assert sched.lengthen(st, 100 + int(GROW_MARGIN * 100) + 1) and st.planned_steps == 103
+    assert st.plan_anchor == (70, pytest.approx(lr_now)) and sched.lr(st) == pytest.approx(lr_now)
+    assert sched.lengthen(st, 10_000) and st.planned_steps == 200  # never past the ceiling
+    assert sched.lr(st) == pytest.approx(lr_now)  # at the step about to be taken: the same lr
+    later = [sched.lr(SimpleNamespace(**{**vars(st), "step": s})) for s in range(70, 200)]
+    assert all(a >= b for a, b in zip(later, later[1:])) and later[-1] == 0.0
+    st = SimpleNamespace(step=70, planned_steps=199, plan_anchor=(65, 0.8 * base), plan_ceiling=200)
+    assert sched.lengthen(st, 250) and st.planned_steps == 200  # the last step to the ceiling counts, margin or not
+    st = SimpleNamespace(step=99, planned_steps=100, plan_anchor=(65, 0.8 * base), plan_ceiling=200)
+    assert not sched.lengthen(st, 200)  # at the plan's last step (lr 0): nothing to stretch
