@@ -154,11 +154,18 @@ class Schedule:
             return (f"the {cfg.lr_schedule} schedule now ends at step {st.planned_steps:,} (--max-steps or "
                     f"--epochs), {how}")
         if cfg.max_steps and cfg.max_steps > st.plan_ceiling:
-            where = ("the run ends there" if st.planned_steps == st.plan_ceiling else
-                     f"the time limit has shortened it to {st.planned_steps:,}, and it may grow back to "
-                     f"{st.plan_ceiling:,}, no further")
-            return (f"the {cfg.lr_schedule} schedule was planned for {st.plan_ceiling:,} steps when the run "
-                    f"started; {where} (--max-steps {cfg.max_steps:,} does not extend a plan)")
+            name, planned, ceiling = cfg.lr_schedule, st.planned_steps, st.plan_ceiling
+            if planned == ceiling:
+                say = f"the {name} schedule's plan is {planned:,} steps; the run ends there"
+            elif st.step >= planned:
+                say = f"the {name} schedule's plan, shortened by the time limit, ended at step {planned:,}"
+            elif not cfg.time_limit:
+                say = (f"the {name} schedule's plan, shortened by the time limit, ends at step {planned:,} (without "
+                       f"--time-limit it is not fitted to the time, so it does not grow back)")
+            else:
+                say = (f"the {name} schedule's plan, shortened by the time limit, ends at step {planned:,}; it may "
+                       f"grow back to its bound, {ceiling:,} steps, no further")
+            return f"{say} (--max-steps {cfg.max_steps:,} does not extend a plan)"
         return None
 
     def plateau(self, st, loss: float) -> bool:
@@ -192,6 +199,7 @@ class StepClock:
         self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
         self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
         self.marks = []  # (step, elapsed) at its latest RECENT_INTERVALS + 1 scheduled evaluations
+        self.resumed = None  # (step, elapsed) when the steps went on after the latest one's checkpoints were written
         self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
         self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
 
@@ -214,11 +222,18 @@ class StepClock:
         self.last_mark = (step, now)
         self.marks = (self.marks + [(step, now)])[-(RECENT_INTERVALS + 1):]
 
+    def steps_resume(self, step: int, now: float) -> None:
+        """After a scheduled evaluation's checkpoints are written: the interval under way starts here, so that
+        the time of the writing is not spread over its first steps (the intervals between evaluations still
+        count it: it is part of what each interval costs)."""
+        self.resumed = (step, now)
+
     def time_plan(self, step: int, now: float, reserve: float) -> int | None:
         """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
         ``reserve`` kept) at the slowest of three step times: the mean over the latest RECENT_INTERVALS intervals
-        between evaluations (since the first evaluation while there are fewer), the last one, and the one under
-        way once WARM_STEPS steps into it (so that a run that slows down is caught within an interval, and one
+        between evaluations (since the first evaluation while there are fewer), the last one, and the steps' own
+        time in the one under way, from its evaluation's checkpoints written to now, once WARM_STEPS steps into
+        it (so that a run that slows down is caught within an interval, and one
         that ran slow for a while is not held to it);
         ``step`` when the time is up; None while nothing is measured yet."""
         left = self.time_limit - now - reserve
@@ -227,8 +242,9 @@ class StepClock:
         if self.interval_s_per_step is not None:
             since = self.marks[0]
             per_step = max((now - since[1]) / max(1, step - since[0]), self.interval_s_per_step)
-            if step - self.last_mark[0] >= WARM_STEPS:  # the interval under way, once it has steps enough to count
-                per_step = max(per_step, (now - self.last_mark[1]) / (step - self.last_mark[0]))
+            going = self.resumed if self.resumed is not None and self.resumed[0] == self.last_mark[0] else None
+            if going is not None and step - going[0] >= WARM_STEPS:  # the interval under way, with steps enough
+                per_step = max(per_step, (now - going[1]) / (step - going[0]))
         elif self.step_mark is not None and step - self.step_mark[0] >= WARM_STEPS:
             # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
             # warm-up, so that the plan is fitted long before the time is up rather than cut at the end

@@ -700,6 +700,8 @@ class Trainer:
             evals.keep_best(self.eval_model, val)
             self.save("best", val)
         self.save("last", val)
+        if scheduled:
+            self.clock.steps_resume(st.step, self.elapsed())
         self.last_eval_step = st.step  # (before the event: a callback that stops the run there leaves it evaluated)
         self.emit("eval", {**row, "improved": improved, "best_val_bpc": st.best_loss / math.log(2)})
         return row

@@ -373,9 +373,8 @@ def test_a_run_stopped_after_its_plan_grew_resumes_the_grown_plan_and_may_grow_t
     assert_no_jump_and_never_rises(plans, first_step=stopped_at)
     assert warnings == []
     train(config(corpus, tmp_path / "b", **{**cfg, "max_steps": 400}), resume=True, callback=stop_after_a_grow)
-    assert warnings == [f"the hold-decay schedule was planned for 100 steps when the run started; the time limit "
-                        f"has shortened it to {grown}, and it may grow back to 100, no further (--max-steps 400 "
-                        f"does not extend a plan)"]
+    assert warnings == [f"the hold-decay schedule's plan, shortened by the time limit, ends at step {grown}; it may "
+                        f"grow back to its bound, 100 steps, no further (--max-steps 400 does not extend a plan)"]
     assert trainer_state(tmp_path / "b")["planned_steps"] <= 100
 
 
@@ -394,6 +393,8 @@ def test_the_step_time_is_the_latest_intervals_and_the_one_under_way():
         clock.mark(step, now)
     step, now = marks[-1]
     assert clock.time_plan(step, now, 0.0) == step + int((100.0 - now) * 64)
+    now += 0.5  # the evaluation's checkpoints written: not a step's time
+    clock.steps_resume(step, now)
     since_first = (now - marks[0][1]) / (step - marks[0][0])
     assert since_first > 1.2 / 64  # what the old rule would have read
     slow = now + WARM_STEPS * 4 / 64  # the next WARM_STEPS steps at 4x
@@ -401,8 +402,12 @@ def test_the_step_time_is_the_latest_intervals_and_the_one_under_way():
     early = now + (WARM_STEPS - 1) * 4 / 64  # one step short of counting: the mean over the latest intervals
     oldest = marks[-RECENT_INTERVALS - 1]  # (to now: the slow steps under way weigh in it, diluted)
     mean = (early - oldest[1]) / (step + WARM_STEPS - 1 - oldest[0])
-    assert 1 / 64 < mean < 2 / 64
+    assert mean > 1 / 64
     assert clock.time_plan(step + WARM_STEPS - 1, early, 0.0) == step + WARM_STEPS - 1 + int((100.0 - early) / mean)
+    fast = now + WARM_STEPS / 64  # at the steps' own speed, the writing before them does not make them slow:
+    mean = (fast - oldest[1]) / (step + WARM_STEPS - oldest[0])  # the intervals' mean (the writing in it) holds
+    assert mean < (fast - marks[-1][1]) / WARM_STEPS  # (what the interval would read, counted from its evaluation)
+    assert clock.time_plan(step + WARM_STEPS, fast, 0.0) == step + WARM_STEPS + int((100.0 - fast) / mean)
 
 
 @pytest.mark.parametrize("schedule", ["hold-decay", "cosine"])
@@ -428,3 +433,42 @@ def test_a_plan_grows_by_more_than_its_margin_or_to_its_ceiling_and_falls_from_w
     assert sched.lengthen(st, 250) and st.planned_steps == 200  # the last step to the ceiling counts, margin or not
     st = SimpleNamespace(step=99, planned_steps=100, plan_anchor=(65, 0.8 * base), plan_ceiling=200)
     assert not sched.lengthen(st, 200)  # at the plan's last step (lr 0): nothing to stretch
+
+
+def test_the_time_checkpoints_take_does_not_shrink_and_regrow_the_plan(corpus, tmp_path, monkeypatch):
+    """Steady steps, and each checkpoint written at an evaluation costs as much as three steps: the writing counts
+    in each interval's time, not as slow steps at the start of the next, so the plan changes only at evaluations
+    (it grows a little as fewer evaluations improve and write best/ too), never ten steps into an interval, and
+    the lr falls without the saw-tooth of a plan cut and regrown every interval."""
+    saves = []
+    monkeypatch.setattr(Trainer, "elapsed",
+                        lambda self: 0.1 + (self.state.step - self.first_step) / 64 + 3 / 64 * len(saves))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, *a, **k: (saves.append(1), save(self, *a, **k))[1])
+    plans = plans_and_lrs(monkeypatch)
+    result = train(config(corpus, tmp_path / "r", max_steps=5000, eval_every=50, time_limit=8.0))
+    changed = [step for step in range(101, len(plans)) if plans[step][0] != plans[step - 1][0]]
+    assert changed and all(step % 50 == 0 for step in changed), changed  # (plans[n]: the plan of step n + 1)
+    assert result.steps == len(plans) and plans[-1][2] == 0.0
+    assert_no_jump_and_never_rises(plans)
+
+
+@pytest.mark.parametrize("step, planned, time_limit, says", [
+    (30, 100, 5.0, "the hold-decay schedule's plan is 100 steps; the run ends there"),
+    (30, 59, 5.0, "the hold-decay schedule's plan, shortened by the time limit, ends at step 59; it may grow back to "
+                  "its bound, 100 steps, no further"),
+    (30, 59, None, "the hold-decay schedule's plan, shortened by the time limit, ends at step 59 (without "
+                   "--time-limit it is not fitted to the time, so it does not grow back)"),
+    (59, 59, 5.0, "the hold-decay schedule's plan, shortened by the time limit, ended at step 59"),
+])
+def test_a_resume_with_a_larger_max_steps_says_what_the_plan_will_do(corpus, tmp_path, step, planned, time_limit,
+                                                                     says):
+    from types import SimpleNamespace
+
+    from charlm.schedule import Schedule
+
+    schedule = Schedule(config(corpus, tmp_path / "r", max_steps=400, time_limit=time_limit), train_tokens=10**7)
+    st = SimpleNamespace(step=step, planned_steps=planned, plan_anchor=(20, 0.4), plan_ceiling=100)
+    assert schedule.check(st) == f"{says} (--max-steps 400 does not extend a plan)"
+    assert (st.planned_steps, st.plan_ceiling) == (planned, 100)
