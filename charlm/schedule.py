@@ -157,11 +157,12 @@ class Schedule:
             name, planned, ceiling = cfg.lr_schedule, st.planned_steps, st.plan_ceiling
             if planned == ceiling:
                 say = f"the {name} schedule's plan is {planned:,} steps; the run ends there"
-            elif st.step >= planned:
-                say = f"the {name} schedule's plan, shortened by the time limit, ended at step {planned:,}"
+            elif st.step >= planned - 1:  # (its last step, at lr 0, is all that is left: nothing to grow)
+                say = (f"the {name} schedule's plan, shortened by the time limit, "
+                       f"{'ended' if st.step >= planned else 'ends'} at step {planned:,}")
             elif not cfg.time_limit:
-                say = (f"the {name} schedule's plan, shortened by the time limit, ends at step {planned:,} (without "
-                       f"--time-limit it is not fitted to the time, so it does not grow back)")
+                say = (f"the {name} schedule's plan, shortened by the time limit, ends at step {planned:,} (with no "
+                       f"time limit, --time-limit 0, it is not fitted to the time, so it does not grow back)")
             else:
                 say = (f"the {name} schedule's plan, shortened by the time limit, ends at step {planned:,}; it may "
                        f"grow back to its bound, {ceiling:,} steps, no further")
@@ -200,6 +201,8 @@ class StepClock:
         self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
         self.marks = []  # (step, elapsed) at its latest RECENT_INTERVALS + 1 scheduled evaluations
         self.resumed = None  # (step, elapsed) when the steps went on after the latest one's checkpoints were written
+        self.overhead_s = 0.0  # what the latest evaluation and its checkpoints took
+        self.eval_s = 0.0
         self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
         self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
 
@@ -208,11 +211,12 @@ class StepClock:
         if self.step_mark is None and step - self.first_step == WARM_STEPS:
             self.step_mark = (step, now)
 
-    def mark(self, step: int, now: float) -> None:
-        """At a scheduled evaluation: the first of the invocation starts the step-time measurement (the first
-        steps and the first evaluation run cold: a first evaluation measured at several times its later
-        cost made the final work's reserve eat 14% of a 15-minute run); each later one measures the
-        interval since the one before, from which :meth:`time_plan` estimates."""
+    def mark(self, step: int, now: float, eval_s: float = 0.0) -> None:
+        """At a scheduled evaluation, once it is measured (``eval_s``: what it took): the first of the invocation
+        starts the step-time measurement (the first steps and the first evaluation run cold: a first evaluation
+        measured at several times its later cost made the final work's reserve eat 14% of a 15-minute run); each
+        later one measures the interval since the one before, from which :meth:`time_plan` estimates."""
+        self.eval_s = eval_s
         if step == self.first_step:
             return
         if self.plan_mark is not None and step > self.last_mark[0]:
@@ -223,28 +227,32 @@ class StepClock:
         self.marks = (self.marks + [(step, now)])[-(RECENT_INTERVALS + 1):]
 
     def steps_resume(self, step: int, now: float) -> None:
-        """After a scheduled evaluation's checkpoints are written: the interval under way starts here, so that
-        the time of the writing is not spread over its first steps (the intervals between evaluations still
-        count it: it is part of what each interval costs)."""
+        """After a scheduled evaluation's checkpoints are written: the steps of the interval under way are timed
+        from here, so that the writing is not read as their time; what the evaluation and the writing took is
+        added back spread over an interval's steps (:meth:`time_plan`)."""
         self.resumed = (step, now)
+        if self.last_mark is not None and self.last_mark[0] == step:
+            self.overhead_s = self.eval_s + (now - self.last_mark[1])
 
     def time_plan(self, step: int, now: float, reserve: float) -> int | None:
         """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
-        ``reserve`` kept) at the slowest of three step times: the mean over the latest RECENT_INTERVALS intervals
-        between evaluations (since the first evaluation while there are fewer), the last one, and the steps' own
-        time in the one under way, from its evaluation's checkpoints written to now, once WARM_STEPS steps into
-        it (so that a run that slows down is caught within an interval, and one
-        that ran slow for a while is not held to it);
-        ``step`` when the time is up; None while nothing is measured yet."""
+        ``reserve`` kept) at the slowest of three step times, each with the evaluations and checkpoints in it:
+        the mean over the latest RECENT_INTERVALS whole intervals between evaluations (since the first
+        evaluation while there are fewer), the last one, and, once WARM_STEPS steps into the interval under way,
+        its steps' own time (from its evaluation's checkpoints written) plus what that evaluation and its
+        writing took over an interval's steps. So a run that slows down is caught within an interval, one that
+        ran slow for a while is not held to it, and the writing just done is not read as slow steps. ``step``
+        when the time is up; None while nothing is measured yet."""
         left = self.time_limit - now - reserve
         if left <= 0:
             return step
         if self.interval_s_per_step is not None:
-            since = self.marks[0]
-            per_step = max((now - since[1]) / max(1, step - since[0]), self.interval_s_per_step)
-            going = self.resumed if self.resumed is not None and self.resumed[0] == self.last_mark[0] else None
+            since, last = self.marks[0], self.last_mark
+            per_step = max((last[1] - since[1]) / max(1, last[0] - since[0]), self.interval_s_per_step)
+            going = self.resumed if self.resumed is not None and self.resumed[0] == last[0] else None
             if going is not None and step - going[0] >= WARM_STEPS:  # the interval under way, with steps enough
-                per_step = max(per_step, (now - going[1]) / (step - going[0]))
+                interval_steps = max(1, last[0] - self.marks[-2][0])
+                per_step = max(per_step, (now - going[1]) / (step - going[0]) + self.overhead_s / interval_steps)
         elif self.step_mark is not None and step - self.step_mark[0] >= WARM_STEPS:
             # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
             # warm-up, so that the plan is fitted long before the time is up rather than cut at the end

@@ -132,7 +132,7 @@ class RunState:
     nonfinite: int = 0  # consecutive steps whose loss was not finite
     planned_steps: int | None = None  # a planned lr schedule's length, fixed at the start (saved: a resume follows it)
     plan_anchor: tuple[int, float] | None = None  # (step, lr) a shortened plan falls from (see scheduled_lr)
-    plan_ceiling: int | None = None  # the plan as --epochs and --max-steps fixed it: a time-shortened one grows back to it
+    plan_ceiling: int | None = None  # the plan --epochs and --max-steps fixed: a time-shortened one grows back to it
     hidden: object = None  # the state carried across sequential batches: a tensor, or (h, c) for the LSTM
 
     def to_dict(self, optimizer, device: torch.device, dist: Dist = Dist(), scaler=None) -> dict:
@@ -679,7 +679,7 @@ class Trainer:
         between two scheduled ones (a time limit, a signal, ``--max-steps`` off the schedule) only
         reports and saves, so that a resumed run takes the same decisions as one never stopped."""
         st, iv, evals = self.state, self.interval, self.evals
-        now = time.perf_counter()
+        now, eval_from = time.perf_counter(), self.elapsed()
         val = evals.measure(self.eval_model, st, since=now)
         row = {"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.steps_per_epoch), 4),
                "tokens": st.step * self.tokens_per_step, "elapsed_s": round(now - self.t_start, 3),
@@ -691,7 +691,8 @@ class Trainer:
             iv.reset()
             if self.schedule.plateau(st, val.loss):  # the plateau schedule's lr decayed
                 self._set_lr()
-            self.clock.mark(st.step, self.elapsed())
+            at = self.elapsed()
+            self.clock.mark(st.step, at, eval_s=at - eval_from)
             if self.schedule.planned and self.cfg.time_limit is not None:  # the checkpoints below keep the plan
                 self.schedule.fit(st, self.dist.broadcast_int(self._proposal(), self.device), grow=True)
         improved = val.loss < st.best_loss
