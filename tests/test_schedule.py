@@ -471,3 +471,24 @@ def test_a_resume_with_a_larger_max_steps_says_what_the_plan_will_do(corpus, tmp
     st = SimpleNamespace(step=step, planned_steps=planned, plan_anchor=(20, 0.4), plan_ceiling=100)
     assert schedule.check(st) == f"{says} (--max-steps 400 does not extend a plan)"
     assert (st.planned_steps, st.plan_ceiling) == (planned, 100)
+
+
+def test_a_plan_cut_by_a_slow_start_of_its_last_interval_grows_back_before_it_ends(corpus, tmp_path, monkeypatch):
+    """Right after the evaluation at step 250, twelve steps run ten times slower, then the steps run at their speed
+    again. Ten steps in, the interval under way cuts the plan to end before the next evaluation (300), where it
+    could not be grown back: it grows step by step as the interval's steps run fast, and the run goes past that
+    evaluation (a plan grown only at evaluations ended at step 268). After it the slow interval, the last one,
+    still holds the step time for an interval, so the run ends short of the 330 steps its time holds."""
+    def clock(step):
+        return 0.1 + step / 64 + 9 / 64 * min(max(step - 250, 0), 12)
+
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    plans = plans_and_lrs(monkeypatch)
+    limit = clock(330)
+    result = train(config(corpus, tmp_path / "r", max_steps=1000, eval_every=50, time_limit=limit))
+    sizes = [p for p, _, _ in plans]
+    assert min(sizes[255:275]) < 300  # cut to end before the next evaluation
+    assert 300 < result.steps <= 330 and clock(result.steps) <= limit
+    assert plans[-1][2] == 0.0
+    assert_no_jump_and_never_rises(plans)
