@@ -127,8 +127,8 @@ class Schedule:
     def fit(self, st, proposal: int, grow: bool = False) -> None:
         """Fit the plan to rank 0's proposal (:meth:`StepClock.time_plan`; -1: none): shorten it when the time
         left cannot hold it; with ``grow`` (at a scheduled evaluation, where the step time is re-measured, and at
-        a step whose plan would end before the next one) grow a shortened plan back when the time left holds
-        more (:meth:`lengthen`)."""
+        a step whose plan would end before the next one or at the step after it) grow a shortened plan back when
+        the time left holds more (:meth:`lengthen`)."""
         if proposal < 0:
             return
         if self.shorten(st, proposal) or (grow and self.lengthen(st, proposal)):

@@ -662,10 +662,11 @@ class Trainer:
         if signalled:
             stop["signal"] = stop["signal"] or "SIGTERM"  # a signal another rank received
             return stop["signal"]
-        # a plan cut to end before the next evaluation (a slow start of this interval) may grow back at any step:
-        # there is no evaluation left to grow it at
+        # a plan cut to end before the next evaluation or just after it (a slow start of this interval) may grow
+        # back at any step: no evaluation is left to grow it at (one at the plan's last step or the step before
+        # it no longer may: Schedule.lengthen)
         next_eval = (st.step // cfg.eval_every + 1) * cfg.eval_every
-        self.schedule.fit(st, proposal, grow=st.planned_steps is not None and st.planned_steps < next_eval)
+        self.schedule.fit(st, proposal, grow=st.planned_steps is not None and st.planned_steps <= next_eval + 1)
         if reason is None:
             reason = self.schedule.done(st)
         if reason is None and time_up:

@@ -489,6 +489,23 @@ def test_a_plan_cut_by_a_slow_start_of_its_last_interval_grows_back_before_it_en
     result = train(config(corpus, tmp_path / "r", max_steps=1000, eval_every=50, time_limit=limit))
     sizes = [p for p, _, _ in plans]
     assert min(sizes[255:275]) < 300  # cut to end before the next evaluation
-    assert 300 < result.steps <= 330 and clock(result.steps) <= limit
+    assert 300 < result.steps < 330 and clock(result.steps) <= limit
+    assert plans[-1][2] == 0.0
+    assert_no_jump_and_never_rises(plans)
+
+
+def test_a_plan_grown_to_end_at_the_next_evaluation_still_grows_past_it(corpus, tmp_path, monkeypatch):
+    """Eight slow steps right after the evaluation at 250; the plan, cut short, grows back by steps until it ends
+    at the next evaluation (300): there an evaluation may no longer grow it (its last step is next), so it must
+    grow before, and the run goes on to about the steps its time holds (339)."""
+    def clock(step):
+        return 0.1 + step / 64 + 5 / 64 * min(max(step - 250, 0), 8)
+
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    plans = plans_and_lrs(monkeypatch)
+    limit = clock(339)
+    result = train(config(corpus, tmp_path / "r", max_steps=1000, eval_every=50, time_limit=limit))
+    assert 320 <= result.steps <= 339 and clock(result.steps) <= limit
     assert plans[-1][2] == 0.0
     assert_no_jump_and_never_rises(plans)
