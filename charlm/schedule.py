@@ -97,12 +97,19 @@ class Schedule:
         steps = max(st.step + 1, steps)
         if st.planned_steps is None or steps >= st.planned_steps:
             return False
-        lr_now = self.lr(st)
-        held = self.cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and st.step < HOLD_FRACTION * steps
-        st.planned_steps = steps
-        if not held and st.step > 0:  # (still held under the shorter plan: its own shape, nothing to anchor)
-            st.plan_anchor = (st.step, lr_now)
+        self._replan(st, steps)
         return True
+
+    def _replan(self, st, steps: int) -> None:
+        """Make the plan ``steps`` long from here, falling from the lr of the step about to be taken (anchored
+        there), unless the lr is still held under both the plan and the new one: then the new one keeps its own
+        shape."""
+        lr_now = self.lr(st)
+        held = self.cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and \
+            st.step < HOLD_FRACTION * min(steps, st.planned_steps)
+        st.planned_steps = steps
+        if not held and st.step > 0:
+            st.plan_anchor = (st.step, lr_now)
 
     def lengthen(self, st, steps: int) -> bool:
         """Grow a plan the time limit shortened to ``steps`` steps in all (at most ``plan_ceiling``, the plan
@@ -116,12 +123,7 @@ class Schedule:
         if steps <= st.planned_steps or (steps < ceiling and steps - st.planned_steps
                                          <= GROW_MARGIN * st.planned_steps):
             return False
-        lr_now = self.lr(st)
-        held = self.cfg.lr_schedule == "hold-decay" and st.plan_anchor is None and st.step < HOLD_FRACTION * \
-            st.planned_steps  # still held: a longer plan holds it longer, on its own shape
-        st.planned_steps = steps
-        if not held and st.step > 0:
-            st.plan_anchor = (st.step, lr_now)
+        self._replan(st, steps)
         return True
 
     def fit(self, st, proposal: int, grow: bool = False) -> None:
@@ -198,13 +200,9 @@ class StepClock:
     def __init__(self, time_limit: float | None, first_step: int = 0):
         self.time_limit = time_limit
         self.first_step = first_step  # the step this invocation started from
-        self.plan_mark = None  # (step, elapsed) at this invocation's first scheduled evaluation (see time_plan)
-        self.last_mark = None  # (step, elapsed) at this invocation's latest scheduled evaluation
-        self.marks = []  # (step, elapsed) at its latest RECENT_INTERVALS + 1 scheduled evaluations
+        self.marks = []  # (step, elapsed) at this invocation's latest RECENT_INTERVALS + 1 scheduled evaluations
+        self.eval_s = 0.0  # what the latest one took
         self.resumed = None  # (step, elapsed) when the steps went on after the latest one's checkpoints were written
-        self.overhead_s = 0.0  # what the latest evaluation and its checkpoints took
-        self.eval_s = 0.0
-        self.interval_s_per_step = None  # seconds a step took between the two latest scheduled evaluations
         self.step_mark = None  # (step, elapsed) after this invocation's first WARM_STEPS steps
 
     def warm(self, step: int, now: float) -> None:
@@ -220,20 +218,14 @@ class StepClock:
         self.eval_s = eval_s
         if step == self.first_step:
             return
-        if self.plan_mark is not None and step > self.last_mark[0]:
-            self.interval_s_per_step = (now - self.last_mark[1]) / (step - self.last_mark[0])
-        if self.plan_mark is None:
-            self.plan_mark = (step, now)
-        self.last_mark = (step, now)
-        self.marks = (self.marks + [(step, now)])[-(RECENT_INTERVALS + 1):]
+        kept = self.marks[:-1] if self.marks and self.marks[-1][0] >= step else self.marks  # (no interval of 0 steps)
+        self.marks = (kept + [(step, now)])[-(RECENT_INTERVALS + 1):]
 
     def steps_resume(self, step: int, now: float) -> None:
         """After a scheduled evaluation's checkpoints are written: the steps of the interval under way are timed
         from here, so that the writing is not read as their time; what the evaluation and the writing took is
         added back spread over an interval's steps (:meth:`time_plan`)."""
         self.resumed = (step, now)
-        if self.last_mark is not None and self.last_mark[0] == step:
-            self.overhead_s = self.eval_s + (now - self.last_mark[1])
 
     def time_plan(self, step: int, now: float, reserve: float) -> int | None:
         """Under --time-limit: the steps the run can still take in all, from the time left (the final work's
@@ -247,13 +239,13 @@ class StepClock:
         left = self.time_limit - now - reserve
         if left <= 0:
             return step
-        if self.interval_s_per_step is not None:
-            since, last = self.marks[0], self.last_mark
-            per_step = max((last[1] - since[1]) / max(1, last[0] - since[0]), self.interval_s_per_step)
-            going = self.resumed if self.resumed is not None and self.resumed[0] == last[0] else None
-            if going is not None and step - going[0] >= WARM_STEPS:  # the interval under way, with steps enough
-                interval_steps = max(1, last[0] - self.marks[-2][0])
-                per_step = max(per_step, (now - going[1]) / (step - going[0]) + self.overhead_s / interval_steps)
+        if len(self.marks) >= 2:
+            (s0, t0), (s1, t1), (s2, t2) = self.marks[0], self.marks[-2], self.marks[-1]
+            per_step = max((t2 - t0) / (s2 - s0), (t2 - t1) / (s2 - s1))
+            going = self.resumed
+            if going is not None and going[0] == s2 and step - s2 >= WARM_STEPS:  # the interval under way
+                overhead = self.eval_s + (going[1] - t2)  # the latest evaluation and its checkpoints
+                per_step = max(per_step, (now - going[1]) / (step - s2) + overhead / (s2 - s1))
         elif self.step_mark is not None and step - self.step_mark[0] >= WARM_STEPS:
             # no two evaluations yet (a large --eval-every, a short limit): the steps' own time since the
             # warm-up, so that the plan is fitted long before the time is up rather than cut at the end

@@ -120,6 +120,13 @@ def test_a_time_limited_plan_is_measured_once_and_a_resume_follows_it(corpus, tm
     assert_same_weights(tmp_path / "parts", tmp_path / "straight")
 
 
+def fake_clock(monkeypatch, clock):
+    """The trainer reads ``clock(steps this invocation has taken)`` as its elapsed seconds, and reserves nothing
+    for its final work."""
+    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
+    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+
+
 def recorded_lrs(monkeypatch) -> list[float]:
     """The lr of every step taken, in order, as the optimizer gets it."""
     seen = []
@@ -166,8 +173,7 @@ def test_a_plan_shortened_late_by_the_time_limit_never_jumps(corpus, tmp_path, m
     def clock(step):
         return 0.1 + min(step, 40) / 64 + max(0, step - 40) * 3 / 64
 
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
-    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    fake_clock(monkeypatch, clock)
     plans, apply = [], Trainer.apply_lr
 
     def record(self):
@@ -299,8 +305,7 @@ def test_a_plan_shortened_by_a_slow_spell_grows_back_when_the_steps_run_fast_aga
     def clock(step):
         return 0.1 + step / 64 + 3 / 64 * min(max(step - slow_from, 0), 30)
 
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
-    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
     limit = clock(200)
     result = train(config(corpus, tmp_path / "r", max_steps=400, time_limit=limit))
@@ -318,8 +323,7 @@ def test_a_plan_never_grows_past_the_one_the_run_started_with(corpus, tmp_path, 
     def clock(step):
         return 0.1 + step / 64 + 3 / 64 * min(max(step - 10, 0), 30)
 
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
-    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
     result = train(config(corpus, tmp_path / "r", max_steps=100, time_limit=clock(118)))
     sizes = [p for p, _, _ in plans]
@@ -482,8 +486,7 @@ def test_a_plan_cut_by_a_slow_start_of_its_last_interval_grows_back_before_it_en
     def clock(step):
         return 0.1 + step / 64 + 9 / 64 * min(max(step - 250, 0), 12)
 
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
-    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
     limit = clock(330)
     result = train(config(corpus, tmp_path / "r", max_steps=1000, eval_every=50, time_limit=limit))
@@ -501,8 +504,7 @@ def test_a_plan_grown_to_end_at_the_next_evaluation_still_grows_past_it(corpus, 
     def clock(step):
         return 0.1 + step / 64 + 5 / 64 * min(max(step - 250, 0), 8)
 
-    monkeypatch.setattr(Trainer, "elapsed", lambda self: clock(self.state.step - self.first_step))
-    monkeypatch.setattr(Trainer, "reserve", lambda self: 0.0)
+    fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
     limit = clock(339)
     result = train(config(corpus, tmp_path / "r", max_steps=1000, eval_every=50, time_limit=limit))
