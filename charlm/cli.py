@@ -23,7 +23,8 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (AVERAGES, CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
-                           DEFAULT_LR, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
+                           DEFAULT_LR, DYNAMIC_NGRAM_CHARS, DYNAMIC_NGRAM_ORDER, DYNAMIC_RULE, DYNAMIC_RULES,
+                           EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
                            LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MOGRIFIER_FIELDS, MAX_SAMPLES,
                            MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS,
                            PREPROCESS_MODES, REGULARISERS, SAMPLINGS, SEED_MAX, SMALL_CORPUS_CHARS,
@@ -903,14 +904,20 @@ def _rule_defaults(i: int) -> str:
               help="Dynamic evaluation, rms rule: the gradients' mean square starts from this many characters "
                    "at the end of the run's training text (when its corpus is at hand); 0 = from the text "
                    "read only.")
+@click.option("--dynamic-ngram", type=click.IntRange(min=0), default=None, metavar="ORDER",
+              show_default=f"{DYNAMIC_NGRAM_ORDER}, or the highest a large vocabulary allows",
+              help="Dynamic evaluation also mixes the network with an ORDER-gram count model of the run's training "
+                   "text (when its corpus is at hand) that counts the text as it is read, the network's weight "
+                   "learned as it is read; 0 = the network alone.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule, dynamic_lr, dynamic_decay,
-          dynamic_steps, dynamic_prior, device):
+          dynamic_steps, dynamic_prior, dynamic_ngram, device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
     With no FILES, the run's own held-out split, re-read from the corpus its config names. Files
     are read with the checkpoint's preprocessing. --dynamic adds the figure of dynamic evaluation
-    (Krause et al., 2018) beside the static one. CHECKPOINT may also be a model from charlm export
+    (Krause et al., 2018), with a count model of the training text mixed in, beside the static one
+    read the same way, and each part's figure. CHECKPOINT may also be a model from charlm export
     (MODEL.onnx, fp32 or int8): it is then read on onnxruntime the same way.
     """
     import json
@@ -941,31 +948,39 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
         except UnknownCharactersError as exc:
             raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
     prior_ids = _dynamic_prior(ckpt, dynamic_prior) if dynamic and dynamic_rule == "rms" else None
+    ngram, count_ids = _dynamic_counts(ckpt, dynamic_ngram) if dynamic else (0, None)
     for name, ids, skipped in jobs:
         try:
             r = evaluate(getattr(ckpt, "model", None), ids, batch_size=batch_size)
         except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
-        d = s = None
+        parts = {}
         if dynamic:  # beside the static figure of the text read the same way: one row, in order
-            s = evaluate(ckpt.model, ids, batch_size=1)
-            d = _dynamic(ckpt.model, ids, dict(rule=dynamic_rule, lr=dynamic_lr, decay=dynamic_decay,
-                                               num_steps=dynamic_steps, prior_ids=prior_ids), name)
+            parts = _dynamic(ckpt, ids, dict(rule=dynamic_rule, lr=dynamic_lr, decay=dynamic_decay,
+                                             num_steps=dynamic_steps, prior_ids=prior_ids), ngram, count_ids, name)
         if as_json:
             extra = {**({"skipped": skipped} if skipped else {}),
-                     **({"static_one_row": s.to_dict(), "dynamic": d.to_dict()} if d else {})}
+                     **{key: value.to_dict() for key, value in parts.items()}}
             click.echo(json.dumps({"file": str(name), **r.to_dict(), **extra}))
         else:
             note = f" ({skipped:,} unknown characters skipped)" if skipped else ""
             click.echo(f"{name}: {r.tokens:,} chars, loss {r.loss:.4f} nats/char, "
                        f"{r.bits_per_char:.4f} bits/char, perplexity {r.perplexity:.3f}{note}")
-            if d is not None:
+            if parts:
+                s, d = parts["static_one_row"], parts["dynamic"]
+                counts = (f", mixed with a {ngram}-gram count model of {len(count_ids):,} training chars and the text "
+                          f"read" if ngram else "")
                 click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
                            f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
                            f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr "
                            f"{dynamic_lr:g}, decay {dynamic_decay:g}, {dynamic_steps}-char segments"
-                           + (f", mean square from {len(prior_ids):,} training chars)" if prior_ids is not None
-                              else ")"))
+                           + (f", mean square from {len(prior_ids):,} training chars" if prior_ids is not None
+                              else "") + counts + ")")
+                if ngram:
+                    w, c = parts["dynamic_network"], parts["static_counts"]
+                    click.echo(f"{name}: its parts: the network's steps without the counts {w.bits_per_char:.4f} "
+                               f"({w.bits_per_char - s.bits_per_char:+.4f}), the counts with the static network "
+                               f"{c.bits_per_char:.4f} ({c.bits_per_char - s.bits_per_char:+.4f})")
 
 
 def _dynamic_prior(ckpt, chars: int):
@@ -982,11 +997,38 @@ def _dynamic_prior(ckpt, chars: int):
         return None
 
 
-def _dynamic(model, ids, options: dict, name):
-    """Dynamic evaluation with a progress bar (on standard error, gone when done)."""
+def _dynamic_counts(ckpt, order):
+    """(order, training ids) of dynamic evaluation's count model: ``order`` None takes the default, lowered to
+    what the vocabulary allows; an order given that it does not allow is a usage error. (0, None) when off; the
+    training text empty (said on standard error) when the run's corpus is not at hand."""
+    from charlm.evaluation import training_tail_ids, whole
+    from charlm.ngram import max_order
+
+    top = max_order(len(ckpt.vocab))
+    if order is None:
+        order = min(DYNAMIC_NGRAM_ORDER, top)
+    elif order > top:
+        raise click.UsageError(f"--dynamic-ngram {order}: at most {top} for a vocabulary of {len(ckpt.vocab)} "
+                               f"characters")
+    if order == 0:
+        return 0, None
+    try:
+        return order, whole(training_tail_ids(ckpt, DYNAMIC_NGRAM_CHARS))
+    except CharlmError as exc:
+        click.echo(f"note: {exc}: dynamic evaluation's count model counts the text read only", err=True)
+        return order, whole([])
+
+
+def _dynamic(ckpt, ids, options: dict, ngram: int, count_ids, name) -> dict:
+    """Dynamic evaluation with a progress bar (on standard error, gone when done): the figures, by name, of the
+    static network read in one row, dynamic evaluation, and with ``ngram`` its parts (the network's steps alone,
+    the count model mixed with the static network)."""
     from tqdm.auto import tqdm
 
-    from charlm.evaluation import evaluate_dynamic
+    from charlm.evaluation import EvalResult, dynamic_losses, losses_in_order, mixed_with_counts
+
+    def result(losses):
+        return EvalResult(loss=float(losses.mean()), tokens=len(losses))
 
     with tqdm(desc="dynamic evaluation", unit="segment", leave=False, disable=None, file=sys.stderr) as bar:
         def progress(done, total):
@@ -994,7 +1036,14 @@ def _dynamic(model, ids, options: dict, name):
             bar.update(done - bar.n)
 
         try:
-            return evaluate_dynamic(model, ids, **options, on_segment=progress)
+            static = losses_in_order(ckpt.model, ids)
+            steps = dynamic_losses(ckpt.model, ids, **options, on_segment=progress)
+            if not ngram:
+                return {"static_one_row": result(static), "dynamic": result(steps)}
+            return {"static_one_row": result(static),
+                    "dynamic": mixed_with_counts(steps, ids, count_ids, len(ckpt.vocab), ngram),
+                    "dynamic_network": result(steps),
+                    "static_counts": mixed_with_counts(static, ids, count_ids, len(ckpt.vocab), ngram)}
         except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
 

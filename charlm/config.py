@@ -78,6 +78,11 @@ DYNAMIC_RULES = {"rms": (5e-4, 50, 0.01), "sgd": (0.3, 100, 0.0)}
 DYNAMIC_RULE = "rms"
 DYNAMIC_RMS_BETA = 0.99  # the running mean square's decay per segment (bias-corrected when it starts from zero)
 DYNAMIC_PRIOR_CHARS = 100_000  # of the run's training text, for the rms rule's starting mean square
+# Dynamic evaluation also mixes the network with an n-gram count model of the run's training text and of the text
+# read so far (charlm.ngram), the network's weight learned as the text is read. Order 6 chosen on the held-out
+# tails of three models among 3 to 9 (docs/explanation/defaults.md, "Dynamic evaluation"); 0 turns it off.
+DYNAMIC_NGRAM_ORDER = 6
+DYNAMIC_NGRAM_CHARS = 5_000_000  # the most of the training text (its end) it counts: ~1 GB of numpy arrays at most
 # Seeds (training, sampling, the server's requests): integers from 0 to SEED_MAX, the range numpy's SeedSequence
 # takes (no negative seeds) and a signed 64-bit integer holds.
 SEED_MAX = 2**63 - 1

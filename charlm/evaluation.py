@@ -26,7 +26,7 @@ from charlm.config import (DYNAMIC_RMS_BETA, DYNAMIC_RULE, DYNAMIC_RULES, EVAL_B
                            REGULARISERS, _is_real, check_choice)
 from charlm.corpus import read_normalized
 from charlm.data import _as_numpy, load_split, load_split_onto
-from charlm.tokens import windows
+from charlm.tokens import TokenReader, windows
 from charlm.errors import CheckpointError, ConfigError, CorpusError
 from charlm.models import detach_state
 
@@ -88,14 +88,36 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     """
     ids = _as_numpy(ids)
     B, cols, row_starts = _rows(len(ids), batch_size)
-    if not _count(num_steps):
-        raise ConfigError(f"num steps must be an integer >= 1, got {num_steps!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if dist is not None and dist.enabled:
         row_starts = row_starts[dist.rank::dist.world_size]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _, losses in _static_losses(model, ids, row_starts, cols, num_steps, device):
+        total += losses.sum(dtype=torch.float64)
+    if dist is not None:
+        total = dist.sum(total)
+    return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+
+
+def losses_in_order(model, ids, num_steps: int = EVAL_NUM_STEPS, device=None) -> np.ndarray:
+    """Each character's loss (nats) under ``model``, the text read in one row, in order: ``ids[1:]``'s, as
+    float64. Their mean is :func:`evaluate`'s figure with ``batch_size=1``."""
+    ids = _as_numpy(ids)
+    _, cols, row_starts = _rows(len(ids), 1)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    out = np.empty(cols, dtype=np.float64)
+    for start, losses in _static_losses(model, ids, row_starts, cols, num_steps, device):
+        out[start:start + losses.shape[1]] = losses[0].double().cpu().numpy()
+    return out
+
+
+def _static_losses(model, ids, row_starts, cols: int, num_steps: int, device):
+    """``(first column, per-character losses (rows, width))`` of each block of ``num_steps`` columns of the
+    rows starting at ``row_starts``, the state carried from block to block; the model in eval mode meanwhile."""
+    if not _count(num_steps):
+        raise ConfigError(f"num steps must be an integer >= 1, got {num_steps!r}")
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with torch.inference_mode():
             state = None
@@ -107,13 +129,10 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
                 X = block[:, :-1].to(device, non_blocking=True)
                 Y = block[:, 1:].to(device, non_blocking=True)
                 logits, state = model(X, state)
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
-                                         reduction="sum").double()
+                yield start, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
+                                             reduction="none").view(Y.shape)
     finally:
         model.train(was_training)
-    if dist is not None:
-        total = dist.sum(total)
-    return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
 
 
 def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = None,
@@ -135,6 +154,16 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     rule's (``DYNAMIC_RULES``). Dropout is off. The model is a copy: ``model`` and its checkpoint are
     never changed. ``on_segment(done, total)`` follows the progress, the prior's segments first.
     """
+    losses = dynamic_losses(model, ids, lr=lr, decay=decay, num_steps=num_steps, batch_size=batch_size,
+                            device=device, on_segment=on_segment, rule=rule, prior_ids=prior_ids)
+    return EvalResult(loss=float(losses.sum()) / len(losses), tokens=len(losses))
+
+
+def dynamic_losses(model, ids, lr: float | None = None, decay: float | None = None,
+                   num_steps: int | None = None, batch_size: int = 1, device=None,
+                   on_segment=None, rule: str = DYNAMIC_RULE, prior_ids=None) -> np.ndarray:
+    """Each predicted character's loss (nats, float64) under :func:`evaluate_dynamic`, which takes the same
+    arguments: the rows' characters one row after another, so with one row ``ids[1:]``'s, in order."""
     lr, num_steps, decay = dynamic_settings(rule, lr, num_steps, decay)
     ids = _as_numpy(ids)
     prior_ids = _as_numpy(prior_ids) if rule == "rms" and prior_ids is not None else None  # sgd has no prior
@@ -151,11 +180,15 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     if rule == "rms":
         rms = _RMSState(params, _gradient_mean_square(model, params, prior_ids, num_steps, device, progress)
                         if n_prior else None)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for done, (loss, count) in enumerate(_segment_losses(model, ids, batch_size, num_steps, device), n_prior + 1):
-        total += loss.detach().double()  # scored before the model learns from this segment
+    B, cols, _ = _rows(len(ids), batch_size)
+    out = torch.empty((B, cols), dtype=torch.float64, device=device)  # on the device: no wait per segment
+    start = 0
+    for done, losses in enumerate(_segment_losses(model, ids, batch_size, num_steps, device), n_prior + 1):
+        width = losses.shape[1]
+        out[:, start:start + width] = losses.detach()  # scored before the model learns from it
+        start += width
         model.zero_grad(set_to_none=True)
-        (loss / count).backward()
+        losses.mean().backward()
         with torch.no_grad():
             if rms is None:
                 _sgd_step(params, trained, lr, decay)
@@ -163,11 +196,10 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
                 rms.step(params, trained, lr, decay)
         if progress is not None:
             progress(done)
-    B, cols, _ = _rows(len(ids), batch_size)
-    if not math.isfinite(total.item()):
-        raise ConfigError(f"dynamic evaluation diverged at lr {lr:g} (its loss is {total.item()}): take a smaller "
-                          f"lr (--dynamic-lr)")
-    return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
+    if not torch.isfinite(out).all():
+        raise ConfigError(f"dynamic evaluation diverged at lr {lr:g} (its loss is {out.sum().item()}): take a "
+                          f"smaller lr (--dynamic-lr)")
+    return out.reshape(-1).cpu().numpy()
 
 
 def _adaptable_copy(model, device):
@@ -186,15 +218,16 @@ def _num_segments(n: int, batch_size: int, num_steps: int) -> int:
 
 
 def _segment_losses(model, ids, batch_size: int, num_steps: int, device):
-    """``(summed loss, predictions)`` of each segment of ``ids`` read in ``batch_size`` rows, in order; the
-    state is carried to the next segment (detached) once the caller has used the loss."""
+    """Each segment's per-character losses ``(rows, width)``, of ``ids`` read in ``batch_size`` rows, in order;
+    the state is carried to the next segment (detached) once the caller has used the losses."""
     B, cols, row_starts = _rows(len(ids), batch_size)
     state = None
     for start in range(0, cols, num_steps):
         block = torch.from_numpy(windows(ids, row_starts + start, min(num_steps, cols - start) + 1)).to(device)
         X, Y = block[:, :-1], block[:, 1:]
         logits, state = model(X, state)
-        yield F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum"), Y.numel()
+        yield F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
+                              reduction="none").view(Y.shape)
         state = detach_state(state)
 
 
@@ -203,9 +236,9 @@ def _gradient_mean_square(model, params, ids, num_steps: int, device, progress=N
     row, in order) at the model's weights, which are not changed."""
     sums = [torch.zeros_like(p) for p in params]
     n = 0
-    for n, (loss, count) in enumerate(_segment_losses(model, ids, 1, num_steps, device), 1):
+    for n, losses in enumerate(_segment_losses(model, ids, 1, num_steps, device), 1):
         model.zero_grad(set_to_none=True)
-        (loss / count).backward()
+        losses.mean().backward()
         for s, p in zip(sums, params):
             if p.grad is not None:
                 s.addcmul_(p.grad, p.grad)
@@ -291,6 +324,27 @@ def file_ids(path: str | os.PathLike, vocab, preprocess: str, skip_unknown: bool
     known = ids != 0  # <unk>: the characters outside the vocabulary
     skipped = len(ids) - int(known.sum())
     return (ids[known] if skipped else ids), skipped
+
+
+def whole(ids) -> np.ndarray:
+    """``ids`` as an int64 array in memory (a :class:`~charlm.tokens.TokenReader` read whole)."""
+    ids = _as_numpy(ids)
+    return (ids.read() if isinstance(ids, TokenReader) else ids).astype(np.int64, copy=False)
+
+
+def mixed_with_counts(network_losses, ids, count_ids, vocab_size: int, order: int) -> EvalResult:
+    """The figure of a network mixed with an ``order``-gram count model (:mod:`charlm.ngram`) on ``ids`` read
+    in one row, in order: ``network_losses`` are the network's loss of each of ``ids[1:]`` (from
+    :func:`losses_in_order` or :func:`dynamic_losses`), the counts those of ``count_ids`` (the training text)
+    and of the part of ``ids`` read before each character; the network's weight is learned as the text is read."""
+    from charlm.ngram import count_probs, mix
+
+    network_losses = np.asarray(network_losses, dtype=np.float64)
+    if len(network_losses) != len(ids) - 1:
+        raise ConfigError(f"{len(network_losses)} losses for {len(ids)} characters read in one row: need "
+                          f"{len(ids) - 1}")
+    probs = mix(np.exp(-network_losses), count_probs(whole(count_ids), whole(ids), vocab_size, order))
+    return EvalResult(loss=float(-np.log(probs).mean()), tokens=len(probs))
 
 
 def held_out_ids(ckpt) -> np.ndarray:
