@@ -23,7 +23,7 @@ import click
 import charlm
 from charlm import corpus as corpus_mod
 from charlm.config import (AVERAGES, CELLS, D2L_PRESET, DEVICE_CHOICES, DIST_BACKENDS, DIST_TIMEOUT_RANGE, DYNAMIC_PRIOR_CHARS,
-                           DEFAULT_LR, DYNAMIC_NGRAM_CHARS, DYNAMIC_NGRAM_ORDER, DYNAMIC_RULE, DYNAMIC_RULES,
+                           DEFAULT_LR, DYNAMIC_COUNTS_CHARS, DYNAMIC_COUNTS_ORDER, DYNAMIC_RULE, DYNAMIC_RULES,
                            EVAL_BATCH_SIZE, FINETUNE_LR, IMPLS, INHERITED,
                            LR_SCHEDULES, MAX_LAYERS, MAX_LR, MAX_MOGRIFY_ROUNDS, MOGRIFIER_FIELDS, MAX_SAMPLES,
                            MAX_SECONDS, MAX_STREAM_INTERVAL, MAX_UNITS, NEW_CHARS, OPTIMIZERS, PRECISIONS,
@@ -888,7 +888,8 @@ def _rule_defaults(i: int) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=EVAL_BATCH_SIZE, help="Rows evaluated in parallel.")
 @click.option("--dynamic", is_flag=True,
               help="Also dynamic evaluation: each segment scored, then learned from (one gradient step), as the "
-                   "text is read in order. The checkpoint is not changed.")
+                   "text is read in order, mixed with a count model (--dynamic-counts). The checkpoint is not "
+                   "changed.")
 @click.option("--dynamic-rule", type=click.Choice(sorted(DYNAMIC_RULES)), default=DYNAMIC_RULE, show_default=True,
               help="Dynamic evaluation's step: rms divides each gradient by the root of its running mean square "
                    "(Krause et al.), sgd is the plain step.")
@@ -904,14 +905,15 @@ def _rule_defaults(i: int) -> str:
               help="Dynamic evaluation, rms rule: the gradients' mean square starts from this many characters "
                    "at the end of the run's training text (when its corpus is at hand); 0 = from the text "
                    "read only.")
-@click.option("--dynamic-ngram", type=click.IntRange(min=0), default=None, metavar="ORDER",
-              show_default=f"{DYNAMIC_NGRAM_ORDER}, or the highest a large vocabulary allows",
-              help="Dynamic evaluation also mixes the network with an ORDER-gram count model of the run's training "
-                   "text (when its corpus is at hand) that counts the text as it is read, the network's weight "
-                   "learned as it is read; 0 = the network alone.")
+@click.option("--dynamic-counts", type=click.IntRange(min=0), default=None, metavar="CHARS",
+              show_default=f"{DYNAMIC_COUNTS_ORDER}, or the most a large vocabulary allows",
+              help="Dynamic evaluation also mixes the network with a count model of the run's training text (when "
+                   "its corpus is at hand) and of the text as it is read, with contexts of up to CHARS characters "
+                   "(a (CHARS+1)-gram), the network's weight learned as the text is read; 0 = the network alone. "
+                   "Give FILES outside the run's training text: the counts hold it.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
 def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule, dynamic_lr, dynamic_decay,
-          dynamic_steps, dynamic_prior, dynamic_ngram, device):
+          dynamic_steps, dynamic_prior, dynamic_counts, device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
     With no FILES, the run's own held-out split, re-read from the corpus its config names. Files
@@ -948,7 +950,7 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
         except UnknownCharactersError as exc:
             raise click.ClickException(f"{f}: {exc}; pass --errors skip to drop them") from None
     prior_ids = _dynamic_prior(ckpt, dynamic_prior) if dynamic and dynamic_rule == "rms" else None
-    ngram, count_ids = _dynamic_counts(ckpt, dynamic_ngram) if dynamic else (0, None)
+    order, count_ids = _dynamic_counts(ckpt, dynamic_counts) if dynamic else (0, None)
     for name, ids, skipped in jobs:
         try:
             r = evaluate(getattr(ckpt, "model", None), ids, batch_size=batch_size)
@@ -957,7 +959,7 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
         parts = {}
         if dynamic:  # beside the static figure of the text read the same way: one row, in order
             parts = _dynamic(ckpt, ids, dict(rule=dynamic_rule, lr=dynamic_lr, decay=dynamic_decay,
-                                             num_steps=dynamic_steps, prior_ids=prior_ids), ngram, count_ids, name)
+                                             num_steps=dynamic_steps, prior_ids=prior_ids), order, count_ids, name)
         if as_json:
             extra = {**({"skipped": skipped} if skipped else {}),
                      **{key: value.to_dict() for key, value in parts.items()}}
@@ -968,15 +970,15 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
                        f"{r.bits_per_char:.4f} bits/char, perplexity {r.perplexity:.3f}{note}")
             if parts:
                 s, d = parts["static_one_row"], parts["dynamic"]
-                counts = (f", mixed with a {ngram}-gram count model of {len(count_ids):,} training chars and the text "
-                          f"read" if ngram else "")
+                counts = (f", mixed with counts of contexts up to {order} characters in {len(count_ids):,} training "
+                          f"chars and the text read" if order else "")
                 click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
                            f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
                            f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr "
                            f"{dynamic_lr:g}, decay {dynamic_decay:g}, {dynamic_steps}-char segments"
                            + (f", mean square from {len(prior_ids):,} training chars" if prior_ids is not None
                               else "") + counts + ")")
-                if ngram:
+                if order:
                     w, c = parts["dynamic_network"], parts["static_counts"]
                     click.echo(f"{name}: its parts: the network's steps without the counts {w.bits_per_char:.4f} "
                                f"({w.bits_per_char - s.bits_per_char:+.4f}), the counts with the static network "
@@ -998,34 +1000,35 @@ def _dynamic_prior(ckpt, chars: int):
 
 
 def _dynamic_counts(ckpt, order):
-    """(order, training ids) of dynamic evaluation's count model: ``order`` None takes the default, lowered to
-    what the vocabulary allows; an order given that it does not allow is a usage error. (0, None) when off; the
-    training text empty (said on standard error) when the run's corpus is not at hand."""
+    """(order, training ids) of dynamic evaluation's count model (the last DYNAMIC_COUNTS_CHARS of the run's
+    training text): ``order`` None takes the default, lowered to what the vocabulary allows; an order given that it
+    does not allow is a usage error. (0, None) when off; no training text (said on standard error) when the run's
+    corpus is not at hand."""
     from charlm.evaluation import training_tail_ids, whole
     from charlm.ngram import max_order
 
     top = max_order(len(ckpt.vocab))
     if order is None:
-        order = min(DYNAMIC_NGRAM_ORDER, top)
+        order = min(DYNAMIC_COUNTS_ORDER, top)
     elif order > top:
-        raise click.UsageError(f"--dynamic-ngram {order}: at most {top} for a vocabulary of {len(ckpt.vocab)} "
+        raise click.UsageError(f"--dynamic-counts {order}: at most {top} for a vocabulary of {len(ckpt.vocab)} "
                                f"characters")
     if order == 0:
         return 0, None
     try:
-        return order, whole(training_tail_ids(ckpt, DYNAMIC_NGRAM_CHARS))
+        return order, whole(training_tail_ids(ckpt, DYNAMIC_COUNTS_CHARS))
     except CharlmError as exc:
         click.echo(f"note: {exc}: dynamic evaluation's count model counts the text read only", err=True)
         return order, whole([])
 
 
-def _dynamic(ckpt, ids, options: dict, ngram: int, count_ids, name) -> dict:
+def _dynamic(ckpt, ids, options: dict, order: int, count_ids, name) -> dict:
     """Dynamic evaluation with a progress bar (on standard error, gone when done): the figures, by name, of the
-    static network read in one row, dynamic evaluation, and with ``ngram`` its parts (the network's steps alone,
-    the count model mixed with the static network)."""
+    static network read in one row, dynamic evaluation, and with a count model of ``order`` its parts (the
+    network's steps alone, the counts mixed with the static network)."""
     from tqdm.auto import tqdm
 
-    from charlm.evaluation import EvalResult, dynamic_losses, losses_in_order, mixed_with_counts
+    from charlm.evaluation import EvalResult, counts_in_order, dynamic_losses, losses_in_order, mixed_with_counts
 
     def result(losses):
         return EvalResult(loss=float(losses.mean()), tokens=len(losses))
@@ -1036,14 +1039,13 @@ def _dynamic(ckpt, ids, options: dict, ngram: int, count_ids, name) -> dict:
             bar.update(done - bar.n)
 
         try:
+            counts = counts_in_order(ids, count_ids, len(ckpt.vocab), order) if order else None  # before the steps
             static = losses_in_order(ckpt.model, ids)
             steps = dynamic_losses(ckpt.model, ids, **options, on_segment=progress)
-            if not ngram:
+            if counts is None:
                 return {"static_one_row": result(static), "dynamic": result(steps)}
-            return {"static_one_row": result(static),
-                    "dynamic": mixed_with_counts(steps, ids, count_ids, len(ckpt.vocab), ngram),
-                    "dynamic_network": result(steps),
-                    "static_counts": mixed_with_counts(static, ids, count_ids, len(ckpt.vocab), ngram)}
+            return {"static_one_row": result(static), "dynamic": mixed_with_counts(steps, counts),
+                    "dynamic_network": result(steps), "static_counts": mixed_with_counts(static, counts)}
         except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
 

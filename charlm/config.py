@@ -81,8 +81,8 @@ DYNAMIC_PRIOR_CHARS = 100_000  # of the run's training text, for the rms rule's 
 # Dynamic evaluation also mixes the network with an n-gram count model of the run's training text and of the text
 # read so far (charlm.ngram), the network's weight learned as the text is read. Order 6 chosen on the held-out
 # tails of three models among 3 to 9 (docs/explanation/defaults.md, "Dynamic evaluation"); 0 turns it off.
-DYNAMIC_NGRAM_ORDER = 6
-DYNAMIC_NGRAM_CHARS = 5_000_000  # the most of the training text (its end) it counts: ~1 GB of numpy arrays at most
+DYNAMIC_COUNTS_ORDER = 6
+DYNAMIC_COUNTS_CHARS = 5_000_000  # the most of the training text (its end) it counts: ~1 GB of numpy arrays at most
 # Seeds (training, sampling, the server's requests): integers from 0 to SEED_MAX, the range numpy's SeedSequence
 # takes (no negative seeds) and a signed 64-bit integer holds.
 SEED_MAX = 2**63 - 1

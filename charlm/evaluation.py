@@ -92,8 +92,8 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
     if dist is not None and dist.enabled:
         row_starts = row_starts[dist.rank::dist.world_size]
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for _, losses in _static_losses(model, ids, row_starts, cols, num_steps, device):
-        total += losses.sum(dtype=torch.float64)
+    for _, logits, Y in _static_blocks(model, ids, row_starts, cols, num_steps, device):
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum").double()
     if dist is not None:
         total = dist.sum(total)
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
@@ -106,14 +106,15 @@ def losses_in_order(model, ids, num_steps: int = EVAL_NUM_STEPS, device=None) ->
     _, cols, row_starts = _rows(len(ids), 1)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     out = np.empty(cols, dtype=np.float64)
-    for start, losses in _static_losses(model, ids, row_starts, cols, num_steps, device):
-        out[start:start + losses.shape[1]] = losses[0].double().cpu().numpy()
+    for start, logits, Y in _static_blocks(model, ids, row_starts, cols, num_steps, device):
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="none")
+        out[start:start + len(losses)] = losses.double().cpu().numpy()
     return out
 
 
-def _static_losses(model, ids, row_starts, cols: int, num_steps: int, device):
-    """``(first column, per-character losses (rows, width))`` of each block of ``num_steps`` columns of the
-    rows starting at ``row_starts``, the state carried from block to block; the model in eval mode meanwhile."""
+def _static_blocks(model, ids, row_starts, cols: int, num_steps: int, device):
+    """``(first column, logits, targets)`` of each block of ``num_steps`` columns of the rows starting at
+    ``row_starts``, the state carried from block to block; the model in eval mode meanwhile."""
     if not _count(num_steps):
         raise ConfigError(f"num steps must be an integer >= 1, got {num_steps!r}")
     was_training = model.training
@@ -129,8 +130,7 @@ def _static_losses(model, ids, row_starts, cols: int, num_steps: int, device):
                 X = block[:, :-1].to(device, non_blocking=True)
                 Y = block[:, 1:].to(device, non_blocking=True)
                 logits, state = model(X, state)
-                yield start, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
-                                             reduction="none").view(Y.shape)
+                yield start, logits, Y
     finally:
         model.train(was_training)
 
@@ -332,18 +332,30 @@ def whole(ids) -> np.ndarray:
     return (ids.read() if isinstance(ids, TokenReader) else ids).astype(np.int64, copy=False)
 
 
-def mixed_with_counts(network_losses, ids, count_ids, vocab_size: int, order: int) -> EvalResult:
-    """The figure of a network mixed with an ``order``-gram count model (:mod:`charlm.ngram`) on ``ids`` read
-    in one row, in order: ``network_losses`` are the network's loss of each of ``ids[1:]`` (from
-    :func:`losses_in_order` or :func:`dynamic_losses`), the counts those of ``count_ids`` (the training text)
-    and of the part of ``ids`` read before each character; the network's weight is learned as the text is read."""
-    from charlm.ngram import count_probs, mix
+def counts_in_order(ids, count_ids, vocab_size: int, order: int) -> np.ndarray:
+    """The probability of each of ``ids[1:]`` under a count model of order ``order`` (contexts of up to
+    ``order`` characters; :func:`charlm.ngram.count_probs`) of ``count_ids`` (the run's training text) and of
+    the part of ``ids`` read before it, ``ids`` read in one row, in order."""
+    from charlm.ngram import count_probs
+
+    return count_probs(whole(count_ids), whole(ids), vocab_size, order)
+
+
+def mixed_with_counts(network_losses, counts) -> EvalResult:
+    """The figure of a network mixed with a count model (:func:`charlm.ngram.mix`: the network's weight learned
+    as the text is read): ``network_losses`` are the network's loss (nats) of each character of a text read in
+    one row, in order (:func:`losses_in_order`, or :func:`dynamic_losses` with one row), ``counts`` the count
+    model's probability of each (:func:`counts_in_order`)."""
+    from charlm.ngram import mix
 
     network_losses = np.asarray(network_losses, dtype=np.float64)
-    if len(network_losses) != len(ids) - 1:
-        raise ConfigError(f"{len(network_losses)} losses for {len(ids)} characters read in one row: need "
-                          f"{len(ids) - 1}")
-    probs = mix(np.exp(-network_losses), count_probs(whole(count_ids), whole(ids), vocab_size, order))
+    counts = np.asarray(counts, dtype=np.float64)
+    if network_losses.ndim != 1 or len(network_losses) == 0 or network_losses.shape != counts.shape:
+        raise ConfigError(f"mixed_with_counts needs one loss and one count probability per character, got "
+                          f"{network_losses.shape} and {counts.shape}")
+    if np.isnan(network_losses).any() or (network_losses < 0).any():
+        raise ConfigError("a network's losses are >= 0 (nats), not NaN")
+    probs = mix(np.exp(-network_losses), counts)
     return EvalResult(loss=float(-np.log(probs).mean()), tokens=len(probs))
 
 
@@ -355,6 +367,9 @@ def held_out_ids(ckpt) -> np.ndarray:
 def training_tail_ids(ckpt, chars: int):
     """The last ``chars`` characters of the text ``ckpt``'s run trained on (all of it if shorter)."""
     train = _run_split(ckpt, "its training text is needed").train_ids
+    max_chars = ckpt.corpus_info.get("max_chars")
+    if max_chars is not None:  # the run trained on the first max_chars of its training part only
+        train = train[:max_chars]
     return train[max(0, len(train) - chars):]
 
 

@@ -2,7 +2,9 @@
 
 :func:`count_probs` gives, for each character of a text read in order, the probability that an
 interpolated absolute-discounting n-gram model assigns it (Ney, Essen and Kneser, 1994): counts of
-the training text, and, as the text is read, of the text already read. Each order's counts, less a
+the training text, and, as the text is read, of the text already read. Its order is the longest
+context in characters, as PPM counts it: order 6 reads up to the six characters before each one (a
+7-gram), and every shorter context. Each order's counts, less a
 fixed discount on every seen continuation, give their share; the discounted mass goes to the next
 lower order, down to the uniform distribution over the vocabulary. The prediction of a character
 never uses the character itself or any after it.
@@ -32,6 +34,7 @@ def max_order(vocab_size: int) -> int:
     """The highest order whose (context, character) keys are exact 63-bit integers for ``vocab_size``."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
         raise ConfigError(f"a count model needs a vocabulary of at least 2 characters, got {vocab_size!r}")
+    vocab_size = int(vocab_size)  # a Python int: numpy's would wrap around below
     order = 0
     while vocab_size ** (order + 2) < 2 ** 63:
         order += 1
@@ -41,11 +44,11 @@ def max_order(vocab_size: int) -> int:
 def check_order(order, vocab_size: int) -> int:
     """``order`` as an int, or a ``ConfigError`` when it is not an integer in ``[1, max_order(vocab_size)]``."""
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
-        raise ConfigError(f"the n-gram order must be an integer >= 1, got {order!r}")
+        raise ConfigError(f"the count model's order (characters of context) must be an integer >= 1, got {order!r}")
     top = max_order(vocab_size)
     if order > top:
-        raise ConfigError(f"the n-gram order {order} is too high for a vocabulary of {vocab_size} characters: "
-                          f"at most {top}")
+        raise ConfigError(f"the count model's order {order} is too high for a vocabulary of {int(vocab_size)} "
+                          f"characters: at most {top}")
     return int(order)
 
 
@@ -83,6 +86,18 @@ def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.nda
     return np.where(keys[at] == queries, values[at], 0)
 
 
+def _ids(name: str, ids, vocab_size: int) -> np.ndarray:
+    """``ids`` as a 1-D int64 array, or a ``ConfigError`` (not integers, not 1-D, outside the vocabulary)."""
+    a = np.asarray(ids)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ConfigError(f"the {name} text's ids must be a 1-D array of integers, got {a.dtype} of shape {a.shape}")
+    if a.min() < 0 or a.max() >= vocab_size:
+        raise ConfigError(f"the {name} text's ids must lie in [0, {vocab_size}), got {a.min()}..{a.max()}")
+    return a.astype(np.int64, copy=False)
+
+
 def count_probs(train_ids, ids, vocab_size: int, order: int, discount: float = DISCOUNT,
                 online: bool = True) -> np.ndarray:
     """The count model's probability of ``ids[t]`` given ``ids[:t]``, for ``t`` in ``1 .. len(ids) - 1``.
@@ -92,13 +107,9 @@ def count_probs(train_ids, ids, vocab_size: int, order: int, discount: float = D
     """
     check_order(order, vocab_size)
     if not 0 < discount < 1:
-        raise ConfigError(f"the n-gram discount must lie in (0, 1), got {discount!r}")
-    train = np.asarray(train_ids, dtype=np.int64)
-    ids = np.asarray(ids, dtype=np.int64)
+        raise ConfigError(f"the count model's discount must lie in (0, 1), got {discount!r}")
     V = int(vocab_size)
-    for name, a in (("training", train), ("read", ids)):
-        if len(a) and (a.min() < 0 or a.max() >= V):
-            raise ConfigError(f"the {name} text's ids must lie in [0, {V}), got {a.min()}..{a.max()}")
+    train, ids = _ids("training", train_ids, V), _ids("read", ids, V)
     n = len(ids)
     probs = np.full(max(n - 1, 0), 1.0 / V)
     for k in range(order + 1):
@@ -139,6 +150,8 @@ def mix(network_probs, counts_probs, grid=MIX_GRID, start: float = MIX_START) ->
     counts = np.asarray(counts_probs, dtype=np.float64)
     if network.shape != counts.shape or network.ndim != 1:
         raise ConfigError(f"mix needs two equal 1-D arrays, got {network.shape} and {counts.shape}")
+    if not ((network >= 0) & (network <= 1)).all() or not ((counts > 0) & (counts <= 1)).all():
+        raise ConfigError("mix needs probabilities: the network's in [0, 1], the counts' in (0, 1]")
     grid = np.asarray(grid, dtype=np.float64)
     weight = np.empty(len(network))
     scores = np.zeros(len(grid))  # each grid weight's summed log-probability over the characters before

@@ -159,8 +159,8 @@ def test_cli_reports_static_and_dynamic_and_leaves_the_checkpoint_files_unchange
     assert "rms lr 0.05, decay 0.01, 50-char segments" in lines[1]  # the rule's defaults where not given
     text = Path(corpus).read_text(encoding="utf-8")
     train_chars = len(text) - round(len(text) * 0.1)  # the whole training text: shorter than the prior asked
-    assert (f"mean square from {train_chars:,} training chars, mixed with a 6-gram count model of {train_chars:,} "
-            f"training chars and the text read)") in lines[1]
+    assert (f"mean square from {train_chars:,} training chars, mixed with counts of contexts up to 6 characters in "
+            f"{train_chars:,} training chars and the text read)") in lines[1]
     assert "its parts: the network's steps without the counts " in lines[2]
     assert ", the counts with the static network " in lines[2]
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(out).rglob("*")) if p.is_file()}
@@ -169,20 +169,20 @@ def test_cli_reports_static_and_dynamic_and_leaves_the_checkpoint_files_unchange
     assert r.exit_code == 0 and "sgd lr 0.3, decay 0, 100-char segments" in r.output
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--json"])
     assert r.exit_code == 0 and '"dynamic": {' in r.output and '"static_one_row": {' in r.output
-    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "100", "--dynamic-ngram", "0"])
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "100", "--dynamic-counts", "0"])
     assert r.exit_code == 0 and "segments, mean square from 100 training chars)" in r.output
     assert "its parts" not in r.output and len(r.output.strip().splitlines()) == 2  # the network alone
-    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "0", "--dynamic-ngram", "0"])
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "0", "--dynamic-counts", "0"])
     assert r.exit_code == 0 and "50-char segments)" in r.output and "training chars" not in r.output
     from charlm.checkpoint import load_checkpoint
     from charlm.ngram import max_order
 
     vocab = len(load_checkpoint(out).vocab)
     top = max_order(vocab)
-    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-ngram", str(top)])
-    assert r.exit_code == 0 and f"mixed with a {top}-gram count model" in r.output
-    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-ngram", str(top + 1)])
-    assert r.exit_code == 2 and f"--dynamic-ngram {top + 1}: at most {top} for a vocabulary of {vocab} characters" \
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", str(top)])
+    assert r.exit_code == 0 and f"mixed with counts of contexts up to {top} characters" in r.output
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", str(top + 1)])
+    assert r.exit_code == 2 and f"--dynamic-counts {top + 1}: at most {top} for a vocabulary of {vocab} characters" \
         in r.output and "Traceback" not in r.output
 
 
@@ -198,7 +198,7 @@ def test_cli_dynamic_without_the_runs_corpus_starts_the_mean_square_from_the_tex
     assert r.exit_code == 0, r.output
     assert "is gone" in r.output and "starts from the text read" in r.output
     assert "count model counts the text read only" in r.output
-    assert "read in order" in r.output and "mixed with a 6-gram count model of 0 training chars" in r.output
+    assert "read in order" in r.output and "counts of contexts up to 6 characters in 0 training chars" in r.output
     assert "mean square from" not in r.output
 
 

@@ -46,7 +46,7 @@ VALID = {"--length": st.integers(0, 300), "--temperature": st.floats(0, 3), "--t
          "--top-p": st.floats(0.01, 1), "--seed": st.integers(0, 2**63 - 1), "--num-samples": st.integers(1, 8),
          "--batch-size": st.integers(1, 100), "--dynamic-lr": st.floats(1e-6, 1), "--dynamic-decay": st.floats(0, 1),
          "--dynamic-steps": st.integers(1, 200), "--dynamic-prior": st.integers(0, 10_000),
-         "--dynamic-ngram": st.integers(0, 14)}
+         "--dynamic-counts": st.integers(0, 14)}
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_eval_with_any_numbers_and_paths(template, tmp_path, data):
     options = _options(data.draw, ["--batch-size"])
     if data.draw(st.booleans()):
         options += ["--dynamic", *_options(data.draw, ["--dynamic-lr", "--dynamic-decay", "--dynamic-steps",
-                                                       "--dynamic-prior", "--dynamic-ngram"])]
+                                                       "--dynamic-prior", "--dynamic-counts"])]
         options += data.draw(st.sampled_from([[], ["--dynamic-rule", "sgd"], ["--dynamic-rule", "rms"]]))
     argv = ["eval", checkpoint, *files, *options, *data.draw(st.sampled_from([[], ["--json"], ["--errors", "skip"]]))]
     with _sandbox(template, tmp_path) as box:

@@ -3,6 +3,7 @@ distribution at every character, nothing read before it is predicted, the weight
 
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from charlm import RNNLM
 from charlm.errors import ConfigError
-from charlm.evaluation import dynamic_losses, evaluate, evaluate_dynamic, losses_in_order, mixed_with_counts
+from charlm.evaluation import (counts_in_order, dynamic_losses, evaluate, evaluate_dynamic, losses_in_order,
+                               mixed_with_counts)
 from charlm.ngram import MIX_GRID, MIX_START, check_order, count_probs, max_order, mix
 
 
@@ -82,17 +84,25 @@ def test_the_text_read_is_counted_as_it_is_read():
 def test_orders_are_exact_integers_or_refused():
     assert max_order(71) == 9 and 71 ** 10 < 2 ** 63 < 71 ** 11
     assert max_order(2) == 61 and max_order(3_000) == 4
+    for size in (np.int64(71), np.int32(71), np.uint8(71), np.int64(2)):  # numpy's would wrap around
+        assert max_order(size) == max_order(int(size))
+    ids = np.array([3, 1, 4, 1, 5])
+    assert np.array_equal(count_probs([], ids, ids.max() + 1, 2), count_probs([], ids, 6, 2))
     for bad in (0, -1, True, 2.5, "6", None):
-        with pytest.raises(ConfigError, match="n-gram order must be an integer >= 1"):
+        with pytest.raises(ConfigError, match=r"order \(characters of context\) must be an integer >= 1"):
             check_order(bad, 71)
-    with pytest.raises(ConfigError, match="n-gram order 10 is too high for a vocabulary of 71 characters: at most 9"):
+    with pytest.raises(ConfigError, match="order 10 is too high for a vocabulary of 71 characters: at most 9"):
         count_probs([1, 2], [1, 2, 3], 71, 10)
     with pytest.raises(ConfigError, match="vocabulary of at least 2"):
         max_order(1)
     with pytest.raises(ConfigError, match=r"ids must lie in \[0, 4\)"):
         count_probs([1, 2], [1, 4, 3], 4, 2)
-    with pytest.raises(ConfigError, match=r"discount must lie in \(0, 1\)"):
-        count_probs([1, 2], [1, 2, 3], 4, 2, discount=1.0)
+    for bad in ([1.5, 2.0], [[1, 2], [2, 1]]):
+        with pytest.raises(ConfigError, match="ids must be a 1-D array of integers"):
+            count_probs([1, 2], bad, 4, 2)
+    for discount in (1.0, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"discount must lie in \(0, 1\)"):
+            count_probs([1, 2], [1, 2, 3], 4, 2, discount=discount)
     assert count_probs([], [3, 1], 4, 2, online=False).tolist() == [0.25]  # nothing counted: uniform
     assert count_probs([], [3, 1], 4, 2).tolist() == [0.75 * 0.25]  # the 3 read: a quarter's discount spread
 
@@ -123,6 +133,9 @@ def test_the_mixture_never_reads_ahead_and_is_the_same_chunked(monkeypatch):
     assert np.allclose(mix(network, counts), whole, rtol=1e-13, atol=0)
     with pytest.raises(ConfigError, match="two equal 1-D arrays"):
         mix(network, counts[:-1])
+    for bad_network, bad_counts in ((network * 2, counts), (network, counts * 0), (network * np.nan, counts)):
+        with pytest.raises(ConfigError, match="mix needs probabilities"):
+            mix(bad_network, bad_counts)
 
 
 def test_the_losses_read_in_order_are_those_evaluate_sums():
@@ -145,13 +158,21 @@ def test_a_network_mixed_with_counts_predicts_a_repeated_text_better_than_alone(
     ids = np.tile(rng.integers(1, 12, 50), 8)
     train = rng.integers(1, 12, 2_000)  # nothing of the passage in it
     static = losses_in_order(model, ids)
-    mixed = mixed_with_counts(static, ids, train, 12, 6)
+    counts = counts_in_order(ids, train, 12, 6)
+    assert np.array_equal(counts, count_probs(train, ids, 12, 6))
+    mixed = mixed_with_counts(static, counts)
     assert mixed.tokens == len(ids) - 1
     assert mixed.loss < static.mean() - 1.0  # the counts learn the repeats the network cannot
-    manual = -np.log(mix(np.exp(-static), count_probs(train, ids, 12, 6))).mean()
+    manual = -np.log(mix(np.exp(-static), counts)).mean()
     assert mixed.loss == pytest.approx(manual, rel=1e-12)
-    with pytest.raises(ConfigError, match="398 losses for 400 characters read in one row: need 399"):
-        mixed_with_counts(static[:-1], ids, train, 12, 6)
+    with pytest.raises(ConfigError, match=r"one loss and one count probability per character, got \(398,\) and"):
+        mixed_with_counts(static[:-1], counts)
+    with pytest.raises(ConfigError, match="per character, got \\(0,\\)"):
+        mixed_with_counts([], [])
+    for bad in (-0.5, np.nan):
+        with pytest.raises(ConfigError, match="losses are >= 0"):
+            mixed_with_counts(np.full(399, bad), counts)
+    assert math.isfinite(mixed_with_counts(np.full(399, np.inf), counts).loss)  # a network's 0: the counts' share
 
 
 def test_a_large_vocabulary_lowers_the_default_order_to_exact_keys(tmp_path):
@@ -167,4 +188,59 @@ def test_a_large_vocabulary_lowers_the_default_order_to_exact_keys(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "0"])
     assert r.exit_code == 0, r.output
-    assert "mixed with a 4-gram count model" in r.output and max_order(2_101) == 4  # 2,101 ** 6 is past 2 ** 63
+    assert "mixed with counts of contexts up to 4 characters" in r.output
+    assert max_order(2_101) == 4  # 2,101 ** 6 is past 2 ** 63
+
+
+def test_the_cli_figures_are_the_mixtures_of_the_parts(corpus, tmp_path):
+    """charlm eval --dynamic --json: each figure is the one its parts give through the library."""
+    import json
+
+    from click.testing import CliRunner
+
+    from charlm.checkpoint import load_checkpoint
+    from charlm.cli import main
+    from charlm.config import DYNAMIC_PRIOR_CHARS
+    from charlm.evaluation import held_out_ids, training_tail_ids
+
+    out = tmp_path / "r"
+    r = CliRunner().invoke(main, ["train", str(corpus), "--out", str(out), "--hidden-size", "16", "--batch-size", "4",
+                                  "--num-steps", "10", "--max-steps", "6", "--eval-every", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--json", "--dynamic-counts", "3"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    ckpt = load_checkpoint(out)
+    ids, train = held_out_ids(ckpt), training_tail_ids(ckpt, 10**9)
+    static = losses_in_order(ckpt.model, ids)
+    steps = dynamic_losses(ckpt.model, ids, prior_ids=training_tail_ids(ckpt, DYNAMIC_PRIOR_CHARS))
+    counts = counts_in_order(ids, train, len(ckpt.vocab), 3)
+    want = {"static_one_row": static.mean(), "dynamic_network": steps.mean(),
+            "dynamic": mixed_with_counts(steps, counts).loss, "static_counts": mixed_with_counts(static, counts).loss}
+    for key, loss in want.items():
+        assert got[key]["loss"] == pytest.approx(loss, rel=1e-9), key
+        assert got[key]["tokens"] == len(ids) - 1
+    assert got["dynamic"]["loss"] < got["dynamic_network"]["loss"] - 0.05  # the counts matter to this tiny model
+
+
+def test_a_run_trained_on_part_of_its_text_counts_that_part_only(corpus, tmp_path):
+    """max_chars (--d2l's) keeps the first characters of the training part: the counts (and the rms prior) read
+    those."""
+    from click.testing import CliRunner
+
+    from charlm.checkpoint import load_checkpoint
+    from charlm.cli import main
+    from charlm.config import TrainConfig
+    from charlm.evaluation import held_out_ids, training_tail_ids
+    from charlm.training import train
+
+    out = tmp_path / "r"
+    train(TrainConfig(corpus=str(corpus), out=str(out), hidden_size=16, batch_size=4, num_steps=10, max_steps=2,
+                      max_chars=300, time_limit=None))
+    ckpt = load_checkpoint(out)
+    text = ckpt.vocab.encode(Path(corpus).read_text(encoding="utf-8"))
+    assert np.array_equal(training_tail_ids(ckpt, 10**9), text[:300])
+    assert np.array_equal(training_tail_ids(ckpt, 100), text[200:300])
+    assert np.array_equal(held_out_ids(ckpt), text[len(text) - len(held_out_ids(ckpt)):])  # the tail, as before
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-prior", "0"])
+    assert r.exit_code == 0 and "up to 6 characters in 300 training chars" in r.output, r.output
