@@ -970,8 +970,8 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
                        f"{r.bits_per_char:.4f} bits/char, perplexity {r.perplexity:.3f}{note}")
             if parts:
                 s, d = parts["static_one_row"], parts["dynamic"]
-                counts = (f", mixed with counts of contexts up to {order} characters in {len(count_ids):,} training "
-                          f"chars and the text read" if order else "")
+                counts = (f", mixed with counts of contexts up to {order} character{'s' if order > 1 else ''} in "
+                          f"{len(count_ids):,} training chars and the text read" if order else "")
                 click.echo(f"{name}: read in order, {d.tokens:,} chars: static {s.bits_per_char:.4f} bits/char, "
                            f"dynamic {d.bits_per_char:.4f} ({d.bits_per_char - s.bits_per_char:+.4f}; loss "
                            f"{d.loss:.4f} nats/char, perplexity {d.perplexity:.3f}; {dynamic_rule} lr "

@@ -140,7 +140,8 @@ def count_probs(train_ids, ids, vocab_size: int, order: int, discount: float = D
         per = np.where(seen, total, 1.0)
         probs[first - 1:] = np.where(seen, (np.maximum(count - discount, 0.0) + discount * kinds * lower) / per,
                                      lower)
-    return probs
+    # dozens of orders of back-off can round a share to 0: the smallest positive float instead (a probability)
+    return np.maximum(probs, np.finfo(np.float64).tiny)
 
 
 def mix(network_probs, counts_probs, grid=MIX_GRID, start: float = MIX_START) -> np.ndarray:

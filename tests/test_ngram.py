@@ -105,6 +105,8 @@ def test_orders_are_exact_integers_or_refused():
             count_probs([1, 2], [1, 2, 3], 4, 2, discount=discount)
     assert count_probs([], [3, 1], 4, 2, online=False).tolist() == [0.25]  # nothing counted: uniform
     assert count_probs([], [3, 1], 4, 2).tolist() == [0.75 * 0.25]  # the 3 read: a quarter's discount spread
+    deep = count_probs(np.zeros(300_000, dtype=np.int64), np.array([0] * 70 + [1]), 2, 61)  # (0.75 / 3e5) ** 61
+    assert deep.min() > 0 and math.isfinite(mixed_with_counts(np.full(70, 0.5), deep).loss)
 
 
 def test_the_mixture_weight_is_the_grid_value_best_on_the_characters_before():
@@ -221,6 +223,18 @@ def test_the_cli_figures_are_the_mixtures_of_the_parts(corpus, tmp_path):
         assert got[key]["loss"] == pytest.approx(loss, rel=1e-9), key
         assert got[key]["tokens"] == len(ids) - 1
     assert got["dynamic"]["loss"] < got["dynamic_network"]["loss"] - 0.05  # the counts matter to this tiny model
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", "3"])  # the lines say the same
+    assert r.exit_code == 0, r.output
+    _, order_line, parts_line = r.output.strip().splitlines()
+    bits = {key: f"{value['bits_per_char']:.4f}" for key, value in got.items() if isinstance(value, dict)}
+    delta = {key: f"{got[key]['bits_per_char'] - got['static_one_row']['bits_per_char']:+.4f}" for key in bits}
+    assert (f"static {bits['static_one_row']} bits/char, dynamic {bits['dynamic']} ({delta['dynamic']}; "
+            in order_line and "contexts up to 3 characters" in order_line)
+    assert parts_line.endswith(f"its parts: the network's steps without the counts {bits['dynamic_network']} "
+                               f"({delta['dynamic_network']}), the counts with the static network "
+                               f"{bits['static_counts']} ({delta['static_counts']})")
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", "1"])
+    assert r.exit_code == 0 and "contexts up to 1 character in" in r.output
 
 
 def test_a_run_trained_on_part_of_its_text_counts_that_part_only(corpus, tmp_path):
