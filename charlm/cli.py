@@ -912,7 +912,8 @@ def _rule_defaults(i: int) -> str:
                    "(a (CHARS+1)-gram), the network's weight learned as the text is read; 0 = the network alone. "
                    "Give FILES outside the run's training text: the counts hold it.")
 @click.option("--device", default="cpu", help=f"{DEVICE_CHOICES}.")
-def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule, dynamic_lr, dynamic_decay,
+@click.pass_context
+def eval_(ctx, checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule, dynamic_lr, dynamic_decay,
           dynamic_steps, dynamic_prior, dynamic_counts, device):
     """Held-out loss (nats/char), bits per char and perplexity of CHECKPOINT on FILES.
 
@@ -926,6 +927,11 @@ def eval_(checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_rule,
 
     from charlm.evaluation import dynamic_settings, evaluate, file_ids, held_out_ids
 
+    given = [f"--{name.replace('_', '-')}" for name in ("dynamic_rule", "dynamic_lr", "dynamic_decay", "dynamic_steps",
+                                                         "dynamic_prior", "dynamic_counts")
+             if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+    if given and not dynamic:  # not read without it: refused rather than ignored
+        raise click.UsageError(f"{given[0]} is a setting of dynamic evaluation: add --dynamic")
     if _is_onnx(checkpoint):
         if dynamic:
             raise click.UsageError("--dynamic needs the checkpoint (it learns from the text): an exported model "

@@ -181,6 +181,11 @@ def test_cli_reports_static_and_dynamic_and_leaves_the_checkpoint_files_unchange
     top = max_order(vocab)
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", str(top)])
     assert r.exit_code == 0 and f"mixed with counts of contexts up to {top} characters" in r.output
+    for option, value in (("--dynamic-counts", "3"), ("--dynamic-rule", "rms"), ("--dynamic-prior", "100000"),
+                          ("--dynamic-lr", "0.1"), ("--dynamic-decay", "0"), ("--dynamic-steps", "9")):
+        r = CliRunner().invoke(main, ["eval", str(out), option, value])  # without --dynamic: refused, not ignored
+        assert r.exit_code == 2 and f"{option} is a setting of dynamic evaluation: add --dynamic" in r.output
+        assert "read in order" not in r.output
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", str(top + 1)])
     assert r.exit_code == 2 and f"--dynamic-counts {top + 1}: at most {top} for a vocabulary of {vocab} characters" \
         in r.output and "Traceback" not in r.output

@@ -33,7 +33,7 @@ VALUES = [1e300, 3.5e38, 1e15, 2**70, float("nan"), float("inf"), float("-inf"),
 # numbers are walked through ServeConfig and a live server below.)
 MISSING = {
     "train": lambda d: ["train", str(d / "no-such-corpus.txt"), "--out", str(d / "no-run")],
-    "eval": lambda d: ["eval", str(d / "no-run")],
+    "eval": lambda d: ["eval", str(d / "no-run"), "--dynamic"],  # (a --dynamic-* option needs it)
     "generate": lambda d: ["generate", "--checkpoint", str(d / "no-run"), "ab"],
     "serve": lambda d: ["serve", str(d / "no-run")],
     "prepare": lambda d: ["prepare", str(d / "no-such-corpus.txt")],
