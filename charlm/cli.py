@@ -930,18 +930,18 @@ def eval_(ctx, checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_
     given = [f"--{name.replace('_', '-')}" for name in ("dynamic_rule", "dynamic_lr", "dynamic_decay", "dynamic_steps",
                                                          "dynamic_prior", "dynamic_counts")
              if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
-    if given and not dynamic:  # not read without it: refused rather than ignored
-        raise click.UsageError(f"{given[0]} is a setting of dynamic evaluation: add --dynamic")
     if _is_onnx(checkpoint):
-        if dynamic:
-            raise click.UsageError("--dynamic needs the checkpoint (it learns from the text): an exported model "
-                                   "has no gradients")
+        if dynamic or given:
+            raise click.UsageError(f"{'--dynamic' if dynamic else given[0]} needs the checkpoint (dynamic evaluation "
+                                   f"learns from the text): an exported model has no gradients")
         if device != "cpu":
             raise click.UsageError(f"--device {device}: an exported model is evaluated on onnxruntime's CPU")
         from charlm.export import evaluate_onnx
 
         ckpt = _onnx_model(checkpoint)
         evaluate = lambda model, ids, batch_size: evaluate_onnx(ckpt, ids, batch_size)  # noqa: E731
+    elif given and not dynamic:  # not read without it: refused rather than ignored
+        raise click.UsageError(f"{given[0]} is a setting of dynamic evaluation: add --dynamic")
     else:
         ckpt = _load(checkpoint, device)
     dynamic_lr, dynamic_steps, dynamic_decay = dynamic_settings(dynamic_rule, dynamic_lr, dynamic_steps,

@@ -189,6 +189,8 @@ def test_every_refusal_is_one_line(trained, tmp_path):
     assert "Invalid value for '--quantize'" in line
     assert "--dynamic needs the checkpoint" in _one_line(CliRunner().invoke(
         main, ["eval", str(trained / "int8.onnx"), "--dynamic"]), code=2)
+    assert "--dynamic-counts needs the checkpoint" in _one_line(CliRunner().invoke(
+        main, ["eval", str(trained / "int8.onnx"), "--dynamic-counts", "3"]), code=2)  # not "add --dynamic"
     assert "onnxruntime's CPU" in _one_line(CliRunner().invoke(
         main, ["eval", str(trained / "int8.onnx"), "--device", "cuda"]), code=2)
 
