@@ -942,6 +942,9 @@ def eval_(ctx, checkpoint, files, errors, as_json, batch_size, dynamic, dynamic_
         evaluate = lambda model, ids, batch_size: evaluate_onnx(ckpt, ids, batch_size)  # noqa: E731
     elif given and not dynamic:  # not read without it: refused rather than ignored
         raise click.UsageError(f"{given[0]} is a setting of dynamic evaluation: add --dynamic")
+    elif "--dynamic-prior" in given and dynamic_rule != "rms":
+        raise click.UsageError(f"--dynamic-prior is a setting of the rms rule: --dynamic-rule {dynamic_rule} has no "
+                               f"prior")
     else:
         ckpt = _load(checkpoint, device)
     dynamic_lr, dynamic_steps, dynamic_decay = dynamic_settings(dynamic_rule, dynamic_lr, dynamic_steps,

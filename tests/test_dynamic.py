@@ -186,6 +186,9 @@ def test_cli_reports_static_and_dynamic_and_leaves_the_checkpoint_files_unchange
         r = CliRunner().invoke(main, ["eval", str(out), option, value])  # without --dynamic: refused, not ignored
         assert r.exit_code == 2 and f"{option} is a setting of dynamic evaluation: add --dynamic" in r.output
         assert "read in order" not in r.output
+    r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-rule", "sgd", "--dynamic-prior", "0"])
+    assert r.exit_code == 2 and "--dynamic-prior is a setting of the rms rule: --dynamic-rule sgd has no prior" \
+        in r.output  # (it was ignored)
     r = CliRunner().invoke(main, ["eval", str(out), "--dynamic", "--dynamic-counts", str(top + 1)])
     assert r.exit_code == 2 and f"--dynamic-counts {top + 1}: at most {top} for a vocabulary of {vocab} characters" \
         in r.output and "Traceback" not in r.output

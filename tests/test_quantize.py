@@ -191,6 +191,8 @@ def test_every_refusal_is_one_line(trained, tmp_path):
         main, ["eval", str(trained / "int8.onnx"), "--dynamic"]), code=2)
     assert "--dynamic-counts needs the checkpoint" in _one_line(CliRunner().invoke(
         main, ["eval", str(trained / "int8.onnx"), "--dynamic-counts", "3"]), code=2)  # not "add --dynamic"
+    assert "--dynamic needs the checkpoint" in _one_line(CliRunner().invoke(
+        main, ["eval", str(trained / "int8.onnx"), "--dynamic-lr", "0.1", "--dynamic"]), code=2)
     assert "onnxruntime's CPU" in _one_line(CliRunner().invoke(
         main, ["eval", str(trained / "int8.onnx"), "--device", "cuda"]), code=2)
 
