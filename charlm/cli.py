@@ -1039,9 +1039,6 @@ def _dynamic(ckpt, ids, options: dict, order: int, count_ids, name) -> dict:
 
     from charlm.evaluation import EvalResult, counts_in_order, dynamic_losses, losses_in_order, mixed_with_counts
 
-    def result(losses):
-        return EvalResult(loss=float(losses.mean()), tokens=len(losses))
-
     with tqdm(desc="dynamic evaluation", unit="segment", leave=False, disable=None, file=sys.stderr) as bar:
         def progress(done, total):
             bar.total = total
@@ -1052,9 +1049,9 @@ def _dynamic(ckpt, ids, options: dict, order: int, count_ids, name) -> dict:
             static = losses_in_order(ckpt.model, ids)
             steps = dynamic_losses(ckpt.model, ids, **options, on_segment=progress)
             if counts is None:
-                return {"static_one_row": result(static), "dynamic": result(steps)}
-            return {"static_one_row": result(static), "dynamic": mixed_with_counts(steps, counts),
-                    "dynamic_network": result(steps), "static_counts": mixed_with_counts(static, counts)}
+                return {"static_one_row": EvalResult.of(static), "dynamic": EvalResult.of(steps)}
+            return {"static_one_row": EvalResult.of(static), "dynamic": mixed_with_counts(steps, counts),
+                    "dynamic_network": EvalResult.of(steps), "static_counts": mixed_with_counts(static, counts)}
         except CharlmError as exc:
             raise click.ClickException(f"{name}: {exc}") from None
 

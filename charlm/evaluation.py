@@ -54,10 +54,21 @@ class EvalResult:
         """``exp(loss)``: the number of equally likely characters that would be as uncertain (inf on overflow)."""
         return math.exp(self.loss) if self.loss < 700 else math.inf  # exp overflows past ~709
 
+    @classmethod
+    def of(cls, losses) -> "EvalResult":
+        """The figure of per-character losses (nats, an array): their mean, over as many characters."""
+        return cls(loss=float(np.sum(losses)) / len(losses), tokens=len(losses))
+
     def to_dict(self) -> dict:
         """``tokens``, ``loss``, ``bits_per_char`` and ``perplexity``, as ``charlm eval --json`` prints them."""
         return {"tokens": self.tokens, "loss": self.loss, "bits_per_char": self.bits_per_char,
                 "perplexity": self.perplexity}
+
+
+def _char_losses(logits, Y, reduction: str = "none"):
+    """The cross-entropy of each target in ``Y`` under ``logits`` (fp32), shaped as ``Y``, or their sum."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction=reduction)
+    return losses if reduction == "sum" else losses.view(Y.shape)
 
 
 def _count(value) -> bool:
@@ -93,7 +104,7 @@ def evaluate(model, ids, batch_size: int = EVAL_BATCH_SIZE, num_steps: int = EVA
         row_starts = row_starts[dist.rank::dist.world_size]
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _, logits, Y in _static_blocks(model, ids, row_starts, cols, num_steps, device):
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum").double()
+        total += _char_losses(logits, Y, "sum").double()
     if dist is not None:
         total = dist.sum(total)
     return EvalResult(loss=total.item() / (B * cols), tokens=B * cols)
@@ -105,11 +116,10 @@ def losses_in_order(model, ids, num_steps: int = EVAL_NUM_STEPS, device=None) ->
     ids = _as_numpy(ids)
     _, cols, row_starts = _rows(len(ids), 1)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    out = np.empty(cols, dtype=np.float64)
+    out = torch.empty(cols, dtype=torch.float64, device=device)  # on the device: no wait per block
     for start, logits, Y in _static_blocks(model, ids, row_starts, cols, num_steps, device):
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="none")
-        out[start:start + len(losses)] = losses.double().cpu().numpy()
-    return out
+        out[start:start + Y.shape[1]] = _char_losses(logits, Y)[0]
+    return out.cpu().numpy()
 
 
 def _static_blocks(model, ids, row_starts, cols: int, num_steps: int, device):
@@ -156,7 +166,7 @@ def evaluate_dynamic(model, ids, lr: float | None = None, decay: float | None = 
     """
     losses = dynamic_losses(model, ids, lr=lr, decay=decay, num_steps=num_steps, batch_size=batch_size,
                             device=device, on_segment=on_segment, rule=rule, prior_ids=prior_ids)
-    return EvalResult(loss=float(losses.sum()) / len(losses), tokens=len(losses))
+    return EvalResult.of(losses)
 
 
 def dynamic_losses(model, ids, lr: float | None = None, decay: float | None = None,
@@ -226,8 +236,7 @@ def _segment_losses(model, ids, batch_size: int, num_steps: int, device):
         block = torch.from_numpy(windows(ids, row_starts + start, min(num_steps, cols - start) + 1)).to(device)
         X, Y = block[:, :-1], block[:, 1:]
         logits, state = model(X, state)
-        yield F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
-                              reduction="none").view(Y.shape)
+        yield _char_losses(logits, Y)
         state = detach_state(state)
 
 
@@ -355,8 +364,7 @@ def mixed_with_counts(network_losses, counts) -> EvalResult:
                           f"{network_losses.shape} and {counts.shape}")
     if np.isnan(network_losses).any() or (network_losses < 0).any():
         raise ConfigError("a network's losses are >= 0 (nats), not NaN")
-    probs = mix(np.exp(-network_losses), counts)
-    return EvalResult(loss=float(-np.log(probs).mean()), tokens=len(probs))
+    return EvalResult.of(-np.log(mix(np.exp(-network_losses), counts)))
 
 
 def held_out_ids(ckpt) -> np.ndarray:

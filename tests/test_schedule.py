@@ -295,6 +295,14 @@ def assert_no_jump_and_never_rises(plans, base=0.5, first_step=0):
         assert lr <= old_lr + 1e-12, step
 
 
+def slow_spell(start: int, times: float, steps: int):
+    """A faked clock (for fake_clock): each step takes 1/64 s, ``times`` as long for ``steps`` steps from ``start``."""
+    return lambda step: 0.1 + step / 64 + (times - 1) / 64 * min(max(step - start, 0), steps)
+
+
+slow_then_fast = slow_spell(10, 4, 30)  # a slow spell (4x) from the 10th step to the 40th, then the steps' own speed
+
+
 @pytest.mark.parametrize("slow_from", [30, 110])  # in the plan's hold, and into its fall
 def test_a_plan_shortened_by_a_slow_spell_grows_back_when_the_steps_run_fast_again(corpus, tmp_path, monkeypatch,
                                                                                  slow_from):
@@ -302,8 +310,7 @@ def test_a_plan_shortened_by_a_slow_spell_grows_back_when_the_steps_run_fast_aga
     grows back once they run at their speed again, so the run still takes about the steps its time holds (200;
     a plan held to the slow spell's step time ends far sooner), its lr never jumping or rising, its last step
     at lr 0, within the time limit."""
-    def clock(step):
-        return 0.1 + step / 64 + 3 / 64 * min(max(step - slow_from, 0), 30)
+    clock = slow_spell(slow_from, 4, 30)
 
     fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
@@ -320,8 +327,7 @@ def test_a_plan_shortened_by_a_slow_spell_grows_back_when_the_steps_run_fast_aga
 def test_a_plan_never_grows_past_the_one_the_run_started_with(corpus, tmp_path, monkeypatch):
     """A slow start shortens a 100-step plan; the steps then run fast enough for far more than 100: the plan
     grows back to its 100 steps, no further, and the run ends there as planned (not fitted to the time)."""
-    def clock(step):
-        return 0.1 + step / 64 + 3 / 64 * min(max(step - 10, 0), 30)
+    clock = slow_then_fast
 
     fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
@@ -334,8 +340,6 @@ def test_a_plan_never_grows_past_the_one_the_run_started_with(corpus, tmp_path, 
     assert_no_jump_and_never_rises(plans)
 
 
-def slow_then_fast(step):  # a slow spell (4x) from the 10th step to the 40th, then the steps' own speed
-    return 0.1 + step / 64 + 3 / 64 * min(max(step - 10, 0), 30)
 
 
 def test_a_run_stopped_after_its_plan_grew_resumes_the_grown_plan_and_may_grow_to_its_ceiling(corpus, tmp_path,
@@ -483,8 +487,7 @@ def test_a_plan_cut_by_a_slow_start_of_its_last_interval_grows_back_before_it_en
     could not be grown back: it grows step by step as the interval's steps run fast, and the run goes past that
     evaluation (a plan grown only at evaluations ended at step 268). After it the slow interval, the last one,
     still holds the step time for an interval, so the run ends short of the 330 steps its time holds."""
-    def clock(step):
-        return 0.1 + step / 64 + 9 / 64 * min(max(step - 250, 0), 12)
+    clock = slow_spell(250, 10, 12)
 
     fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
@@ -501,8 +504,7 @@ def test_a_plan_grown_to_end_at_the_next_evaluation_still_grows_past_it(corpus, 
     """Eight slow steps right after the evaluation at 250; the plan, cut short, grows back by steps until it ends
     at the next evaluation (300): there an evaluation may no longer grow it (its last step is next), so it must
     grow before, and the run goes on to about the steps its time holds (339)."""
-    def clock(step):
-        return 0.1 + step / 64 + 5 / 64 * min(max(step - 250, 0), 8)
+    clock = slow_spell(250, 6, 8)
 
     fake_clock(monkeypatch, clock)
     plans = plans_and_lrs(monkeypatch)
